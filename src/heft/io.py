@@ -1,0 +1,227 @@
+"""Run folders: atomic writes, the manifest, saving and loading staged models, optimizer state.
+
+Layout of a run folder::
+
+    manifest.json                  versions, base model id + sha256, stages, seed, file hashes
+    weights/step-000120/           the stages' weights (a new folder per save)
+        0-lora/adapter_config.json, adapter_model.safetensors   (peft's own format)
+        1-loreft/interventions.safetensors, intervention_config.json
+    config.yaml, metrics.jsonl, results.json   (written by the training recipe)
+
+A save writes a fresh `weights/step-*` folder, then atomically replaces `manifest.json` to point
+at it, then deletes older weight folders: a killed process leaves the previous save loadable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import peft
+import safetensors.torch
+import torch
+import transformers
+
+import heft
+from heft.config import StageConfig
+from heft.methods.lora import LoraConfig, to_peft_config
+from heft.methods.reft import ReftConfig
+from heft.pipeline import HeftModel
+
+MANIFEST = "manifest.json"
+FORMAT = "heft-run/1"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be loaded as asked (missing, incomplete, or for another base model)."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {"heft": heft.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _stage_entry(stage) -> dict:
+    return {
+        "index": stage.index,
+        "name": stage.name,
+        "method": stage.config.method,
+        "config": dataclasses.asdict(stage.config),
+        "trainable_params": stage.trainable_params,
+        "finished": stage.finished,
+        "merged": stage.merged,
+    }
+
+
+def save_run(
+    model: HeftModel,
+    run_dir: str | Path,
+    seed: int | None = None,
+    step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict | None = None,
+) -> Path:
+    """Save every stage of `model` into `run_dir` (atomically, see module docstring).
+
+    With `optimizer` and `trainer_state` the save is also a resumable checkpoint: both go into
+    the same weights folder, so weights and optimizer state are always of the same step.
+    """
+    run_dir = Path(run_dir)
+    weights_root = run_dir / "weights"
+    weights_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=weights_root, prefix=".tmp-"))
+    stages, files = [], {}
+    for stage in model.stages:
+        folder = tmp / stage.name
+        folder.mkdir()
+        if stage.config.uses_lora:
+            to_peft_config(stage.config.lora, model.model_id).save_pretrained(folder)
+            safetensors.torch.save_file(model.lora_state_dict(stage), folder / "adapter_model.safetensors")
+        if stage.reft is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in stage.reft.state_dict().items()}
+            safetensors.torch.save_file(state, folder / "interventions.safetensors")
+            reft_meta = {"config": dataclasses.asdict(stage.config.reft), "layers": stage.reft.layers, "hidden_size": model._hidden_size}
+            (folder / "intervention_config.json").write_text(json.dumps(reft_meta, indent=2))
+        stages.append(_stage_entry(stage))
+    if optimizer is not None:
+        save_optimizer(optimizer, tmp, trainer_state or {})
+    final = weights_root / f"step-{step:08d}"
+    while final.exists():  # never overwrite the folder the current manifest may point at
+        final = final.with_name(final.name + "+")
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            files[str(final.relative_to(run_dir) / path.relative_to(tmp))] = sha256_file(path)
+    os.replace(tmp, final)
+    manifest = {
+        "format": FORMAT,
+        "versions": versions(),
+        "base_model": {"id": model.model_id, "sha256": model.weights_sha256, "dtype": str(model.model.dtype).removeprefix("torch.")},
+        "seed": seed,
+        "stages": stages,
+        "weights": str(final.relative_to(run_dir)),
+        "files": files,
+        "checkpoint": optimizer is not None,
+    }
+    write_json(run_dir / MANIFEST, manifest)
+    for old in weights_root.iterdir():
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return run_dir
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} is not a heft run folder: {MANIFEST} is missing")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise RunFolderError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    for rel, digest in manifest["files"].items():
+        file = Path(run_dir) / rel
+        if not file.is_file() or sha256_file(file) != digest:
+            raise RunFolderError(f"{run_dir} is incomplete or modified: {rel} does not match the manifest")
+    return manifest
+
+
+def stage_config_from_dict(data: dict) -> StageConfig:
+    """Rebuild a StageConfig from the manifest's own serialisation."""
+    return StageConfig(**{**data, "lora": LoraConfig(**data["lora"]), "reft": ReftConfig(**data["reft"])})
+
+
+def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: str | None = None) -> HeftModel:
+    """Rebuild the staged model saved in `run_dir`.
+
+    The base model is loaded from the manifest's id (or `base_model`, e.g. a local copy) and must
+    have the recorded sha256. Finished LoRA stages are re-merged exactly as in training; an
+    unfinished last stage is left trainable, so training can resume.
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    base = manifest["base_model"]
+    if model is None:
+        model = HeftModel.from_pretrained(base_model or base["id"], base["dtype"])
+    if model.weights_sha256 != base["sha256"]:
+        raise RunFolderError(
+            f"{run_dir} was trained on base model {base['id']} with weights sha256 {base['sha256'][:12]}…, "
+            f"but the loaded base model has {model.weights_sha256[:12]}…; refusing to combine them"
+        )
+    weights = run_dir / manifest["weights"]
+    for entry in manifest["stages"]:
+        stage = model.add_stage(stage_config_from_dict(entry["config"]))
+        folder = weights / entry["name"]
+        if stage.config.uses_lora:
+            model.load_lora_state_dict(stage, safetensors.torch.load_file(folder / "adapter_model.safetensors"))
+        if stage.reft is not None:
+            stage.reft.load_state_dict(safetensors.torch.load_file(folder / "interventions.safetensors", device=str(model.device)))
+        if entry["finished"]:
+            model.finish_stage()
+    model.eval()
+    return model
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, trainer_state: dict) -> None:
+    """Optimizer state as safetensors (tensors) + JSON (hyperparameters, scheduler, progress)."""
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{key}": value.contiguous() for idx, slots in state["state"].items() for key, value in slots.items()}
+    safetensors.torch.save_file(tensors, folder / "optimizer.safetensors")
+    write_json(folder / "trainer_state.json", {"param_groups": state["param_groups"], **trainer_state})
+
+
+def read_trainer_state(run_dir: str | Path) -> dict | None:
+    """Progress of the last checkpoint in `run_dir`, or None when the run holds no checkpoint."""
+    manifest = read_manifest(run_dir)
+    if not manifest.get("checkpoint"):
+        return None
+    return json.loads((Path(run_dir) / manifest["weights"] / "trainer_state.json").read_text())
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, run_dir: str | Path) -> dict:
+    """Restore the optimizer state of the checkpoint in `run_dir`; returns its trainer state."""
+    path = Path(run_dir) / read_manifest(run_dir)["weights"]
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = safetensors.torch.load_file(path / "optimizer.safetensors")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, slot = key.split(".", 1)
+        state.setdefault(int(idx), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta

@@ -1,0 +1,1 @@
+"""PEFT methods heft can stack: one package per method (config, module, injection)."""

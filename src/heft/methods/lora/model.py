@@ -1,0 +1,75 @@
+"""Weight-space stages through HF peft: inject, capture, merge. LoRA itself is peft's."""
+
+from __future__ import annotations
+
+import peft
+import torch
+from torch import nn
+
+from heft.methods.lora.config import LoraConfig
+
+
+def to_peft_config(config: LoraConfig, base_model_id: str | None = None) -> peft.LoraConfig:
+    """Translate heft's LoraConfig into peft's, field by field."""
+    return peft.LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        layers_to_transform=config.layers_to_transform,
+        use_dora=config.use_dora,
+        modules_to_save=config.modules_to_save or None,
+        base_model_name_or_path=base_model_id,
+        task_type="CAUSAL_LM",
+    )
+
+
+class LoraAdapters:
+    """Owns the peft wrapper around a base model across LoRA stages.
+
+    peft injects adapter layers into the model in place, so heft keeps calling the original
+    transformers model; the wrapper is kept only for peft's own bookkeeping (state dicts,
+    merging, multiple adapters).
+    """
+
+    def __init__(self) -> None:
+        self.peft_model: peft.PeftModel | None = None
+        self.unmerged: list[str] = []
+
+    def add(self, model: nn.Module, name: str, config: peft.LoraConfig) -> list[nn.Parameter]:
+        """Inject adapter `name`; earlier unmerged adapters stay active and frozen. Returns its parameters."""
+        if self.peft_model is None:
+            self.peft_model = peft.get_peft_model(model, config, adapter_name=name)
+        else:
+            self.peft_model.add_adapter(name, config)
+        self.unmerged.append(name)
+        self.peft_model.base_model.set_adapter(list(self.unmerged))
+        params = [p for n, p in self.peft_model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")]
+        for n, p in self.peft_model.named_parameters():
+            p.requires_grad_(f".{name}." in n or n.endswith(f".{name}"))
+        return params
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter weights in peft's file layout (keys without the adapter name)."""
+        assert self.peft_model is not None
+        state = peft.get_peft_model_state_dict(self.peft_model, adapter_name=name)
+        return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+    def load_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        assert self.peft_model is not None
+        result = peft.set_peft_model_state_dict(self.peft_model, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
+        if result.unexpected_keys or missing:
+            raise ValueError(f"adapter {name!r} does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+
+    def merge(self, name: str) -> nn.Module:
+        """Fold adapter `name` into the base weights and remove every adapter layer from the model."""
+        assert self.peft_model is not None
+        if self.unmerged != [name]:
+            raise ValueError(
+                f"cannot merge LoRA stage {name!r} while earlier adapters {self.unmerged[:-1]} stay unmerged; "
+                "set merge: true on the earlier LoRA stages or merge: false on this one"
+            )
+        model = self.peft_model.merge_and_unload(adapter_names=[name])
+        self.peft_model, self.unmerged = None, []
+        return model

@@ -1,0 +1,27 @@
+"""Configuration of a representation-space stage (LoReFT / DiReFT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ReftConfig:
+    """Where and how hidden representations are edited.
+
+    Interventions sit on the residual stream: the output of each chosen decoder layer, at the
+    chosen prompt positions only (never padding, never target or generated tokens).
+    """
+
+    kind: str = "loreft"
+    """`loreft`: h + R^T(W h + b - R h), R with orthonormal rows. `direft`: h + W2^T(W1 h + b)."""
+    rank: int = 4
+    """Rank r of the edit subspace."""
+    layers: str | list[int] = "all"
+    """Decoder layers to intervene on: `all`, a list of indices, or a range string `2:10` / `2:10:2`."""
+    positions: str = "f7+l7"
+    """Prompt positions: first-k (`f7`), last-k (`l1`), or both (`f7+l7`)."""
+    share_weights: bool = False
+    """Share one intervention between first and last positions of a layer (pyreft's `share_weights`)."""
+    dropout: float = 0.0
+    """Dropout on the edit term during training."""

@@ -1,0 +1,50 @@
+"""ReFT intervention modules: each maps hidden states h (..., d) to an additive edit (..., d).
+
+Returning the *edit* rather than the edited state lets the caller scatter-add it into the
+residual stream at the chosen positions only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+
+class LoReFT(nn.Module):
+    """Low-rank linear subspace ReFT: ``Φ(h) = h + Rᵀ(W h + b − R h)``.
+
+    R (r × d) keeps orthonormal rows through torch's orthogonal parametrization, so the edit
+    acts inside an r-dimensional subspace and leaves its orthogonal complement untouched.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if rank > hidden_size:
+            raise ValueError(f"LoReFT rank {rank} exceeds the hidden size {hidden_size}")
+        self.rotate = orthogonal(nn.Linear(hidden_size, rank, bias=False))
+        self.source = nn.Linear(hidden_size, rank)
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.rotate.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout((self.source(h) - self.rotate(h)) @ self.R)
+
+
+class DiReFT(nn.Module):
+    """Direct ReFT (pyreft's ablation without orthogonality or subtraction): ``Φ(h) = h + W2ᵀ(W1 h + b)``."""
+
+    def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.up(self.down(h)))
+
+
+INTERVENTIONS: dict[str, type[nn.Module]] = {"loreft": LoReFT, "direft": DiReFT}

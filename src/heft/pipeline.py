@@ -1,0 +1,185 @@
+"""The hierarchy: a base causal LM plus an ordered list of PEFT stages, trained one at a time.
+
+Adding a stage freezes everything before it. A finished LoRA stage is merged into the base
+weights (by default) so later stages run at base-model cost; ReFT stages stay as hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heft.config import StageConfig
+from heft.methods.lora import LoraAdapters, to_peft_config
+from heft.methods.reft import PositionState, ReftModel
+from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
+
+
+@dataclass
+class Stage:
+    """A stage of the hierarchy as it exists in the model."""
+
+    index: int
+    config: StageConfig
+    trainable_params: int = 0
+    finished: bool = False
+    lora_state: dict[str, torch.Tensor] | None = None
+    """Adapter weights captured when the stage finished (before any merge), for saving."""
+    reft: ReftModel | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name or f"{self.index}-{self.config.method}"
+
+    @property
+    def adapter_name(self) -> str:
+        return f"stage{self.index}"
+
+    @property
+    def merged(self) -> bool:
+        return self.finished and self.config.uses_lora and self.config.lora.merge
+
+
+@dataclass
+class HeftOutput:
+    loss: torch.Tensor | None
+    hidden_states: torch.Tensor
+    target_tokens: int
+
+
+class HeftModel(nn.Module):
+    """A causal LM with stacked LoRA/ReFT stages; `forward` returns a masked LM loss when given labels."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.weights_sha256 = loaded.weights_sha256
+        self.reft = nn.ModuleList()
+        self.stages: list[Stage] = []
+        self.positions = PositionState()
+        self._lora = LoraAdapters()
+        self._layers = decoder_layers(self.model)
+        self._hidden_size = hidden_size(self.model)
+        self.model.base_model.register_forward_pre_hook(self._count_forward)
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:
+        return cls(load_model(name_or_path, dtype))
+
+    # ----------------------------------------------------------------- stages
+    def add_stage(self, config: StageConfig, seed: int | None = None) -> Stage:
+        """Freeze everything so far, then inject the new stage's trainable modules."""
+        if self.stages and not self.stages[-1].finished:
+            self.finish_stage()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.requires_grad_(False)
+        stage = Stage(index=len(self.stages), config=config)
+        params: list[nn.Parameter] = []
+        if config.uses_lora:
+            params += self._lora.add(self.model, stage.adapter_name, to_peft_config(config.lora, self.model_id))
+        if config.uses_reft:
+            reft = ReftModel(config.reft, self._hidden_size, len(self._layers)).to(self.device)
+            reft.attach(self._layers, self.positions)
+            self.reft.append(reft)
+            stage.reft = reft
+            reft.requires_grad_(True)
+            params += list(reft.parameters())
+        stage.trainable_params = sum(p.numel() for p in params)
+        self.stages.append(stage)
+        return stage
+
+    def finish_stage(self) -> None:
+        """Freeze the current stage; capture and (if configured) merge its LoRA adapter."""
+        stage = self.stages[-1]
+        if stage.config.uses_lora:
+            stage.lora_state = self._lora.state_dict(stage.adapter_name)
+            if stage.config.lora.merge:
+                self.model = self._lora.merge(stage.adapter_name)
+        stage.finished = True
+        self.requires_grad_(False)
+        self.eval()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def lora_state_dict(self, stage: Stage) -> dict[str, torch.Tensor]:
+        """Adapter weights of a LoRA stage, finished (captured) or still training (live)."""
+        return stage.lora_state if stage.lora_state is not None else self._lora.state_dict(stage.adapter_name)
+
+    def load_lora_state_dict(self, stage: Stage, state: dict[str, torch.Tensor]) -> None:
+        self._lora.load_state_dict(stage.adapter_name, state)
+
+    # ---------------------------------------------------------------- compute
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _count_forward(self, module: nn.Module, args: tuple) -> None:
+        self.positions.forward_calls += 1
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> HeftOutput:
+        """Run the backbone with interventions at `prompt_mask` positions (default: all real tokens).
+
+        With `labels` (-100 where no loss), the LM head is applied only at target positions.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if prompt_mask is None:
+            prompt_mask = attention_mask.bool()
+        self.positions.prompt_mask, self.positions.generation = prompt_mask, False
+        try:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        finally:
+            self.positions.prompt_mask = None
+        if labels is None:
+            return HeftOutput(None, hidden, 0)
+        shift_labels = labels[:, 1:]
+        selected = shift_labels != -100
+        logits = self.lm_head(hidden[:, :-1][selected]).float()
+        loss = F.cross_entropy(logits, shift_labels[selected], reduction="mean")
+        return HeftOutput(loss, hidden, int(selected.sum()))
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, V) of the token following each sequence's last real token."""
+        hidden = self(input_ids, attention_mask).hidden_states
+        last = last_token_index(attention_mask)
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return torch.log_softmax(self.lm_head(final).float(), dim=-1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """HF `generate` with interventions on the prompt only. Batches must be left-padded."""
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left-padded batches (tokenizer.padding_side = 'left')")
+        self.positions.prompt_mask, self.positions.generation, self.positions.forward_calls = attention_mask.bool(), True, 0
+        try:
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.positions.prompt_mask, self.positions.generation = None, False
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * positions).argmax(dim=1)

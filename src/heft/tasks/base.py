@@ -1,0 +1,213 @@
+"""A task is data + prompt + metric (as in lm-evaluation-harness): rows become prompts whose gold
+continuation is one of a few `choices`, scored by the first token of each choice."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from heft.config import DataConfig
+from heft.tasks.data import DataError, FieldError, parse_rows, read_rows, resolve_source, subsample
+
+
+@dataclass
+class Example:
+    """One rendered example."""
+
+    prompt: str
+    target: str
+    """Gold continuation, e.g. " yes" (`choices[label]`)."""
+    label: int
+    """Index into the task's `choices`."""
+    fields: dict[str, Any]
+    """Raw field values, kept for predictions output and for re-rendering a truncated prompt."""
+    template: str | None = None
+    """Template the prompt was rendered with (a `data.template` override); None: the task's."""
+
+
+@dataclass
+class EncodedExample:
+    """Token ids ready for training and scoring."""
+
+    input_ids: list[int]
+    """Prompt tokens followed by target tokens."""
+    prompt_len: int
+    """Number of prompt tokens; the target starts here."""
+    label: int
+    truncated: bool
+    """True when the truncate field was shortened to fit `max_length`."""
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Fraction of predictions equal to their label."""
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if not labels:
+        raise ValueError("accuracy of an empty set is undefined")
+    return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+
+
+class Task:
+    """Base class: subclasses set the class attributes below and register an instance."""
+
+    name: str
+    fields: tuple[str, ...]
+    """Raw fields of a row, including `label_field`."""
+    label_field: str
+    template: str
+    """`str.format` template over the text fields (all fields but the label)."""
+    choices: tuple[str, ...]
+    """Continuations; label i is `choices[i]`. Their first tokens must differ."""
+    aliases: Mapping[str, int] = {}
+    """Extra words (lower case) accepted as labels in data and generations, e.g. {"true": 1}."""
+    truncate_field: str
+    """Field shortened (from its end) when an example is longer than `max_length`."""
+    default_source: str
+    """Hub dataset id used when no local data is configured."""
+    metric = staticmethod(accuracy)
+
+    @property
+    def text_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in self.fields if f != self.label_field)
+
+    def load_split(
+        self, data_cfg: DataConfig, split: str, max_examples: int | None = None, seed: int = 0
+    ) -> list[Example]:
+        """Read, validate and render a split; `max_examples` takes a stratified subsample."""
+        template = self._checked_template(data_cfg.template)
+        source = resolve_source(self.name, data_cfg, self.default_source)
+        rows = read_rows(source, split, self.fields, data_cfg.columns)
+        examples = parse_rows(rows, lambda row: self.to_example(row, template))
+        if max_examples is not None:
+            examples = subsample(examples, max_examples, seed)
+        if not examples:
+            raise DataError(f"{rows[0].file}: split {split!r} is empty after max_examples={max_examples}")
+        return examples
+
+    def describe_source(self, data_cfg: DataConfig) -> str:
+        """Where `load_split` reads from (absolute local path, or `hub:<id>`), for run records."""
+        source = resolve_source(self.name, data_cfg, self.default_source)
+        path = Path(source).expanduser()
+        return str(path.resolve()) if path.exists() else f"hub:{source}"
+
+    def to_example(self, row: dict[str, Any], template: str | None = None) -> Example:
+        """Render one row (task field -> raw value); bad values raise `FieldError`."""
+        for name in self.text_fields:
+            value = row[name]
+            if not isinstance(value, str):
+                raise FieldError(name, f"expected text, got {type(value).__name__} {value!r}")
+            if not value.strip():
+                raise FieldError(name, "empty text")
+        label = self.parse_label(row[self.label_field])
+        text = {name: row[name] for name in self.text_fields}
+        return Example(
+            prompt=(template or self.template).format(**text),
+            target=self.choices[label],
+            label=label,
+            fields=dict(row),
+            template=template,
+        )
+
+    def parse_label(self, value: Any) -> int:
+        """Label index from a bool (two-choice tasks), an int index, or a word/number as text."""
+        if isinstance(value, bool) and len(self.choices) == 2:
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.choices):
+            return value
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word.isdigit() and int(word) < len(self.choices):
+                return int(word)
+            if word in self._label_words:
+                return self._label_words[word]
+        accepted = sorted(self._label_words) + [str(i) for i in range(len(self.choices))]
+        raise FieldError(self.label_field, f"cannot parse label {value!r}; expected one of {accepted}")
+
+    def parse_generation(self, text: str) -> int | None:
+        """Label of a free-form generation from its first word (e.g. "Yes." -> 1), else None."""
+        words = text.split(maxsplit=1)
+        return self._label_words.get(words[0].strip(string.punctuation).lower()) if words else None
+
+    def encode(
+        self, examples: Sequence[Example], tokenizer: Any, max_length: int
+    ) -> tuple[list[EncodedExample], int]:
+        """Tokenise prompt (with the tokenizer's special tokens) and target (without) separately and
+        concatenate. Too-long examples lose the end of `truncate_field` only, so the question and
+        the answer slot survive. Returns the encoded examples and how many were truncated."""
+        if not examples:
+            return [], 0
+        prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
+        targets = {
+            t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in {ex.target for ex in examples}
+        }
+        encoded, n_truncated = [], 0
+        for i, (ex, prompt_ids) in enumerate(zip(examples, prompts)):
+            target_ids = targets[ex.target]
+            if not target_ids:
+                raise ValueError(f"target {ex.target!r} tokenises to nothing")
+            truncated = len(prompt_ids) + len(target_ids) > max_length
+            if truncated:
+                budget = max_length - len(target_ids)
+                prompt_ids = self._truncated_prompt(ex, i, prompt_ids, tokenizer, budget)
+                n_truncated += 1
+            encoded.append(EncodedExample(prompt_ids + target_ids, len(prompt_ids), ex.label, truncated))
+        return encoded, n_truncated
+
+    def choice_token_ids(self, tokenizer: Any) -> list[int]:
+        """First token id of each choice: the logits compared when scoring."""
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in self.choices]
+        if not all(ids):
+            raise ValueError(f"a choice of {self.choices} tokenises to nothing")
+        first = [t[0] for t in ids]
+        if len(set(first)) != len(first):
+            raise ValueError(
+                f"choices {self.choices} share a first token ({first}); scoring needs distinct ones"
+            )
+        return first
+
+    @property
+    def _label_words(self) -> dict[str, int]:
+        return {**{c.strip().lower(): i for i, c in enumerate(self.choices)}, **self.aliases}
+
+    def _checked_template(self, template: str | None) -> str | None:
+        """Reject a template override that names unknown fields or leaks the label into the prompt."""
+        if template is None:
+            return None
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        bad = sorted(names - set(self.text_fields))
+        if bad:
+            raise ValueError(f"data.template uses {bad}; it may only use the fields {list(self.text_fields)}")
+        return template
+
+    def _truncated_prompt(
+        self, ex: Example, index: int, prompt_ids: list[int], tokenizer: Any, budget: int
+    ) -> list[int]:
+        """Cut tokens off the end of the truncate field until the prompt fits `budget` tokens.
+
+        The field is tokenised once; each try drops as many field tokens as the prompt is over
+        budget (tokenisation is nearly additive), so one or two re-tokenisations usually suffice.
+        """
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError("truncating examples needs a fast tokenizer (for offset mappings)")
+        text = ex.fields[self.truncate_field]
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoding["offset_mapping"]
+        keep, excess = len(offsets), len(prompt_ids) - budget
+        while excess > 0:
+            if keep == 0:
+                kept = {n: ex.fields[n] for n in self.text_fields if n != self.truncate_field}
+                raise ValueError(
+                    f"example {index} {kept} needs {len(prompt_ids)} prompt tokens even with an empty "
+                    f"{self.truncate_field!r}, over the {budget} that max_length leaves; raise max_length"
+                )
+            keep = max(0, keep - excess)
+            cut = text[: offsets[keep - 1][1]].rstrip() if keep else ""
+            prompt = (ex.template or self.template).format(
+                **{name: ex.fields[name] for name in self.text_fields} | {self.truncate_field: cut}
+            )
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            excess = len(prompt_ids) - budget
+        return prompt_ids

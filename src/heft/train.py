@@ -1,0 +1,291 @@
+"""The training recipe, in one file: data → model → stages (train, evaluate, checkpoint) → results.
+
+Each stage gets its own AdamW optimizer and schedule. Batches are length-grouped and padded
+dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP/FSDP,
+mixed precision and gradient accumulation, so `accelerate launch -m heft train ...` scales out.
+Every completed epoch is a checkpoint: an interrupted run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from heft.config import RunConfig, StageConfig, save_config
+from heft.evaluate import evaluate, pad_batch
+from heft.io import append_jsonl, load_optimizer, load_run, read_trainer_state, save_run, write_json
+from heft.pipeline import HeftModel
+from heft.tasks import EncodedExample, Task, get_task
+
+log = logging.getLogger("heft")
+
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+# ------------------------------------------------------------------------------------------ data
+def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch; mark prompt tokens (where ReFT may intervene) and target tokens (the loss)."""
+    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id, padding_side)
+    width = input_ids.shape[1]
+    lengths = torch.tensor([len(e.input_ids) for e in examples]).unsqueeze(1)
+    prompt_lens = torch.tensor([e.prompt_len for e in examples]).unsqueeze(1)
+    offset = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
+    rel = torch.arange(width).unsqueeze(0) - offset
+    prompt_mask = (rel >= 0) & (rel < prompt_lens)
+    labels = input_ids.masked_fill(~((rel >= prompt_lens) & (rel < lengths)), -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask, "labels": labels}
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
+    """Shuffle, sort within windows of `group` batches by length, then shuffle the batches.
+
+    Batches hold examples of similar length (little padding) while the order stays random.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ loop
+@dataclass
+class Progress:
+    """Budget counters of the whole run; stored in every checkpoint."""
+
+    stage: int = 0
+    epoch: int = 0
+    """Completed epochs of `stage`."""
+    optimizer_steps: int = 0
+    train_tokens: int = 0
+    """Tokens forwarded in training (prompt + target, padding excluded)."""
+    eval_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+EpochCallback = Callable[[HeftModel, int, float, torch.optim.Optimizer], None]
+
+
+def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only: not on biases, norms or the raw tensors behind
+    LoReFT's orthogonal parametrization (decaying Householder reflectors breaks orthogonality)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "parametrizations" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "parametrizations" not in n)]
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
+
+
+def epoch_plan(num_batches: int, epochs: float) -> list[int]:
+    """Micro-batches per epoch; a fractional last epoch runs part of the data."""
+    total = math.ceil(num_batches * epochs)
+    return [min(num_batches, total - e * num_batches) for e in range(math.ceil(epochs))]
+
+
+def train_stage(
+    model: HeftModel,
+    stage: StageConfig,
+    data: Sequence[EncodedExample],
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    progress: Progress,
+    on_epoch_end: EpochCallback,
+    resume_from: Path | None = None,
+    show_progress: bool = True,
+) -> None:
+    """Train the trainable parameters of `model` (the current stage) for `stage.epochs`."""
+    lengths = [len(e.input_ids) for e in data]
+    num_batches = math.ceil(len(data) / cfg.batch_size)
+    plan = epoch_plan(num_batches, stage.epochs)
+    total_steps = sum(math.ceil(n / cfg.grad_accum) for n in plan)
+    optimizer = _optimizer(model, stage)
+    scheduler = get_scheduler(
+        SCHEDULES[stage.schedule], optimizer, num_warmup_steps=round(stage.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    if resume_from is not None:
+        load_optimizer(optimizer, resume_from)
+        for _ in range(sum(math.ceil(n / cfg.grad_accum) for n in plan[: progress.epoch])):
+            scheduler.step()
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    pad_id = model.tokenizer.pad_token_id
+    for epoch in range(progress.epoch, len(plan)):
+        epoch_seed = cfg.seed * 1_000_003 + progress.stage * 1_009 + epoch
+        torch.manual_seed(epoch_seed)  # dropout masks: a resumed epoch equals an uninterrupted one
+        batches = length_grouped_batches(lengths, cfg.batch_size, epoch_seed)[: plan[epoch]]
+        loader = accelerator.prepare_data_loader(
+            DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=pad_id, padding_side="right"))
+        )
+        wrapped.train()
+        loss_sum, loss_count, tokens, start = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}", disable=not show_progress)
+        for batch in bar:
+            with accelerator.accumulate(wrapped):
+                loss = wrapped(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.trainable_parameters(), cfg.max_grad_norm)
+                    progress.optimizer_steps += 1
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            tokens += int(batch["attention_mask"].sum())
+            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        bar.close()
+        totals = accelerator.reduce(torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device), "sum")
+        progress.train_tokens += int(totals[0])
+        progress.epoch = epoch + 1
+        on_epoch_end(model, epoch, float(totals[1] / max(totals[2], 1)), optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+
+
+# ---------------------------------------------------------------------------------------- recipe
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load_data(task: Task, cfg: RunConfig, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict]:
+    """Load, subsample and tokenise both splits; report truncation and where the data came from."""
+    train_rows = task.load_split(cfg.data, cfg.data.train_split, cfg.max_train_examples, cfg.seed)
+    eval_rows = task.load_split(cfg.data, cfg.data.eval_split, cfg.max_eval_examples, cfg.seed)
+    train, train_truncated = task.encode(train_rows, tokenizer, cfg.max_length)
+    evaluation, eval_truncated = task.encode(eval_rows, tokenizer, cfg.max_length)
+    info = {
+        "source": task.describe_source(cfg.data),
+        "train_examples": len(train),
+        "eval_examples": len(evaluation),
+        "train_truncated": train_truncated,
+        "eval_truncated": eval_truncated,
+    }
+    log.info("data: %s", info)
+    return train, evaluation, info
+
+
+def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
+    """Train every stage of `cfg` into `run_dir`, resuming from its last checkpoint if it has one.
+
+    Returns the content of `results.json`.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no")
+    is_main = accelerator.is_main_process
+    show_progress = show_progress and is_main
+    task = get_task(cfg.task)
+    trainer_state = read_trainer_state(run_dir) if (run_dir / "manifest.json").exists() else None
+    if trainer_state is None and (run_dir / "results.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
+    if trainer_state is not None:
+        progress = Progress(**trainer_state["progress"])
+        model = load_run(run_dir)
+        log.info("resuming %s at stage %d after epoch %d", run_dir, progress.stage, progress.epoch)
+    else:
+        progress = Progress()
+        model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
+    model.to(accelerator.device)
+    train_data, eval_data, data_info = load_data(task, cfg, model.tokenizer)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    metrics_path = run_dir / "metrics.jsonl"
+    clock = time.perf_counter() - progress.elapsed_s
+
+    def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None) -> dict:
+        with accelerator.autocast():
+            result = evaluate(model, task, eval_data, cfg.eval_batch_size, progress=show_progress)
+        progress.eval_tokens += sum(e.prompt_len for e in eval_data)
+        line = {
+            "stage": stage_name,
+            "stage_index": stage_index,
+            "epoch": epoch,
+            "step": progress.optimizer_steps,
+            "train_loss": train_loss,
+            "eval_accuracy": result["accuracy"],
+            "eval_majority_accuracy": result["majority_accuracy"],
+            "eval_per_class_accuracy": result["per_class_accuracy"],
+            "eval_mean_margin": result["mean_margin"],
+            "elapsed_s": round(time.perf_counter() - clock, 2),
+            "tokens_seen": progress.train_tokens,
+        }
+        if is_main:
+            append_jsonl(metrics_path, line)
+            log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
+        return line
+
+    if trainer_state is None and cfg.eval_zero_shot:
+        record(-1, "zero-shot", None, None)
+
+    for index, stage_cfg in enumerate(cfg.stages):
+        if index < progress.stage:
+            continue
+        resuming = trainer_state is not None and index == progress.stage and progress.epoch > 0
+        stage = model.stages[index] if resuming else model.add_stage(stage_cfg, seed=cfg.seed + index)
+        num_epochs = math.ceil(stage_cfg.epochs)
+
+        def on_epoch_end(m: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
+            last = epoch + 1 == num_epochs
+            if last:
+                m.finish_stage()
+            if cfg.eval_every == "epoch" or (cfg.eval_every == "stage" and last):
+                record(index, stage.name, epoch + 1, train_loss)
+            progress.elapsed_s = time.perf_counter() - clock
+            if is_main:
+                checkpoint = Progress(**{**asdict(progress), **({"stage": index + 1, "epoch": 0} if last else {})})
+                save_run(m, run_dir, cfg.seed, progress.optimizer_steps, optimizer, {"progress": asdict(checkpoint)})
+            accelerator.wait_for_everyone()
+
+        train_stage(model, stage_cfg, train_data, cfg, accelerator, progress, on_epoch_end, run_dir if resuming else None, show_progress)
+        progress.stage, progress.epoch = index + 1, 0
+
+    final = record(len(cfg.stages) - 1, "final", None, None) if cfg.eval_every == "never" else None
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    final = final or metrics[-1]
+    zero_shot = next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None)
+    results = {
+        "final_accuracy": final["eval_accuracy"],
+        "majority_accuracy": final["eval_majority_accuracy"],
+        "zero_shot_accuracy": zero_shot,
+        "per_class_accuracy": final["eval_per_class_accuracy"],
+        "mean_margin": final["eval_mean_margin"],
+        "stages": [
+            {
+                "name": s.name,
+                "method": s.config.method,
+                "epochs": s.config.epochs,
+                "trainable_params": s.trainable_params,
+                "accuracy": next((m["eval_accuracy"] for m in reversed(metrics) if m["stage_index"] == s.index), None),
+            }
+            for s in model.stages
+        ],
+        "wall_time_s": round(time.perf_counter() - clock, 2),
+        "train_tokens": progress.train_tokens,
+        "eval_tokens": progress.eval_tokens,
+        "optimizer_steps": progress.optimizer_steps,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "data": data_info,
+        "run_dir": str(run_dir),
+    }
+    if is_main:
+        save_run(model, run_dir, cfg.seed, progress.optimizer_steps)
+        write_json(run_dir / "results.json", results)
+    return results

@@ -1,0 +1,160 @@
+"""Config loading: YAML + overrides -> validated dataclasses, and errors that point at the culprit."""
+
+from pathlib import Path
+
+import pytest
+
+from heft.config import (
+    ConfigError,
+    RunConfig,
+    StageConfig,
+    config_from_dict,
+    field_docs,
+    load_config,
+    render_config_reference,
+    save_config,
+)
+from heft.methods.lora.config import LoraConfig
+
+EXAMPLE = """\
+model: smollm2-135m
+task: boolq
+data:
+  source: /data/boolq
+  columns: {question: query}
+max_train_examples: 200
+stages:
+  - method: lora
+    epochs: 2
+    lr: 3e-4
+    lora:
+      r: 4
+      target_modules: [q_proj, v_proj]
+  - method: loreft
+    reft:
+      rank: 2
+      layers: [1, 3]
+"""
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(EXAMPLE)
+    return path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+def error(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_load_types_and_implications(example: Path) -> None:
+    cfg = load_config(example)
+    first, second = cfg.stages
+    assert first.lr == 3e-4 and isinstance(first.epochs, float) and first.epochs == 2.0
+    assert first.lora.target_modules == ["q_proj", "v_proj"] and first.lora.r == 4
+    assert cfg.data.columns == {"question": "query"} and cfg.max_train_examples == 200
+    assert second.reft.layers == [1, 3] and second.reft.kind == "loreft"
+    joint = {"method": "joint", "reft": {"kind": "direft"}}
+    cfg = config_from_dict({"stages": [{"method": "dora"}, {"method": "direft"}, joint]})
+    assert cfg.stages[0].lora.use_dora and [s.reft.kind for s in cfg.stages[1:]] == ["direft", "direft"]
+    assert config_from_dict({}) == RunConfig()
+
+
+def test_round_trip(example: Path, tmp_path: Path) -> None:
+    cfg = load_config(example, ["stages.0.method=dora"])
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(tmp_path / "out" / "config.yaml") == cfg
+
+
+def test_overrides(example: Path) -> None:
+    cfg = load_config(example, [
+        "stages.0.epochs=3", "max_train_examples=null", "data.source=/x", "stages.1.reft.layers=[2,4]",
+        "stages.0.lora.target_modules=all-linear", "stages.1.lr=1e-5", "data.columns.label=answer",
+    ])
+    assert cfg.stages[0].epochs == 3.0 and cfg.max_train_examples is None and cfg.data.source == "/x"
+    assert cfg.stages[1].reft.layers == [2, 4] and cfg.stages[0].lora.target_modules == "all-linear"
+    assert cfg.stages[1].lr == 1e-5 and cfg.data.columns == {"question": "query", "label": "answer"}
+    cfg = load_config(example, ["stages=[{method: lora}, {method: direft, epochs: 0.5}]"])
+    assert [s.method for s in cfg.stages] == ["lora", "direft"] and cfg.stages[1].epochs == 0.5
+
+
+def test_override_fills_defaults(tmp_path: Path) -> None:
+    overrides = ["stages.0.lora.r=2", "data.template=Q: {question} A:"]
+    cfg = load_config(write(tmp_path, "task: boolq\n"), overrides)
+    assert cfg.stages == [StageConfig(lora=LoraConfig(r=2))]
+    assert cfg.data.template == "Q: {question} A:"
+
+
+def test_unknown_key_suggests_and_points_at_line(example: Path, tmp_path: Path) -> None:
+    msg = error(write(tmp_path, EXAMPLE.replace("    epochs: 2", "    epoch: 2")))
+    assert "unknown key 'stages.0.epoch'" in msg and "bad.yaml line 9" in msg
+    assert "did you mean 'epochs'?" in msg
+    msg = error(write(tmp_path, EXAMPLE.replace("      rank: 2", "      rnak: 2")))
+    assert "'stages.1.reft.rnak'" in msg and "line 16" in msg and "'rank'" in msg
+    msg = error(example, ["stages.0.epoch=3"])
+    assert "override 'stages.0.epoch=3'" in msg and "did you mean 'epochs'?" in msg
+
+
+@pytest.mark.parametrize("old, new, field, line, expected", [
+    ("    epochs: 2", "    epochs: abc", "stages.0.epochs", 9, "float"),
+    ("      r: 4", "      r: 0", "stages.0.lora.r", 12, "> 0"),
+    ("  - method: loreft", "  - method: lorra", "stages.1.method", 14, "one of lora, dora"),
+    ("      layers: [1, 3]", "      layers: [1, x]", "stages.1.reft.layers", 17, "str | list[int]"),
+    ("max_train_examples: 200", "max_train_examples: yes", "max_train_examples", 6, "int | None"),
+    ("  columns: {question: query}", "  columns: [a]", "data.columns", 5, "dict[str, str]"),
+])
+def test_bad_values_name_file_line_field(tmp_path: Path, old: str, new: str, field: str, line: int,
+                                         expected: str) -> None:
+    msg = error(write(tmp_path, EXAMPLE.replace(old, new)))
+    assert f"'{field}'" in msg and f"bad.yaml line {line}" in msg and expected in msg and "hint:" in msg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("stages.0.epochs=abc", "expected float"),
+    ("stages.0.reft.positions=x7", "f<k>, l<k> or f<k>+l<k>"),
+    ("stages.0.warmup_ratio=1", "[0, 1)"),
+    ("dtype=float16", "one of float32, bfloat16"),
+    ("eval_every=step", "one of epoch, stage, never"),
+    ("stages.0.schedule=poly", "one of linear, cosine, constant"),
+    ("stages=[]", "at least one stage"),
+])
+def test_bad_override_values(example: Path, override: str, expected: str) -> None:
+    msg = error(example, [override])
+    assert f"override '{override}'" in msg and expected in msg
+
+
+def test_override_index_and_syntax(example: Path) -> None:
+    msg = error(example, ["stages.2.epochs=1"])
+    assert "'2'" in msg and "'stages'" in msg and "override 'stages.2.epochs=1'" in msg and "2 items" in msg
+    assert "key=value" in error(example, ["stages.0.epochs"])
+    assert "not a mapping or list" in error(example, ["model.name=x"])
+
+
+def test_missing_file_and_yaml_syntax(tmp_path: Path) -> None:
+    assert "nope.yaml" in error(tmp_path / "nope.yaml")
+    msg = error(write(tmp_path, "model: x\nstages:\n  - method: lora\n   epochs: 2\n"))
+    assert "invalid YAML in" in msg and "bad.yaml line 4" in msg
+    assert "started on line 1" in error(write(tmp_path, "stages: [1,\nmodel: x\n"))
+    assert "(top level)" in error(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_dict_source_named_in_errors() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'modle' in sweep\[3\]; did you mean 'model'\?"):
+        config_from_dict({"modle": "x"}, source="sweep[3]")
+
+
+def test_field_docs_and_reference_up_to_date() -> None:
+    assert field_docs(StageConfig)["epochs"].startswith("Passes over the training set.")
+    readme = Path(__file__).resolve().parents[1] / "configs" / "README.md"
+    assert readme.read_text() == render_config_reference(), "run `python -m heft.config` to regenerate"

@@ -1,0 +1,190 @@
+"""The hierarchy: stages freeze what came before, LoRA merges exactly, every arm learns, runs round-trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from heft.config import RunConfig, StageConfig
+from heft.io import RunFolderError, load_run, save_run
+from heft.methods.lora import LoraConfig
+from heft.methods.reft import ReftConfig
+from heft.models import load_model
+from heft.pipeline import HeftModel
+from heft.tasks import EncodedExample
+from heft.train import Progress, collate, train_stage
+
+from conftest import make_heft
+
+LORA = StageConfig(method="lora", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+LOREFT = StageConfig(method="loreft", epochs=5, lr=2e-2, reft=ReftConfig(kind="loreft", rank=2, positions="f1+l1"))
+DIREFT = StageConfig(method="direft", epochs=5, lr=2e-2, reft=ReftConfig(kind="direft", rank=2, positions="l1"))
+JOINT = StageConfig(method="joint", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="l1"))
+
+
+def toy_data(n: int = 32, seed: int = 0) -> list[EncodedExample]:
+    """Learnable toy task: the answer token (7 or 8) is decided by the first prompt token."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        length = int(torch.randint(3, 8, (1,), generator=g))
+        prompt = torch.randint(10, 40, (length,), generator=g).tolist()
+        label = prompt[0] % 2
+        data.append(EncodedExample(input_ids=prompt + [7 + label], prompt_len=length, label=label, truncated=False))
+    return data
+
+
+def batch_of(data: list[EncodedExample], side: str = "right") -> dict[str, torch.Tensor]:
+    return collate(data, pad_id=0, padding_side=side)
+
+
+def loss_on(model: HeftModel, data: list[EncodedExample]) -> float:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch_of(data)).loss.item()
+
+
+def train(model: HeftModel, stage: StageConfig, data: list[EncodedExample], seed: int = 0) -> None:
+    cfg = RunConfig(batch_size=8, seed=seed, stages=[stage])
+    model.add_stage(stage, seed=seed)
+    train_stage(model, stage, data, cfg, Accelerator(), Progress(stage=len(model.stages) - 1), lambda *a: None, show_progress=False)
+    model.finish_stage()
+
+
+@pytest.mark.parametrize("stages", [[LORA], [LOREFT], [DIREFT], [LORA, LOREFT], [JOINT]], ids=["lora", "loreft", "direft", "heft", "joint"])
+def test_every_arm_lowers_training_loss(stages):
+    model, data = make_heft("llama"), toy_data()
+    before = loss_on(model, data)
+    for stage in stages:
+        train(model, stage, data)
+    after = loss_on(model, data)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_collate_marks_prompt_and_target_for_both_sides():
+    data = toy_data(4)
+    for side in ["left", "right"]:
+        batch = batch_of(data, side)
+        for row, ex in enumerate(data):
+            real = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            assert real == ex.input_ids
+            assert batch["input_ids"][row][batch["prompt_mask"][row]].tolist() == ex.input_ids[: ex.prompt_len]
+            assert batch["labels"][row][batch["labels"][row] != -100].tolist() == ex.input_ids[ex.prompt_len :]
+
+
+def test_padding_side_does_not_change_loss_or_scores():
+    model, data = make_heft("qwen2"), toy_data(6)
+    model.add_stage(LOREFT, seed=0)
+    model.eval()
+    with torch.no_grad():
+        left, right = model(**batch_of(data, "left")).loss, model(**batch_of(data, "right")).loss
+    assert torch.allclose(left, right, atol=1e-5)
+
+
+def test_zero_edit_intervention_leaves_logits_unchanged(heft_model):
+    batch = batch_of(toy_data(4))
+    with torch.no_grad():
+        reference = heft_model(batch["input_ids"], batch["attention_mask"]).hidden_states
+        stage = heft_model.add_stage(LOREFT, seed=0)
+        for module in stage.reft.interventions.values():  # W = R, b = 0  =>  edit = 0
+            module.source.weight.copy_(module.R)
+            module.source.bias.zero_()
+        edited = heft_model(batch["input_ids"], batch["attention_mask"]).hidden_states
+        module.source.bias.fill_(1.0)
+        changed = heft_model(batch["input_ids"], batch["attention_mask"]).hidden_states
+    assert torch.allclose(reference, edited, atol=1e-6)
+    assert not torch.allclose(reference, changed, atol=1e-3)
+
+
+def test_lora_merge_keeps_logits_and_later_stages_leave_it_frozen():
+    model, data = make_heft("llama"), toy_data()
+    batch = batch_of(data)
+    model.add_stage(LORA, seed=0)
+    train_stage(model, LORA, data, RunConfig(batch_size=8, stages=[LORA]), Accelerator(), Progress(), lambda *a: None, show_progress=False)
+    model.eval()
+    with torch.no_grad():
+        before_merge = model(**batch).hidden_states
+        model.finish_stage()
+        after_merge = model(**batch).hidden_states
+    assert (before_merge - after_merge).abs().max() <= 1e-5
+    assert not any("lora" in name for name, _ in model.named_modules()), "merged adapter layers must be gone"
+    frozen = {k: v.clone() for k, v in model.model.state_dict().items()}
+    train(model, LOREFT, data)
+    assert all(torch.equal(frozen[k], v) for k, v in model.model.state_dict().items())
+
+
+def test_frozen_reft_stage_unchanged_by_later_stage_and_orthonormal():
+    model, data = make_heft("llama"), toy_data()
+    stage = LOREFT.__class__(**{**LOREFT.__dict__, "weight_decay": 0.1})
+    train(model, stage, data)
+    frozen = {k: v.clone() for k, v in model.reft[0].state_dict().items()}
+    train(model, LORA.__class__(**{**LORA.__dict__, "lora": LoraConfig(r=4, merge=False)}), data)
+    assert all(torch.equal(frozen[k], v) for k, v in model.reft[0].state_dict().items())
+    for module in model.reft[0].interventions.values():
+        R = module.R
+        assert torch.linalg.norm(R @ R.T - torch.eye(R.shape[0])) < 1e-5
+
+
+def test_generate_edits_prompt_only_and_matches_scoring():
+    model = make_heft("llama")
+    stage = model.add_stage(LOREFT, seed=0)
+    for module in stage.reft.interventions.values():
+        module.source.bias.data.fill_(3.0)  # a strong edit, so any misplacement shows
+    model.eval()
+    data = toy_data(3)
+    from heft.evaluate import pad_batch
+
+    ids, mask = pad_batch([e.input_ids[: e.prompt_len] for e in data], 0, "left")
+    out = model.generate(ids, mask, max_new_tokens=3, do_sample=False)
+    logprobs = model.next_token_logprobs(ids, mask)
+    assert torch.equal(out[:, ids.shape[1]], logprobs.argmax(-1)), "first generated token = argmax of scored logits"
+    # Continuing generation must equal re-scoring the extended prompt with edits on the prompt only.
+    ext_ids, ext_mask = out[:, : ids.shape[1] + 1], torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    prompt_mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1).bool()
+    hidden = model(ext_ids, ext_mask, prompt_mask=prompt_mask).hidden_states[:, -1]
+    assert torch.equal(out[:, ids.shape[1] + 1], model.lm_head(hidden).argmax(-1))
+
+
+def _trained_run(tmp_path: Path, tiny_model_dir: Path) -> tuple[HeftModel, Path]:
+    model, data = HeftModel(load_model(str(tiny_model_dir))), toy_data()
+    for stage in [LORA, LOREFT]:
+        train(model, stage, data)
+    run = tmp_path / "run"
+    save_run(model, run, seed=0)
+    return model, run
+
+
+def test_save_load_round_trip_reproduces_logits(tmp_path, tiny_model_dir):
+    model, run = _trained_run(tmp_path, tiny_model_dir)
+    loaded = load_run(run)
+    batch = batch_of(toy_data(8, seed=1))
+    with torch.no_grad():
+        a, b = model(**batch).hidden_states, loaded(**batch).hidden_states
+        assert (model.lm_head(a) - loaded.lm_head(b)).abs().max() <= 1e-5
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["method"] for s in manifest["stages"]] == ["lora", "loreft"]
+    assert manifest["stages"][0]["merged"] and manifest["stages"][0]["trainable_params"] > 0
+    assert {"heft", "torch", "transformers", "peft"} <= set(manifest["versions"])
+    weights = run / manifest["weights"]
+    assert (weights / "0-lora" / "adapter_model.safetensors").is_file()
+    assert (weights / "0-lora" / "adapter_config.json").is_file()
+    assert (weights / "1-loreft" / "interventions.safetensors").is_file()
+
+
+def test_tampered_base_hash_and_half_written_files_are_refused(tmp_path, tiny_model_dir):
+    _, run = _trained_run(tmp_path, tiny_model_dir)
+    manifest_path = run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    tampered = {**manifest, "base_model": {**manifest["base_model"], "sha256": "f" * 64}}
+    manifest_path.write_text(json.dumps(tampered))
+    with pytest.raises(RunFolderError, match="sha256"):
+        load_run(run)
+    manifest_path.write_text(json.dumps(manifest))
+    interventions = next(run.rglob("interventions.safetensors"))
+    interventions.write_bytes(interventions.read_bytes()[:100])
+    with pytest.raises(RunFolderError, match="incomplete"):
+        load_run(run)

@@ -1,0 +1,104 @@
+"""ReFT interventions: formulas, orthonormality, positions under both paddings."""
+
+import pytest
+import torch
+
+from heft.methods.reft import DiReFT, LoReFT, ReftConfig, ReftModel, intervention_positions, parse_layers, parse_positions
+
+
+def test_loreft_matches_formula():
+    torch.manual_seed(0)
+    module = LoReFT(16, 4)
+    h = torch.randn(3, 5, 16)
+    R, W, b = module.R, module.source.weight, module.source.bias
+    expected = h + (h @ W.T + b - h @ R.T) @ R
+    assert torch.allclose(h + module(h), expected, atol=1e-6)
+
+
+def test_direft_matches_formula():
+    torch.manual_seed(0)
+    module = DiReFT(16, 4)
+    h = torch.randn(3, 5, 16)
+    W1, b, W2 = module.down.weight, module.down.bias, module.up.weight.T  # W2: (r, d)
+    assert torch.allclose(h + module(h), h + (h @ W1.T + b) @ W2, atol=1e-6)
+
+
+def test_rotation_stays_orthonormal_after_training():
+    torch.manual_seed(0)
+    module = LoReFT(32, 6)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.05, weight_decay=0.0)
+    for _ in range(20):
+        loss = (module(torch.randn(8, 32)) - 1).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    R = module.R
+    assert torch.linalg.norm(R @ R.T - torch.eye(6)) < 1e-5
+    assert loss.item() < 1.0
+
+
+def test_parse_positions_and_layers():
+    assert parse_positions("f7+l7") == (7, 7)
+    assert parse_positions("l1") == (0, 1)
+    assert parse_positions("f3") == (3, 0)
+    for bad in ["", "x1", "f1+", "l1+f1"]:
+        with pytest.raises(ValueError):
+            parse_positions(bad)
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("1:3", 4) == [1, 2]
+    assert parse_layers([0, -1], 4) == [0, 3]
+    with pytest.raises(ValueError, match="4 layers"):
+        parse_layers([7], 4)
+
+
+def _masks(lengths: list[int], width: int, side: str) -> torch.Tensor:
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, width - n :] = True
+        else:
+            mask[row, :n] = True
+    return mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_positions_by_hand(side):
+    lengths, width = [6, 3, 1], 8
+    index, valid = intervention_positions(_masks(lengths, width, side), first=2, last=2)
+    for row, n in enumerate(lengths):
+        start = width - n if side == "left" else 0
+        expected = [start, start + 1, start + n - 2, start + n - 1]
+        expected_valid = [0 < n, 1 < n, n - 2 >= 0, n - 1 >= 0]
+        got = [int(i) for i, v in zip(index[row], valid[row]) if v]
+        assert got == [e for e, v in zip(expected, expected_valid) if v]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_edit_touches_only_prompt_positions(share):
+    torch.manual_seed(0)
+    reft = ReftModel(ReftConfig(rank=2, layers="all", positions="f1+l2", share_weights=share), hidden_size=8, num_layers=1)
+    hidden = torch.randn(2, 7, 8)
+    for side in ["left", "right"]:
+        mask = _masks([5, 2], 7, side)
+        index, valid = intervention_positions(mask, 1, 2)
+        edited = reft.edit(0, hidden, index, valid)
+        changed = (edited - hidden).abs().sum(-1) > 0
+        assert not changed[~mask].any(), "pad positions must stay untouched"
+        expected = torch.zeros_like(changed)
+        for row in range(2):
+            expected[row, index[row][valid[row]]] = True
+        assert torch.equal(changed, expected)
+
+
+def test_left_and_right_padding_give_same_edits():
+    torch.manual_seed(0)
+    reft = ReftModel(ReftConfig(rank=2, positions="f2+l2"), hidden_size=8, num_layers=1)
+    lengths = [5, 3]
+    h_right, h_left = torch.zeros(2, 6, 8), torch.zeros(2, 6, 8)
+    tokens = [torch.randn(n, 8) for n in lengths]
+    for row, n in enumerate(lengths):
+        h_right[row, :n], h_left[row, 6 - n :] = tokens[row], tokens[row]
+    out_right = reft.edit(0, h_right, *intervention_positions(_masks(lengths, 6, "right"), 2, 2))
+    out_left = reft.edit(0, h_left, *intervention_positions(_masks(lengths, 6, "left"), 2, 2))
+    for row, n in enumerate(lengths):
+        assert torch.allclose(out_right[row, :n], out_left[row, 6 - n :], atol=1e-6)
