@@ -159,10 +159,26 @@ def train_stage(
 
 
 # ---------------------------------------------------------------------------------------- recipe
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (per run, so arms trained in one process are comparable)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM
+        except OSError:
+            pass
+
+
 def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or peak resident set size of this process on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_data(task: Task, cfg: RunConfig, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict]:
@@ -189,6 +205,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    reset_peak_memory()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no")
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
