@@ -44,9 +44,19 @@ def _batches(examples: Sequence[EncodedExample], batch_size: int) -> list[list[i
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def autocast(model: HeftModel, bf16: bool) -> torch.autocast:
+    """The autocast context training used, so evaluation from a run folder scores identically."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 @torch.no_grad()
 def predict(
-    model: HeftModel, task: Task, examples: Sequence[EncodedExample], batch_size: int = 16, progress: bool = True
+    model: HeftModel,
+    task: Task,
+    examples: Sequence[EncodedExample],
+    batch_size: int = 16,
+    progress: bool = True,
+    bf16: bool = False,
 ) -> list[Prediction]:
     """Choice probabilities for every example, in input order."""
     choice_ids = torch.tensor(task.choice_token_ids(model.tokenizer))
@@ -56,7 +66,9 @@ def predict(
     results: list[Prediction | None] = [None] * len(examples)
     for batch in tqdm(_batches(examples, batch_size), desc="eval", disable=not progress, leave=False):
         ids, mask = pad_batch([examples[i].input_ids[: examples[i].prompt_len] for i in batch], pad_id, "right")
-        logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))[:, choice_ids.to(model.device)]
+        with autocast(model, bf16):
+            logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))
+        logprobs = logprobs[:, choice_ids.to(model.device)]
         probs = torch.softmax(logprobs, dim=-1).cpu()
         for row, i in enumerate(batch):
             results[i] = Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist())
@@ -82,21 +94,34 @@ def metrics(predictions: Sequence[Prediction], num_choices: int) -> dict[str, fl
     }
 
 
-def evaluate(model: HeftModel, task: Task, examples: Sequence[EncodedExample], batch_size: int = 16, progress: bool = True) -> dict:
+def evaluate(
+    model: HeftModel,
+    task: Task,
+    examples: Sequence[EncodedExample],
+    batch_size: int = 16,
+    progress: bool = True,
+    bf16: bool = False,
+) -> dict:
     """Score-based evaluation: metrics over `examples`."""
-    return metrics(predict(model, task, examples, batch_size, progress), len(task.choices))
+    return metrics(predict(model, task, examples, batch_size, progress, bf16), len(task.choices))
 
 
 @torch.no_grad()
 def generate_answers(
-    model: HeftModel, task: Task, examples: Sequence[EncodedExample], batch_size: int = 16, max_new_tokens: int = 4
+    model: HeftModel,
+    task: Task,
+    examples: Sequence[EncodedExample],
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    bf16: bool = False,
 ) -> list[tuple[str, int | None]]:
     """Greedy generation from each prompt; returns (text, parsed label or None)."""
     pad_id = model.tokenizer.pad_token_id
     outputs: list[tuple[str, int | None] | None] = [None] * len(examples)
     for batch in _batches(examples, batch_size):
         ids, mask = pad_batch([examples[i].input_ids[: examples[i].prompt_len] for i in batch], pad_id, "left")
-        generated = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
+        with autocast(model, bf16):
+            generated = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
         for row, i in enumerate(batch):
             text = model.tokenizer.decode(generated[row, ids.shape[1] :], skip_special_tokens=True)
             outputs[i] = (text, task.parse_generation(text))

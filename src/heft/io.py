@@ -32,10 +32,13 @@ import heft
 from heft.config import StageConfig
 from heft.methods.lora import LoraConfig, to_peft_config
 from heft.methods.reft import ReftConfig
+from heft.models import load_model
 from heft.pipeline import HeftModel
 
 MANIFEST = "manifest.json"
 FORMAT = "heft-run/1"
+EXPORTED_BASE = "."
+"""Base-model id of an exported folder: the folder itself holds the (merged) base model."""
 
 
 class RunFolderError(ValueError):
@@ -124,7 +127,7 @@ def save_run(
         stages.append(_stage_entry(stage))
     if optimizer is not None:
         save_optimizer(optimizer, tmp, trainer_state or {})
-    final = weights_root / f"step-{step:08d}"
+    final = weights_root / (f"step-{step:08d}" if optimizer is not None else "final")
     while final.exists():  # never overwrite the folder the current manifest may point at
         final = final.with_name(final.name + "+")
     for path in sorted(tmp.rglob("*")):
@@ -178,7 +181,8 @@ def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: st
     manifest = read_manifest(run_dir)
     base = manifest["base_model"]
     if model is None:
-        model = HeftModel.from_pretrained(base_model or base["id"], base["dtype"])
+        base_id = str(run_dir) if base["id"] == EXPORTED_BASE else base["id"]
+        model = HeftModel.from_pretrained(base_model or base_id, base["dtype"])
     if model.weights_sha256 != base["sha256"]:
         raise RunFolderError(
             f"{run_dir} was trained on base model {base['id']} with weights sha256 {base['sha256'][:12]}…, "
@@ -225,3 +229,48 @@ def load_optimizer(optimizer: torch.optim.Optimizer, run_dir: str | Path) -> dic
         state.setdefault(int(idx), {})[slot] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     return meta
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a self-contained folder: the base model with every LoRA stage merged (a normal HF
+    model folder, loadable by plain transformers) plus the ReFT stages as a heft run on top of it.
+
+    `heft.load_run(out_dir)` rebuilds the full hierarchy from it; its logits equal the run's.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    model = load_run(run_dir)
+    manifest = read_manifest(run_dir)
+    for stage in model.stages:
+        if stage.config.uses_lora and not stage.merged:
+            model.model = model._lora.merge(stage.adapter_name)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}."))
+    model.model.save_pretrained(tmp)
+    model.tokenizer.save_pretrained(tmp)
+    base = HeftModel(load_model(str(tmp), manifest["base_model"]["dtype"]))
+    base.model_id = EXPORTED_BASE
+    for stage in model.stages:
+        if stage.reft is not None:
+            reft_only = dataclasses.replace(stage.config, method=stage.config.reft.kind, name=stage.name)
+            base.add_stage(reft_only).reft.load_state_dict(stage.reft.state_dict())
+            base.stages[-1].trainable_params = stage.trainable_params
+            base.finish_stage()
+    save_run(base, tmp, manifest.get("seed"))
+    for name in ("config.yaml", "results.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, tmp / name)
+    lora_names = [s.name for s in model.stages if s.config.uses_lora]
+    reft_names = [s.name for s in model.stages if s.reft is not None]
+    (tmp / "HEFT_EXPORT.md").write_text(
+        f"# Exported from {run_dir}\n\n"
+        f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} merged into the weights.\n"
+        f"ReFT stages {reft_names or 'none'} are stored under `weights/` and are applied by heft:\n\n"
+        "```python\nimport heft\nmodel = heft.load_run(\"" + str(out_dir) + "\")  # full hierarchy\n```\n\n"
+        "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
+        "without the ReFT interventions.\n"
+    )
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return out_dir

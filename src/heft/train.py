@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from heft.config import RunConfig, StageConfig, save_config
-from heft.evaluate import evaluate, pad_batch
+from heft.evaluate import autocast, evaluate, pad_batch
 from heft.io import append_jsonl, load_optimizer, load_run, read_trainer_state, save_run, write_json
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, Task, get_task
@@ -139,7 +139,8 @@ def train_stage(
         bar = tqdm(loader, desc=f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}", disable=not show_progress)
         for batch in bar:
             with accelerator.accumulate(wrapped):
-                loss = wrapped(**batch).loss
+                with autocast(model, cfg.bf16):
+                    loss = wrapped(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.max_grad_norm is not None:
@@ -206,7 +207,9 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory()
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no")
+    # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
+    # accelerate's state is process-global, and runs with different settings share a process.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
     task = get_task(cfg.task)
@@ -228,8 +231,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     clock = time.perf_counter() - progress.elapsed_s
 
     def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None) -> dict:
-        with accelerator.autocast():
-            result = evaluate(model, task, eval_data, cfg.eval_batch_size, progress=show_progress)
+        result = evaluate(model, task, eval_data, cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
         progress.eval_tokens += sum(e.prompt_len for e in eval_data)
         line = {
             "stage": stage_name,

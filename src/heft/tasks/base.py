@@ -111,6 +111,14 @@ class Task:
             template=template,
         )
 
+    def to_query(self, row: dict[str, Any], template: str | None = None) -> Example:
+        """Render a row to predict; its label field may be absent, in which case `label` is -1."""
+        if row.get(self.label_field) is not None:
+            return self.to_example(row, template)
+        example = self.to_example({**row, self.label_field: 0}, template)
+        example.label, example.fields = -1, dict(row)
+        return example
+
     def parse_label(self, value: Any) -> int:
         """Label index from a bool (two-choice tasks), an int index, or a word/number as text."""
         if isinstance(value, bool) and len(self.choices) == 2:

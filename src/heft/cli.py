@@ -1,0 +1,239 @@
+"""`heft` command line: train, eval, predict, export, info, reproduce.
+
+User mistakes (bad config, missing file, unknown model, bad data) end in one readable line and a
+hint, with exit status 2; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, OSError)
+
+
+def _run_dir_config(run_dir: Path):
+    from heft.config import load_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; is {run_dir} a run folder written by `heft train`?")
+    return load_config(path)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from heft.config import load_config
+    from heft.train import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.output_dir or cfg.output_dir.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
+    cfg.output_dir = out
+    console.print(f"[bold]heft train[/] {args.config} → {out}")
+    results = run_training(cfg, out, show_progress=not args.quiet)
+    table = Table(title=f"{cfg.task} accuracy ({results['data']['eval_examples']} eval examples)")
+    for column in ("after", "trainable params", "accuracy"):
+        table.add_column(column, justify="right" if column != "after" else "left")
+    if results["zero_shot_accuracy"] is not None:
+        table.add_row("zero-shot", "0", f"{results['zero_shot_accuracy']:.4f}")
+    for stage in results["stages"]:
+        acc = stage["accuracy"]
+        table.add_row(f"stage {stage['name']} ({stage['epochs']:g} ep)", f"{stage['trainable_params']:,}", "—" if acc is None else f"{acc:.4f}")
+    table.add_row("majority class", "", f"{results['majority_accuracy']:.4f}")
+    console.print(table)
+    console.print(f"data: {results['data']['source']}  ({results['data']['train_examples']} train, truncated {results['data']['train_truncated']})")
+    console.print(f"run folder: {out}   wall time {results['wall_time_s']:.0f} s, {results['train_tokens']:,} training tokens")
+    return 0
+
+
+def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model):
+    from heft.tasks import get_task
+
+    cfg = _run_dir_config(run_dir)
+    task = get_task(cfg.task)
+    split = split or cfg.data.eval_split
+    limit = max_examples if max_examples is not None else cfg.max_eval_examples
+    rows = task.load_split(cfg.data, split, limit, cfg.seed)
+    encoded, _ = task.encode(rows, model.tokenizer, cfg.max_length)
+    return cfg, task, encoded
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from heft.evaluate import evaluate, generate_answers, generation_metrics
+    from heft.io import load_run
+
+    run_dir = Path(args.run_dir)
+    model = load_run(run_dir)
+    cfg, task, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
+    if args.mode == "generate":
+        answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
+        result = generation_metrics(answers, encoded)
+    else:
+        result = evaluate(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
+    print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from heft.evaluate import predict
+    from heft.io import load_run
+    from heft.tasks import get_task
+
+    run_dir = Path(args.run_dir)
+    cfg = _run_dir_config(run_dir)
+    task = get_task(cfg.task)
+    if args.input:
+        rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif args.question and args.passage:
+        rows = [{"question": args.question, "passage": args.passage}]
+    else:
+        raise ValueError("give --question and --passage, or --input FILE.jsonl")
+    model = load_run(run_dir)
+    queries = [task.to_query(row, cfg.data.template) for row in rows]
+    encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
+    predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
+    records = [
+        {**row, "prediction": task.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
+        for row, p in zip(rows, predictions)
+    ]
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        console.print(f"wrote {len(records)} predictions to {args.output}")
+    else:
+        for record in records:
+            print(json.dumps({"prediction": record["prediction"], "probability": record["probability"]}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from heft.io import export_run
+
+    out = export_run(args.run_dir, args.out_dir)
+    console.print(f"exported {args.run_dir} → {out} (merged base model + ReFT stages; see {out}/HEFT_EXPORT.md)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from heft.io import read_manifest
+
+    run_dir = Path(args.run_dir)
+    manifest = read_manifest(run_dir)
+    base = manifest["base_model"]
+    console.print(f"[bold]{run_dir}[/]  base model {base['id']} ({base['dtype']}, sha256 {base['sha256'][:12]}…)  seed {manifest['seed']}")
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    table = Table(title="stages")
+    for column in ("#", "name", "method", "epochs", "lr", "trainable params", "state", "accuracy"):
+        table.add_column(column)
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    accuracy = {s["name"]: s["accuracy"] for s in results.get("stages", [])}
+    for stage in manifest["stages"]:
+        cfg = stage["config"]
+        state = "merged" if stage["merged"] else ("frozen" if stage["finished"] else "training")
+        acc = accuracy.get(stage["name"])
+        table.add_row(
+            str(stage["index"]), stage["name"], stage["method"], f"{cfg['epochs']:g}", f"{cfg['lr']:g}",
+            f"{stage['trainable_params']:,}", state, "" if acc is None else f"{acc:.4f}",
+        )
+    console.print(table)
+    if results:
+        console.print(
+            f"final accuracy {results['final_accuracy']:.4f} (majority {results['majority_accuracy']:.4f}), "
+            f"{results['train_tokens']:,} training tokens, {results['optimizer_steps']} steps, {results['wall_time_s']:.0f} s"
+        )
+    if manifest.get("checkpoint"):
+        console.print("[yellow]unfinished run: `heft train` with its config.yaml and output_dir resumes it[/]")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from heft.reproduce import reproduce
+
+    summary = reproduce(args.config, args.overrides, args.output_dir)
+    console.print(f"summary: {summary['output_dir']}/summary.json, report: {summary['output_dir']}/report.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the stages of a YAML config into a run folder")
+    p.add_argument("config", help="YAML config, e.g. configs/boolq_heft.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=3 max_train_examples=500")
+    p.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved run")
+    p.add_argument("run_dir")
+    p.add_argument("--split", help="split to evaluate (default: the run's eval split)")
+    p.add_argument("--max-examples", type=int, help="stratified subsample (default: the run's max_eval_examples)")
+    p.add_argument("--mode", choices=["score", "generate"], default="score", help="log-likelihood scoring or greedy generation")
+    p.add_argument("--batch-size", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="answer questions with a saved run")
+    p.add_argument("run_dir")
+    p.add_argument("--question")
+    p.add_argument("--passage")
+    p.add_argument("--input", help="JSONL file with question and passage per line")
+    p.add_argument("--output", help="JSONL file for the predictions (default: print)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write the base model with LoRA merged, plus the ReFT stages")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="show what a run folder holds")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("reproduce", help="run the paper's comparison (several arms) and write a report")
+    p.add_argument("config", help="e.g. configs/reproduce_boolq.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=smoke seeds=[1,2]")
+    p.add_argument("--output-dir")
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+HINTS = {
+    "ConfigError": "check the key against configs/README.md",
+    "DataError": "set data.source or HEFT_DATA_DIR to a folder with train/validation files",
+    "ModelNotFoundError": "use a hub id, a local model folder, or the alias smollm2-135m",
+    "RunFolderError": "pass a folder written by `heft train`",
+    "FileExistsError": "choose another output folder",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("heft").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if args.verbose:
+            raise
+        kind = type(err).__name__
+        message = str(err).splitlines()[0] if str(err) else kind
+        hint = HINTS.get(kind)
+        errors.print(f"[red]error:[/] {message}" + (f"\n[dim]hint: {hint}[/]" if hint else ""), highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]: the run folder keeps the last completed epoch; rerun the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The `heft` command: train → eval/predict/info/export round trips, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from heft.cli import main
+from heft.io import load_run
+
+from conftest import SHARED_DATA
+from test_train import toy_config, write_toy_boolq
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def trained_run(tmp_path, tiny_model_dir) -> Path:
+    data = write_toy_boolq(tmp_path / "data", 24, 16)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(run), "-q"]) == 0
+    return run
+
+
+def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys):
+    results = json.loads((trained_run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(trained_run)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == results["final_accuracy"]
+
+    assert main(["predict", str(trained_run), "--question", "is the cat red", "--passage", "true the cat is red"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["prediction"] in {"yes", "no"} and 0.5 <= answer["probability"] <= 1
+
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"question": "is it blue", "passage": "false it is red"}\n{"question": "a", "passage": "true a"}\n')
+    assert main(["predict", str(trained_run), "--input", str(queries), "--output", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all({"question", "passage", "prediction", "probability"} <= set(r) for r in rows)
+
+    assert main(["info", str(trained_run)]) == 0
+    out = capsys.readouterr().out
+    assert "0-lora" in out and "merged" in out and "1-loreft" in out
+
+
+def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
+    out = tmp_path / "export"
+    assert main(["export", str(trained_run), str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "HEFT_EXPORT.md").is_file()
+    original, exported = load_run(trained_run), load_run(out)
+    ids = torch.randint(3, 20, (2, 9))
+    with torch.no_grad():
+        a = original.lm_head(original(ids).hidden_states)
+        b = exported.lm_head(exported(ids).hidden_states)
+    assert (a - b).abs().max() <= 1e-5
+    assert [s.config.method for s in exported.stages] == ["loreft"]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "configs/boolq_heft.yaml", "stages.0.epoch=3"], "did you mean 'epochs'"),
+        (["train", "configs/boolq_heft.yaml", "batch_size=abc"], "batch_size"),
+        (["train", "configs/nope.yaml"], "nope.yaml"),
+        (["train", "configs/boolq_heft.yaml", "model=/no/such/model", "--output-dir", "{tmp}/r"], "/no/such/model"),
+        (["eval", "{tmp}"], "not a heft run folder"),
+    ],
+)
+def test_user_errors_are_one_line(argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    out = capsys.readouterr().err
+    assert expected in out and "Traceback" not in out
+    assert out.startswith("error:") and len(out.strip().splitlines()) <= 2
+
+
+@pytest.mark.slow
+def test_real_model_end_to_end(tmp_path):
+    """`heft train` with the default model on 64 BoolQ examples, then `heft eval` and `heft predict`."""
+    assert (SHARED_DATA / "train.parquet").is_file(), f"BoolQ data missing at {SHARED_DATA}"
+    env = {**os.environ, "HEFT_DATA_DIR": str(SHARED_DATA.parent)}
+    run = tmp_path / "run"
+
+    def heft(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "heft", *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    out = heft("train", "configs/boolq_heft.yaml", "max_train_examples=64", "max_eval_examples=32", "max_length=160",
+               "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(run), "-q")
+    assert "zero-shot" in out and str(SHARED_DATA) in out
+    results = json.loads((run / "results.json").read_text())
+    assert results["data"]["train_examples"] == 64 and 0 <= results["final_accuracy"] <= 1
+    assert json.loads(heft("eval", str(run)))["accuracy"] == results["final_accuracy"]
+    answer = json.loads(heft("predict", str(run), "--question", "is paris the capital of france",
+                             "--passage", "Paris is the capital and largest city of France.").strip().splitlines()[-1])
+    assert answer["prediction"] in {"yes", "no"}

@@ -1,0 +1,200 @@
+"""`heft reproduce`: the real config's presets, override precedence, the summary/report/plots of a
+tiny end-to-end run, skipping finished arms, resuming an interrupted one, and the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import heft.reproduce as reproduce_module
+import heft.train as train_module
+from heft.config import ConfigError
+from heft.reproduce import load_plan, reproduce
+
+from conftest import SHARED_DATA
+from test_train import write_toy_boolq
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reproduce_boolq.yaml"
+ARMS = ["lora-20", "loreft-20", "heft-2+1", "lora-3", "loreft-3", "joint-3", "heft-1+2"]
+EPOCHS = {"lora-20": [20], "loreft-20": [20], "heft-2+1": [2, 1], "lora-3": [3], "loreft-3": [3], "joint-3": [3],
+          "heft-1+2": [1, 2]}
+SMOKE_EPOCHS = {"lora-20": [2], "loreft-20": [2], "heft-2+1": [1, 1], "lora-3": [1], "loreft-3": [1], "joint-3": [1],
+                "heft-1+2": [1, 1]}
+
+
+def epochs_of(plan, arm: str) -> list[float]:
+    return [s.epochs for s in plan.configs[arm][plan.seeds[0]].stages]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "full"])
+def test_real_config_defines_every_arm_for_every_preset(preset):
+    plan = load_plan(CONFIG, [f"preset={preset}"])
+    assert list(plan.configs) == ARMS == plan.selected
+    assert plan.output_dir == Path(f"runs/reproduce-{preset}")
+    expected = SMOKE_EPOCHS if preset == "smoke" else EPOCHS
+    assert {arm: epochs_of(plan, arm) for arm in ARMS} == expected
+    assert plan.nominal_epochs == EPOCHS
+    for arm in ("heft-2+1", "heft-1+2"):
+        assert [s.method for s in plan.configs[arm][plan.seeds[0]].stages] == ["lora", "loreft"]
+    shared = {(c.model, c.max_length, c.max_train_examples, c.max_eval_examples, c.data.source, c.bf16)
+              for by_seed in plan.configs.values() for c in by_seed.values()}
+    assert len(shared) == 1, "every arm must share model, data, subsample and max length"
+    zero_shot = [arm for arm in ARMS if plan.configs[arm][plan.seeds[0]].eval_zero_shot]
+    assert zero_shot == ["lora-20"]
+    cfg = plan.configs["lora-20"][plan.seeds[0]]
+    assert cfg.model == "smollm2-135m" and cfg.data.source is None and cfg.eval_every == "epoch"
+    sizes = {"smoke": (16, 16, 96, [1]), "cpu": (128, 128, 192, [1]), "full": (None, None, 512, [1, 2, 3])}[preset]
+    assert (cfg.max_train_examples, cfg.max_eval_examples, cfg.max_length, plan.seeds) == sizes
+
+
+def test_overrides_win_over_the_preset_and_errors_are_one_line():
+    plan = load_plan(CONFIG, ["preset=full", "seeds=[4]", "base.max_length=64", "arms.lora-3.stages.0.lr=1e-4",
+                              "arms_only=[lora-3, heft-2+1]"])
+    assert plan.seeds == [4] and plan.configs["lora-3"][4].max_length == 64
+    assert plan.configs["lora-3"][4].stages[0].lr == 1e-4 and plan.configs["lora-20"][4].stages[0].lr == 3e-4
+    assert plan.selected == ["heft-2+1", "lora-3"]  # in the file's order
+    assert plan.configs["heft-2+1"][4].eval_zero_shot  # the first arm this call runs
+    cases = {
+        "sedes=[1]": "did you mean 'seeds'?",
+        "preset=gpu": "expected one of smoke, cpu, full",
+        "arms_only=[lora20]": "did you mean 'lora-20'?",
+        "base.seed=3": "set by reproduce per arm",
+        "base.max_lenght=9": "did you mean 'max_length'?",
+        "presets.cpu.epochs.lora-3=[1,2]": "a list of 1 epoch count(s)",
+        "presets.cpu.epochs.lora-2=[1]": "did you mean 'lora-20'?",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_plan(CONFIG, [override])
+        assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------------------ tiny end to end
+def tiny_reproduce_file(tmp_path: Path, model_dir: Path) -> Path:
+    """Four arms named like the paper's, scaled down by a preset, on the tiny model and toy data."""
+    lora = {"method": "lora", "epochs": 20, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}}
+    loreft = {"method": "loreft", "epochs": 20, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1"}}
+    spec = {
+        "preset": "tiny",
+        "output_dir": str(tmp_path / "out-{preset}"),
+        "seeds": [1],
+        "base": {"model": str(model_dir), "data": {"source": str(write_toy_boolq(tmp_path / "data"))},
+                 "max_length": 32, "batch_size": 8, "eval_batch_size": 8},
+        "presets": {"tiny": {"epochs": {"lora-20": [2], "loreft-20": [1], "joint-3": [1]}}},
+        "arms": {
+            "lora-20": {"stages": [lora]},
+            "loreft-20": {"stages": [loreft]},
+            "heft-2+1": {"stages": [{**lora, "epochs": 2}, {**loreft, "epochs": 1}]},
+            "joint-3": {"stages": [{**lora, **loreft, "method": "joint", "epochs": 3}]},
+        },
+    }
+    path = tmp_path / "reproduce.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[tuple]:
+    return [(m["stage_index"], m["epoch"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_dir, monkeypatch):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    summary = reproduce(str(path), show_progress=False)
+    out = tmp_path / "out-tiny"
+    assert list(summary["arms"]) == ["lora-20", "loreft-20", "heft-2+1", "joint-3"] and not summary["missing"]
+    heft = summary["arms"]["heft-2+1"]
+    assert [c["epoch"] for c in heft["curve"]] == [1, 2, 3]
+    run = heft["seeds"]["1"]
+    assert [(c["stage"], c["method"]) for c in run["curve"]] == [("0-lora", "lora")] * 2 + [("1-loreft", "loreft")]
+    results = json.loads((out / "heft-2+1" / "seed-1" / "results.json").read_text())
+    assert sum(c["epoch_train_tokens"] for c in run["curve"]) == run["train_tokens"] == results["train_tokens"] > 0
+    assert run["optimizer_steps"] == 6 * 3 and run["eval_tokens"] == results["eval_tokens"]
+    assert [p["trainable_params"] for p in run["trainable_params"]] == [s["trainable_params"] for s in results["stages"]]
+    assert run["final_accuracy"] == run["curve"][-1]["accuracy"] == results["final_accuracy"]
+    assert run["best_accuracy"] == max(c["accuracy"] for c in run["curve"])
+    assert [len(a["curve"]) for a in summary["arms"].values()] == [2, 1, 3, 1]
+    for arm in summary["arms"].values():
+        assert all(0 <= c["accuracy"]["mean"] <= 1 for c in arm["curve"])
+    # zero-shot: evaluated by the first arm only, and reported once
+    assert read_metrics(out / "lora-20" / "seed-1")[0] == (-1, None)
+    assert read_metrics(out / "heft-2+1" / "seed-1") == [(0, 1), (0, 2), (1, 1)]
+    assert 0 <= summary["zero_shot_accuracy"]["mean"] <= 1 and summary["zero_shot_accuracy"]["std"] is None
+    assert summary["data"]["train_examples"] == 48 and summary["data"]["eval_examples"] == 24
+    assert summary["versions"]["heft"] and summary["machine"]["cpu_count"] and summary["command"]
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    report = (out / "report.md").read_text()
+    for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "standard error", "majority class"):
+        assert text in report
+    for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished arm was trained again")
+
+    monkeypatch.setattr(reproduce_module, "run_training", no_training)
+    assert reproduce(str(path), show_progress=False) == summary
+
+
+def test_interrupted_arm_resumes_and_summary_is_complete(tmp_path, tiny_model_dir, monkeypatch):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    out = tmp_path / "out-tiny"
+    original, calls = train_module.save_run, {"n": 0}
+
+    def crash_in_heft(*args, **kwargs):
+        original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3 + 2 + 2:  # lora-20: 2 checkpoints + final save; loreft-20: 1 + 1; heft-2+1: epoch 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_run", crash_in_heft)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(str(path), show_progress=False)
+    monkeypatch.setattr(train_module, "save_run", original)
+    assert not (out / "heft-2+1" / "seed-1" / "results.json").exists()
+    finished = (out / "lora-20" / "seed-1" / "results.json").stat().st_mtime_ns
+
+    summary = reproduce(str(path), show_progress=False)
+    assert (out / "lora-20" / "seed-1" / "results.json").stat().st_mtime_ns == finished
+    assert not summary["missing"] and list(summary["arms"]) == ["lora-20", "loreft-20", "heft-2+1", "joint-3"]
+    assert read_metrics(out / "heft-2+1" / "seed-1") == [(0, 1), (0, 2), (1, 1)]
+    assert [c["epoch"] for c in summary["arms"]["heft-2+1"]["curve"]] == [1, 2, 3]
+    assert summary["arms"]["heft-2+1"]["optimizer_steps"] == 18
+
+
+def test_a_folder_of_other_settings_is_not_reused(tmp_path, tiny_model_dir):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)
+    with pytest.raises(ConfigError, match="different settings .*max_length"):
+        reproduce(str(path), ["arms_only=[loreft-20]", "base.max_length=24"], show_progress=False)
+
+
+# ---------------------------------------------------------------------------- real model, smoke
+@pytest.mark.slow
+def test_smoke_preset_with_the_default_model(tmp_path, monkeypatch):
+    assert SHARED_DATA.is_dir(), f"BoolQ expected at {SHARED_DATA}"
+    monkeypatch.setenv("HEFT_DATA_DIR", str(SHARED_DATA.parent))
+    start = time.perf_counter()
+    summary = reproduce(str(CONFIG), ["preset=smoke"], output_dir=str(tmp_path), show_progress=False)
+    wall = time.perf_counter() - start
+    print(f"\nsmoke preset, all arms: {wall:.0f} s")
+    assert list(summary["arms"]) == ARMS and not summary["missing"]
+    for arm, epochs in SMOKE_EPOCHS.items():
+        a = summary["arms"][arm]
+        assert a["epochs"] == epochs and [c["epoch"] for c in a["curve"]] == list(range(1, sum(epochs) + 1))
+        assert all(0 <= c["accuracy"]["mean"] <= 1 for c in a["curve"])
+        assert a["train_tokens"] > 0 and a["optimizer_steps"] == 2 * sum(epochs)  # 16 examples, batch 8
+    assert summary["data"]["train_examples"] == summary["data"]["eval_examples"] == 16
+    assert summary["model"] == "smollm2-135m" and summary["zero_shot_accuracy"] is not None
+    for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    report = (tmp_path / "report.md").read_text()
+    assert all(number in report for number in ("85.17", "85.05", "83.36"))
+
+    start = time.perf_counter()
+    again = reproduce(str(CONFIG), ["preset=smoke"], output_dir=str(tmp_path), show_progress=False)
+    assert again == summary and time.perf_counter() - start < 30
