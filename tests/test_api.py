@@ -1,0 +1,26 @@
+"""The README's Python API flow, on a tiny model: build, fit on pairs, score, generate, save, load."""
+
+import torch
+
+import heft
+
+
+def test_python_api_flow(tmp_path, tiny_model_dir):
+    model = heft.HeftModel.from_pretrained(str(tiny_model_dir))
+    pairs = [(f"{w} is the passage ? Answer :", " yes" if i % 2 else " no") for i, w in enumerate("cat dog red blue green one two three".split())]
+    before = heft.score(model, [p for p, _ in pairs], [" no", " yes"])
+    stages = [
+        {"method": "lora", "epochs": 4, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
+        {"method": "loreft", "epochs": 4, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1"}},
+    ]
+    progress = heft.fit(model, pairs, stages, batch_size=4, show_progress=False)
+    assert progress.optimizer_steps == 2 * 4 * 2 and [s.config.method for s in model.stages] == ["lora", "loreft"]
+    after = heft.score(model, [p for p, _ in pairs], [" no", " yes"])
+    gold = torch.tensor([i % 2 for i in range(len(pairs))])
+    gold_logprob = lambda lp: lp.gather(1, gold[:, None]).mean()  # noqa: E731
+    assert gold_logprob(after) > gold_logprob(before)
+    texts = heft.generate(model, [pairs[0][0]], max_new_tokens=2)
+    assert len(texts) == 1 and isinstance(texts[0], str)
+    heft.save_run(model, tmp_path / "run")
+    loaded = heft.load_run(tmp_path / "run")
+    assert torch.allclose(heft.score(loaded, [p for p, _ in pairs], [" no", " yes"]), after, atol=1e-5)
