@@ -104,3 +104,20 @@ def test_real_model_end_to_end(tmp_path):
     answer = json.loads(heft("predict", str(run), "--question", "is paris the capital of france",
                              "--passage", "Paris is the capital and largest city of France.").strip().splitlines()[-1])
     assert answer["prediction"] in {"yes", "no"}
+
+
+def test_data_parallel_two_cpu_processes(tmp_path, tiny_model_dir):
+    """Data-parallel training (2 CPU processes, gloo, launched by torchrun): half the steps each."""
+    data = write_toy_boolq(tmp_path / "data", 32, 16)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "heft", "train", str(config),
+               "--output-dir", str(run), "-q"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["optimizer_steps"] == 4 * 2  # 32 examples / batch 8 / 2 processes = 2 steps per epoch, 4 epochs
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert results["train_tokens"] == last["tokens_seen"] > 0, "tokens are summed over both processes"
+    load_run(run)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from heft.config import ConfigError, RunConfig, _apply_override, _Source, config_from_dict, config_to_dict, load_config
 from heft.io import atomic_write_text, versions, write_json
@@ -418,6 +419,8 @@ def plot(summary: dict, folder: Path) -> None:
             ax.axhline(100 * majority["mean"], color="grey", linestyle="--", label="majority class")
         if zero:
             ax.plot([0], [100 * zero["mean"]], "k*", markersize=12, label="zero-shot")
+        if x_key == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel=label, ylabel="evaluation accuracy (%)", title=title)
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)

@@ -209,7 +209,8 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     reset_peak_memory()
     # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
     # accelerate's state is process-global, and runs with different settings share a process.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    # cpu=True on GPU-less hosts lets `torchrun --nproc_per_node N` run data-parallel on CPU (gloo).
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
     task = get_task(cfg.task)
