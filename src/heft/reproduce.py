@@ -105,6 +105,36 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _resolve(data: dict, src: _Source) -> tuple[str, dict, dict[str, list[float]]]:
+    """The chosen preset merged into the file: (preset, {base, seeds, arms, ...}, nominal epochs)."""
+    presets = _mapping(data.get("presets", {}), ("presets",), src)
+    preset = data.get("preset")
+    _check(isinstance(preset, str) and preset in presets, preset, ("preset",), src,
+           "one of " + ", ".join(map(str, presets)))
+    chosen = _mapping(presets[preset], ("presets", preset), src, PRESET_KEYS)
+    arms = _mapping(data.get("arms"), ("arms",), src)
+    _check(bool(arms), arms, ("arms",), src, "at least one arm")
+    nominal = {}
+    for arm, spec in arms.items():
+        stages = _mapping(spec, ("arms", arm), src, ("stages",)).get("stages")
+        _check(isinstance(stages, list) and bool(stages) and all(isinstance(s, dict) for s in stages),
+               stages, ("arms", arm, "stages"), src, "a non-empty list of stage mappings")
+        nominal[arm] = [s.get("epochs", 1.0) for s in stages]
+        for i, e in enumerate(nominal[arm]):
+            _check(type(e) in (int, float) and e > 0, e, ("arms", arm, "stages", i, "epochs"), src, "a number > 0")
+    base = _merge(_mapping(data.get("base", {}), ("base",), src),
+                  _mapping(chosen.get("base", {}), ("presets", preset, "base"), src))
+    resolved = {"base": base, "seeds": chosen.get("seeds", data.get("seeds", [1])), "arms": copy.deepcopy(arms),
+                "arms_only": data.get("arms_only"), "output_dir": data.get("output_dir", "runs/reproduce-{preset}")}
+    for arm, epochs in _mapping(chosen.get("epochs", {}), ("presets", preset, "epochs"), src, list(arms)).items():
+        stages = resolved["arms"][arm]["stages"]
+        _check(isinstance(epochs, list) and len(epochs) == len(stages), epochs, ("presets", preset, "epochs", arm), src,
+               f"a list of {len(stages)} epoch count(s), one per stage of arm '{arm}'")
+        for stage, e in zip(stages, epochs):
+            stage["epochs"] = e
+    return preset, resolved, nominal
+
+
 def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> Plan:
     """Read a reproduce file, apply `key=value` overrides, resolve the preset, validate every arm.
 
@@ -117,56 +147,34 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
     data = copy.deepcopy(_mapping(raw, (), src, TOP_KEYS))
     for text in overrides:
         _apply_override(data, text, {}, src)
-    _mapping(data, (), src, TOP_KEYS)
-    presets = _mapping(data.get("presets", {}), ("presets",), src)
-    preset = data.get("preset")
-    _check(isinstance(preset, str) and preset in presets, preset, ("preset",), src, "one of " + ", ".join(map(str, presets)))
-    chosen = _mapping(presets[preset], ("presets", preset), src, PRESET_KEYS)
-    arms = _mapping(data.get("arms"), ("arms",), src)
-    _check(bool(arms), arms, ("arms",), src, "at least one arm")
-    for arm, spec in arms.items():
-        stages = _mapping(spec, ("arms", arm), src, ("stages",)).get("stages")
-        _check(isinstance(stages, list) and bool(stages) and all(isinstance(s, dict) for s in stages),
-               stages, ("arms", arm, "stages"), src, "a non-empty list of stage mappings")
-    nominal = {arm: [s.get("epochs", 1.0) for s in spec["stages"]] for arm, spec in arms.items()}
-    for arm, epochs in nominal.items():
-        for i, e in enumerate(epochs):
-            _check(type(e) in (int, float) and e > 0, e, ("arms", arm, "stages", i, "epochs"), src, "a number > 0")
-
-    resolved = {"base": _merge(_mapping(data.get("base", {}), ("base",), src), _mapping(chosen.get("base", {}), ("presets", preset, "base"), src)),
-                "seeds": chosen.get("seeds", data.get("seeds", [1])), "arms": copy.deepcopy(arms),
-                "arms_only": data.get("arms_only"), "output_dir": data.get("output_dir", "runs/reproduce-{preset}")}
-    for arm, epochs in _mapping(chosen.get("epochs", {}), ("presets", preset, "epochs"), src, list(arms)).items():
-        stages = resolved["arms"][arm]["stages"]
-        _check(isinstance(epochs, list) and len(epochs) == len(stages), epochs, ("presets", preset, "epochs", arm), src,
-               f"a list of {len(stages)} epoch count(s), one per stage of arm '{arm}'")
-        for stage, e in zip(stages, epochs):
-            stage["epochs"] = e
+    preset, resolved, nominal = _resolve(_mapping(data, (), src, TOP_KEYS), src)
     for text in overrides:
         if text.partition("=")[0].split(".")[0] in resolved:
             _apply_override(resolved, text, {}, _Source(str(path)))
 
-    base, seeds, only = resolved["base"], resolved["seeds"], resolved["arms_only"]
+    base, seeds, only, arms = resolved["base"], resolved["seeds"], resolved["arms_only"], resolved["arms"]
     for name in base:
         if name in RESERVED:
             src.fail(f"key 'base.{name}' is set by reproduce per arm", ("base", name), hint="remove it")
-    _check(isinstance(seeds, list) and bool(seeds) and all(type(s) is int for s in seeds) and len(set(seeds)) == len(seeds),
-           seeds, ("seeds",), src, "a non-empty list of distinct integers")
-    _check(only is None or (isinstance(only, list) and bool(only)), only, ("arms_only",), src, "null or a list of arm names")
+    _check(isinstance(seeds, list) and bool(seeds) and all(type(s) is int for s in seeds)
+           and len(set(seeds)) == len(seeds), seeds, ("seeds",), src, "a non-empty list of distinct integers")
+    _check(only is None or (isinstance(only, list) and bool(only)), only, ("arms_only",), src,
+           "null or a list of arm names")
     for i, arm in enumerate(only or []):
         close = difflib.get_close_matches(str(arm), list(arms), n=1)
-        _check(arm in arms, arm, ("arms_only", i), src, "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""))
+        _check(arm in arms, arm, ("arms_only", i), src,
+               "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""))
     selected = [arm for arm in arms if only is None or arm in only]
-    out = Path(output_dir if output_dir is not None else str(resolved["output_dir"]).replace("{preset}", str(preset)))
+    out = Path(output_dir if output_dir is not None else str(resolved["output_dir"]).replace("{preset}", preset))
     configs: dict[str, dict[int, RunConfig]] = {}
-    for arm, spec in resolved["arms"].items():
+    for arm, spec in arms.items():
         configs[arm] = {}
         for seed in seeds:
-            first = arm == selected[0]  # the zero-shot evaluation: once per seed and call
             run = {**copy.deepcopy(base), "stages": spec["stages"], "seed": seed, "eval_every": "epoch",
-                   "eval_zero_shot": first, "output_dir": str(out / arm / f"seed-{seed}")}
+                   "eval_zero_shot": arm == selected[0],  # once per seed and call: see the module docstring
+                   "output_dir": str(out / arm / f"seed-{seed}")}
             configs[arm][seed] = config_from_dict(run, source=f"{path} (preset {preset}, arm {arm})")
-    return Plan(str(preset), out, seeds, configs, nominal, selected)
+    return Plan(preset, out, seeds, configs, nominal, selected)
 
 
 # ------------------------------------------------------------------------------------- running
@@ -245,7 +253,8 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
         "eval_tokens": results["eval_tokens"],
         "evaluations": len(lines),
         "optimizer_steps": results["optimizer_steps"],
-        "trainable_params": [{k: s[k] for k in ("name", "method", "epochs", "trainable_params")} for s in results["stages"]],
+        "trainable_params": [{k: s[k] for k in ("name", "method", "epochs", "trainable_params")}
+                             for s in results["stages"]],
         "wall_time_s": results["wall_time_s"],
         "peak_memory_mb": results["peak_memory_mb"],
         "data": results["data"],
@@ -296,7 +305,7 @@ def summarize(plan: Plan) -> dict:
         "arms": arms, "missing": missing,
         "total_train_wall_time_s": round(sum(r["wall_time_s"] for a in arms.values() for r in a["seeds"].values()), 2),
         "paper": {"model": "Llama-2-7B", "source": "arXiv 2509.09801",
-                  "accuracy": {arm: acc for arm, (_, acc) in PAPER.items()}},
+                  "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()}},
         "versions": versions(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -316,6 +325,11 @@ def _stages(arm: dict) -> str:
     return " → ".join(f"{m} {e:g}" for m, e in zip(arm["methods"], arm["epochs"]))
 
 
+def _epochs(arm: dict) -> str:
+    total = sum(arm["epochs"])
+    return f"{total:g} epoch" + ("" if total == 1 else "s")
+
+
 def _se(p: float, m: int) -> float:
     """Binomial standard error of an accuracy p measured on m examples."""
     return math.sqrt(p * (1 - p) / m)
@@ -333,9 +347,10 @@ def _difference(a: str, b: str, arms: dict, m: int) -> str:
 def render_report(summary: dict) -> str:
     """Markdown: the paper's rows beside ours, the equal-budget table, curves, a templated reading."""
     arms, m, data = summary["arms"], summary["data"].get("eval_examples", 0), summary["data"]
-    budget = sum(arms["heft-2+1"]["nominal_epochs"]) if "heft-2+1" in arms else min((sum(a["nominal_epochs"]) for a in arms.values()), default=0)
-    equal = [n for n, a in arms.items() if sum(a["nominal_epochs"]) == budget]
-    longer = [n for n, a in arms.items() if sum(a["nominal_epochs"]) > budget]
+    totals = {n: sum(a["nominal_epochs"]) for n, a in arms.items()}
+    budget = totals.get("heft-2+1", min(totals.values(), default=0))  # the paper's HEFT budget
+    equal = [n for n in arms if totals[n] == budget]
+    longer = [n for n in arms if totals[n] > budget]
     out = [f"# BoolQ reproduction: {summary['preset']} preset", "",
            f"Model `{summary['model']}`, {data.get('train_examples', '?')} training / {m} evaluation examples "
            f"(max length {data['max_length']}), seeds {summary['seeds']}, on {summary['machine']['device']}"
@@ -344,20 +359,22 @@ def render_report(summary: dict) -> str:
     if summary["missing"]:
         out += [f"**Not finished yet:** {', '.join(summary['missing'])}.", ""]
     out += ["## Beside the paper (Llama-2-7B, full BoolQ)", "",
-            "| arm | paper epochs | paper | our epochs | ours (final) | ours (best, epoch) |", "|---|---|---|---|---|---|"]
+            "| arm | paper epochs | paper | our epochs | ours (final) | ours (best, epoch) |",
+            "|---|---|---|---|---|---|"]
     for arm, (epochs, acc) in PAPER.items():
         if arm in arms:
             a = arms[arm]
-            out.append(f"| {arm} ({_stages(a)}) | {epochs} | {acc:.2f} | {sum(a['epochs']):g} | {_pct(a['final_accuracy'])} "
-                       f"| {_pct(a['best_accuracy'])} (epoch {', '.join(map(str, a['best_epochs']))}) |")
+            out.append(f"| {arm} ({_stages(a)}) | {epochs} | {acc:.2f} | {sum(a['epochs']):g} "
+                       f"| {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
+                       f"(epoch {', '.join(map(str, a['best_epochs']))}) |")
     out += ["", f"## Equal budget: {budget:g} epochs as defined", "",
-            "| arm | stages (epochs run) | final | best | train tokens | optimizer steps | trainable params per stage | wall time (s) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| arm | stages (epochs run) | final | best | train tokens | optimizer steps | trainable params per stage "
+            "| wall time (s) |", "|---|---|---|---|---|---|---|---|"]
     for arm in equal:
         a = arms[arm]
         params = " + ".join(f"{p['trainable_params']:,}" for p in a["trainable_params"])
-        out.append(f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} | {a['train_tokens']:,.0f} "
-                   f"| {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} |")
+        out.append(f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
+                   f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} |")
     if longer:
         run = max(c["epoch"] for a in longer for c in arms[a]["curve"])
         marks = [e for e in (3, 5, 10, 20) if e <= run] or list(range(1, run + 1))
@@ -371,22 +388,33 @@ def render_report(summary: dict) -> str:
     out += ["## Reading", ""]
     if m and arms:
         p = statistics.fmean(a["final_accuracy"]["mean"] for a in arms.values())
-        out.append(f"- With {m} evaluation examples the binomial standard error sqrt(p(1-p)/M) of one accuracy is "
-                   f"about {100 * _se(p, m):.2f} points (at the mean accuracy {100 * p:.2f} %). Differences are compared "
-                   "as if the two accuracies were independent, which overstates the noise of two arms scored on the same examples.")
+        out.append(f"- With M = {m} evaluation examples the binomial standard error sqrt(p(1-p)/M) of one accuracy "
+                   f"is about {100 * _se(p, m):.2f} points (at the mean accuracy {100 * p:.2f} %). Two accuracies are "
+                   "compared as if independent, which overstates the noise of arms scored on the same examples.")
         for b in ("lora-20", "loreft-20"):
             if "heft-2+1" in arms and b in arms:
                 diff = arms["heft-2+1"]["final_accuracy"]["mean"] - arms[b]["final_accuracy"]["mean"]
                 verdict = "beats" if diff > 0 else "trails" if diff < 0 else "ties"
-                out.append(f"- heft-2+1 ({sum(arms['heft-2+1']['epochs']):g} epochs run) {verdict} {b} "
-                           f"({sum(arms[b]['epochs']):g} epochs run) here: {_difference('heft-2+1', b, arms, m)}")
+                out.append(f"- heft-2+1 ({_epochs(arms['heft-2+1'])} run) {verdict} {b} ({_epochs(arms[b])} run) "
+                           f"here: {_difference('heft-2+1', b, arms, m)}")
         ranked = sorted(equal, key=lambda n: arms[n]["final_accuracy"]["mean"], reverse=True)
         if len(ranked) > 1:
             out.append(f"- At the equal budget the best arm is {ranked[0]} and the worst {ranked[-1]}: "
                        + _difference(ranked[0], ranked[-1], arms, m))
+        for b in ("lora-20", "loreft-20"):
+            gap = (PAPER["heft-2+1"][1] - PAPER[b][1]) / 100
+            ratio = gap / (math.sqrt(2) * _se(p, m))
+            out.append(f"- The paper's margin of HEFT over {b} ({100 * gap:+.2f} points) would be {ratio:.2f}× "
+                       f"the standard error of a difference here, so {m} evaluation examples {'can' if ratio >= 2 else 'cannot'} "
+                       "resolve a gap of that size.")
+        spread = {n: a["final_accuracy"]["std"] for n, a in arms.items() if a["final_accuracy"]["std"] is not None}
+        if spread:
+            worst = max(spread, key=spread.get)
+            out.append(f"- Over {len(summary['seeds'])} seeds the final accuracy of an arm varies by a standard "
+                       f"deviation of up to {100 * spread[worst]:.2f} points ({worst}).")
         if summary["majority_accuracy"]:
             q = summary["majority_accuracy"]["mean"]
-            above = [n for n, a in arms.items() if a["final_accuracy"]["mean"] - q > 2 * _se(q, m)]
+            above = [n for n, a in arms.items() if (p_arm := a["final_accuracy"]["mean"]) - q > 2 * _se(p_arm, m)]
             out.append(f"- {len(above)} of {len(arms)} arms end more than two standard errors above the majority class "
                        f"({100 * q:.2f} %){': ' + ', '.join(above) if above else ''}.")
     out += ["", "What these numbers do not show:",
@@ -411,10 +439,11 @@ def plot(summary: dict, folder: Path) -> None:
                                ("train_tokens", "training tokens forwarded (cumulative)", "accuracy_vs_tokens.png")):
         fig = Figure(figsize=(8, 5), layout="constrained")
         ax = fig.add_subplot()
-        for arm, a in summary["arms"].items():
-            marker = "s" if len(a["methods"]) > 1 else "o"  # hierarchical arms stand out
-            ax.plot([c[x_key] for c in a["curve"]], [100 * c["accuracy"]["mean"] for c in a["curve"]],
-                    marker=marker, markersize=4, label=arm)
+        n = len(summary["arms"])
+        for i, (arm, a) in enumerate(summary["arms"].items()):
+            width = 1.2 + 2.4 * (n - 1 - i) / max(n - 1, 1)  # later arms thinner: coinciding curves stay visible
+            ax.plot([c[x_key] for c in a["curve"]], [100 * c["accuracy"]["mean"] for c in a["curve"]], linewidth=width,
+                    marker="s" if len(a["methods"]) > 1 else "o", markersize=2 + width, alpha=0.85, label=arm)
         if majority:
             ax.axhline(100 * majority["mean"], color="grey", linestyle="--", label="majority class")
         if zero:
