@@ -31,7 +31,8 @@ class LoReFT(nn.Module):
         return self.rotate.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dropout((self.source(h) - self.rotate(h)) @ self.R)
+        R = self.R  # evaluate the parametrization once per call, not once per use
+        return self.dropout((self.source(h) - h @ R.T) @ R)
 
 
 class DiReFT(nn.Module):
