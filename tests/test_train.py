@@ -96,6 +96,27 @@ def test_interrupted_run_resumes_from_last_epoch_and_matches(tmp_path, tiny_mode
         assert torch.allclose(x, y, atol=1e-6), name
 
 
+def test_resume_drops_evaluations_the_checkpoint_does_not_hold(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_toy_boolq(tmp_path / "data", 16, 8)
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run"))
+    original = train_module.save_run
+    calls = {"n": 0}
+
+    def crash_before_second_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 2 was evaluated and logged, but its checkpoint never written
+            raise KeyboardInterrupt
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_run", crash_before_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, tmp_path / "run", show_progress=False)
+    monkeypatch.setattr(train_module, "save_run", original)
+    run_training(cfg, tmp_path / "run", show_progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage_index"], m["epoch"]) for m in lines] == [(-1, None), (0, 1), (0, 2), (1, 1), (1, 2)]
+
+
 def test_finished_run_folder_is_not_overwritten(tmp_path, tiny_model_dir):
     data = write_toy_boolq(tmp_path / "data", 16, 8)
     cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=[{"method": "loreft", "epochs": 1}]))

@@ -157,7 +157,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from heft.reproduce import reproduce
 
-    summary = reproduce(args.config, args.overrides, args.output_dir)
+    overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
+    summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet)
     console.print(f"summary: {summary['output_dir']}/summary.json, report: {summary['output_dir']}/report.md")
     return 0
 
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="e.g. configs/reproduce_boolq.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=smoke seeds=[1,2]")
     p.add_argument("--output-dir")
+    p.add_argument("--only", nargs="+", metavar="ARM", help="train only these arms (the others are read back if finished)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -169,7 +169,7 @@ def _one_line(text: str | None) -> str:
 
 
 @dataclass
-class _Source:
+class Source:
     """Where values came from, so errors can point at a YAML line or the override that set them."""
 
     name: str
@@ -211,7 +211,7 @@ def _type_name(tp: Any) -> str:
     return re.sub(r"\b[\w.]+\.(\w+)", r"\1", name)
 
 
-def _convert(tp: Any, value: Any, key: Key, src: _Source, hint: str) -> Any:
+def _convert(tp: Any, value: Any, key: Key, src: Source, hint: str) -> Any:
     """Check `value` against annotation `tp` (building nested dataclasses) or fail naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -239,7 +239,7 @@ def _convert(tp: Any, value: Any, key: Key, src: _Source, hint: str) -> Any:
     src.fail(f"bad value {reprlib.repr(value)} for '{_dotted(key)}'", key, _type_name(tp), hint)
 
 
-def _build(cls: type, value: Any, key: Key, src: _Source) -> Any:
+def _build(cls: type, value: Any, key: Key, src: Source) -> Any:
     """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and out-of-range values."""
     if not isinstance(value, dict):
         src.fail(f"bad value {reprlib.repr(value)} for '{_dotted(key)}'", key,
@@ -263,7 +263,7 @@ def _build(cls: type, value: Any, key: Key, src: _Source) -> Any:
     return obj
 
 
-def _apply_override(data: dict, text: str, defaults: dict, src: _Source) -> None:
+def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
     """Set one dotted `key=value` in `data`, creating missing parents from `defaults`."""
     dotted, sep, raw = text.partition("=")
     if not sep or not dotted.strip():
@@ -294,13 +294,13 @@ def _apply_override(data: dict, text: str, defaults: dict, src: _Source) -> None
     src.overrides.append((tuple(parts), text))
 
 
-def _finish(data: Any, src: _Source, overrides: Sequence[str]) -> RunConfig:
+def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     data = copy.deepcopy(data)
     if not isinstance(data, dict):
         _build(RunConfig, data, (), src)  # reports the bad top level before overrides touch it
     defaults = config_to_dict(RunConfig())
     for text in overrides:
-        _apply_override(data, text, defaults, src)
+        apply_override(data, text, defaults, src)
     cfg = _build(RunConfig, data, (), src)
     for stage in cfg.stages:  # the method name implies the variant
         if stage.method == "dora":
@@ -312,11 +312,11 @@ def _finish(data: Any, src: _Source, overrides: Sequence[str]) -> RunConfig:
 
 def config_from_dict(d: dict, source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from plain data (the Python API); `source` names it in errors."""
-    return _finish(d, _Source(source), ())
+    return _finish(d, Source(source), ())
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config, apply dotted `key=value` overrides, and validate everything."""
+def read_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
+    """Data and node tree of a YAML file; the nodes let errors name the line of a field."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -336,7 +336,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
                           "hint: check indentation, colons and quoting") from None
     finally:
         loader.dispose()
-    return _finish(data, _Source(str(path), node), overrides)
+    return data, node
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply dotted `key=value` overrides, and validate everything."""
+    data, node = read_yaml(path)
+    return _finish(data, Source(str(path), node), overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

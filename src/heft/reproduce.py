@@ -33,7 +33,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from heft.config import ConfigError, RunConfig, _apply_override, _Source, config_from_dict, config_to_dict, load_config
+from heft.config import ConfigError, RunConfig, Source, apply_override, config_from_dict, config_to_dict, load_config, read_yaml
 from heft.io import atomic_write_text, versions, write_json
 from heft.train import run_training
 
@@ -65,29 +65,12 @@ class Plan:
         return self.output_dir / arm / f"seed-{seed}"
 
 
-def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Data and node tree (for line numbers in errors) of a YAML file."""
-    try:
-        loader = yaml.SafeLoader(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    try:
-        node = loader.get_single_node()
-        return ({} if node is None else loader.construct_document(node)), node
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        raise ConfigError(f"invalid YAML in {path}{f' line {mark.line + 1}' if mark else ''}: {problem}") from None
-    finally:
-        loader.dispose()
-
-
-def _check(ok: bool, value: Any, key: tuple, src: _Source, expected: str) -> None:
+def _check(ok: bool, value: Any, key: tuple, src: Source, expected: str) -> None:
     if not ok:
         src.fail(f"bad value {reprlib.repr(value)} for '{'.'.join(map(str, key))}'", key, expected)
 
 
-def _mapping(value: Any, key: tuple, src: _Source, allowed: Sequence[str] | None = None) -> dict:
+def _mapping(value: Any, key: tuple, src: Source, allowed: Sequence[str] | None = None) -> dict:
     """`value` as a mapping whose keys are all in `allowed`, or a one-line error with a suggestion."""
     _check(isinstance(value, dict), value, key, src, "a mapping")
     for name in value:
@@ -105,7 +88,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _resolve(data: dict, src: _Source) -> tuple[str, dict, dict[str, list[float]]]:
+def _resolve(data: dict, src: Source) -> tuple[str, dict, dict[str, list[float]]]:
     """The chosen preset merged into the file: (preset, {base, seeds, arms, ...}, nominal epochs)."""
     presets = _mapping(data.get("presets", {}), ("presets",), src)
     preset = data.get("preset")
@@ -142,15 +125,15 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
     preset is merged, so an explicit `seeds=[1,2]` or `base.batch_size=4` wins over the preset.
     """
     path = Path(config_path)
-    raw, node = _read_yaml(path)
-    src = _Source(str(path), node)
+    raw, node = read_yaml(path)
+    src = Source(str(path), node)
     data = copy.deepcopy(_mapping(raw, (), src, TOP_KEYS))
     for text in overrides:
-        _apply_override(data, text, {}, src)
+        apply_override(data, text, {}, src)
     preset, resolved, nominal = _resolve(_mapping(data, (), src, TOP_KEYS), src)
     for text in overrides:
         if text.partition("=")[0].split(".")[0] in resolved:
-            _apply_override(resolved, text, {}, _Source(str(path)))
+            apply_override(resolved, text, {}, Source(str(path)))
 
     base, seeds, only, arms = resolved["base"], resolved["seeds"], resolved["arms_only"], resolved["arms"]
     for name in base:

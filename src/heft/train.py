@@ -27,7 +27,7 @@ from transformers import get_scheduler
 
 from heft.config import RunConfig, StageConfig, save_config
 from heft.evaluate import autocast, evaluate, pad_batch
-from heft.io import append_jsonl, load_optimizer, load_run, read_trainer_state, save_run, write_json
+from heft.io import append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, save_run, write_json
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, Task, get_task
 
@@ -229,6 +229,11 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
+    if is_main and metrics_path.exists():  # lines from an attempt that reached no checkpoint, or past it
+        if trainer_state is None:
+            metrics_path.unlink()
+        else:
+            _drop_unsaved_metrics(metrics_path, progress)
     clock = time.perf_counter() - progress.elapsed_s
 
     def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None) -> dict:
@@ -309,3 +314,16 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         save_run(model, run_dir, cfg.seed, progress.optimizer_steps)
         write_json(run_dir / "results.json", results)
     return results
+
+
+def _drop_unsaved_metrics(path: Path, progress: Progress) -> None:
+    """Keep only the evaluations of epochs the checkpoint holds: a crash between an evaluation and
+    its checkpoint must not leave a duplicate line once the epoch is trained again."""
+    kept = []
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        index, epoch = entry["stage_index"], entry["epoch"] or 0
+        if index < progress.stage or (index == progress.stage and epoch <= progress.epoch):
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
