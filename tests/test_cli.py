@@ -52,6 +52,14 @@ def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys)
     assert "0-lora" in out and "merged" in out and "1-loreft" in out
 
 
+def test_eval_generate_mode_parses_answers(trained_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(trained_run), "--mode", "generate", "--max-examples", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mode"] == "generate" and result["n"] == 8 and 0 <= result["accuracy"] <= 1
+    assert 0 <= result["unparsed"] <= 8
+
+
 def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(trained_run), str(out)]) == 0

@@ -78,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
         result = generation_metrics(answers, encoded)
     else:
-        result = evaluate(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
+        result = evaluate(model, task, encoded, batch_size=args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
     print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
     return 0
 

@@ -94,16 +94,9 @@ def metrics(predictions: Sequence[Prediction], num_choices: int) -> dict[str, fl
     }
 
 
-def evaluate(
-    model: HeftModel,
-    task: Task,
-    examples: Sequence[EncodedExample],
-    batch_size: int = 16,
-    progress: bool = True,
-    bf16: bool = False,
-) -> dict:
-    """Score-based evaluation: metrics over `examples`."""
-    return metrics(predict(model, task, examples, batch_size, progress, bf16), len(task.choices))
+def evaluate(model: HeftModel, task: Task, examples: Sequence[EncodedExample], **options) -> dict:
+    """Score-based evaluation: metrics over `examples` (`options` as for `predict`)."""
+    return metrics(predict(model, task, examples, **options), len(task.choices))
 
 
 @torch.no_grad()

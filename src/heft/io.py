@@ -30,7 +30,7 @@ import transformers
 
 import heft
 from heft.config import StageConfig
-from heft.methods.lora import LoraConfig, to_peft_config
+from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
 from heft.pipeline import HeftModel
@@ -117,12 +117,12 @@ def save_run(
         folder = tmp / stage.name
         folder.mkdir()
         if stage.config.uses_lora:
-            to_peft_config(stage.config.lora, model.model_id).save_pretrained(folder)
+            stage.peft_config.save_pretrained(folder)
             safetensors.torch.save_file(model.lora_state_dict(stage), folder / "adapter_model.safetensors")
         if stage.reft is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in stage.reft.state_dict().items()}
             safetensors.torch.save_file(state, folder / "interventions.safetensors")
-            reft_meta = {"config": dataclasses.asdict(stage.config.reft), "layers": stage.reft.layers, "hidden_size": model._hidden_size}
+            reft_meta = {"config": dataclasses.asdict(stage.config.reft), "layers": stage.reft.layers, "hidden_size": model.hidden_size}
             (folder / "intervention_config.json").write_text(json.dumps(reft_meta, indent=2))
         stages.append(_stage_entry(stage))
     if optimizer is not None:
@@ -242,9 +242,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise FileExistsError(f"{out_dir} exists and is not empty")
     model = load_run(run_dir)
     manifest = read_manifest(run_dir)
-    for stage in model.stages:
-        if stage.config.uses_lora and not stage.merged:
-            model.model = model._lora.merge(stage.adapter_name)
+    model.merge_adapters()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}."))
     model.model.save_pretrained(tmp)
     model.tokenizer.save_pretrained(tmp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +29,8 @@ class Stage:
     finished: bool = False
     lora_state: dict[str, torch.Tensor] | None = None
     """Adapter weights captured when the stage finished (before any merge), for saving."""
+    peft_config: peft.LoraConfig | None = field(default=None, repr=False)
+    """The peft config the adapter was built with (saved as `adapter_config.json`)."""
     reft: ReftModel | None = field(default=None, repr=False)
 
     @property
@@ -64,7 +67,7 @@ class HeftModel(nn.Module):
         self.positions = PositionState()
         self._lora = LoraAdapters()
         self._layers = decoder_layers(self.model)
-        self._hidden_size = hidden_size(self.model)
+        self.hidden_size = hidden_size(self.model)
         self.model.base_model.register_forward_pre_hook(self._count_forward)
         self.requires_grad_(False)
 
@@ -83,9 +86,10 @@ class HeftModel(nn.Module):
         stage = Stage(index=len(self.stages), config=config)
         params: list[nn.Parameter] = []
         if config.uses_lora:
-            params += self._lora.add(self.model, stage.adapter_name, to_peft_config(config.lora, self.model_id))
+            stage.peft_config = to_peft_config(config.lora, self.model, self.model_id)
+            params += self._lora.add(self.model, stage.adapter_name, stage.peft_config)
         if config.uses_reft:
-            reft = ReftModel(config.reft, self._hidden_size, len(self._layers)).to(self.device)
+            reft = ReftModel(config.reft, self.hidden_size, len(self._layers)).to(self.device)
             reft.attach(self._layers, self.positions)
             self.reft.append(reft)
             stage.reft = reft
@@ -105,6 +109,11 @@ class HeftModel(nn.Module):
         stage.finished = True
         self.requires_grad_(False)
         self.eval()
+
+    def merge_adapters(self) -> None:
+        """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
+        if any(s.config.uses_lora and not s.merged for s in self.stages):
+            self.model = self._lora.merge()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

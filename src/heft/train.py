@@ -237,7 +237,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     clock = time.perf_counter() - progress.elapsed_s
 
     def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None) -> dict:
-        result = evaluate(model, task, eval_data, cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
+        result = evaluate(model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
         progress.eval_tokens += sum(e.prompt_len for e in eval_data)
         line = {
             "stage": stage_name,

@@ -9,13 +9,24 @@ from torch import nn
 from heft.methods.lora.config import LoraConfig
 
 
-def to_peft_config(config: LoraConfig, base_model_id: str | None = None) -> peft.LoraConfig:
-    """Translate heft's LoraConfig into peft's, field by field."""
+def to_peft_config(config: LoraConfig, model: nn.Module, base_model_id: str | None = None) -> peft.LoraConfig:
+    """Translate heft's LoraConfig into peft's, field by field.
+
+    peft refuses `layers_to_transform` with a string `target_modules` such as `all-linear`, so in
+    that case the shortcut is expanded here to the names of the model's linear layers (all but
+    the output embedding, as peft's own `all-linear` does).
+    """
+    targets = config.target_modules
+    if isinstance(targets, str) and config.layers_to_transform is not None:
+        if targets != "all-linear":
+            raise ValueError(f"layers_to_transform needs target_modules as a list or 'all-linear', got {targets!r}")
+        head = model.get_output_embeddings()
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head})
     return peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=config.target_modules,
+        target_modules=targets,
         layers_to_transform=config.layers_to_transform,
         use_dora=config.use_dora,
         modules_to_save=config.modules_to_save or None,
@@ -62,14 +73,14 @@ class LoraAdapters:
         if result.unexpected_keys or missing:
             raise ValueError(f"adapter {name!r} does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
-    def merge(self, name: str) -> nn.Module:
-        """Fold adapter `name` into the base weights and remove every adapter layer from the model."""
+    def merge(self, name: str | None = None) -> nn.Module:
+        """Fold adapter `name` (None: every adapter) into the base weights and remove all adapter layers."""
         assert self.peft_model is not None
-        if self.unmerged != [name]:
+        if name is not None and self.unmerged != [name]:
             raise ValueError(
                 f"cannot merge LoRA stage {name!r} while earlier adapters {self.unmerged[:-1]} stay unmerged; "
                 "set merge: true on the earlier LoRA stages or merge: false on this one"
             )
-        model = self.peft_model.merge_and_unload(adapter_names=[name])
+        model = self.peft_model.merge_and_unload(adapter_names=list(self.unmerged))
         self.peft_model, self.unmerged = None, []
         return model
