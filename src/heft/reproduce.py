@@ -401,8 +401,9 @@ def render_report(summary: dict) -> str:
             out.append(f"- {len(above)} of {len(arms)} arms end more than two standard errors above the majority class "
                        f"({100 * q:.2f} %){': ' + ', '.join(above) if above else ''}.")
     out += ["", "What these numbers do not show:",
-            f"- The paper's setting: it used Llama-2-7B on all 9,427 training examples; this run used {summary['model']} "
-            f"on {data.get('train_examples', '?')}.",
+            f"- The paper's setting: it used Llama-2-7B (7B parameters) on all 9,427 training examples; this run used "
+            f"{summary['model']} on {data.get('train_examples', '?')} training examples, so the scale of model (and maybe "
+            "data) differs and the paper's ranking need not carry over.",
             "- Tuned hyperparameters: every arm uses fixed settings from the config; none was tuned here.",
             "- 'Best' picks an epoch on the evaluation set itself, so it is optimistic; 'final' is the fair number."]
     if len(summary["seeds"]) == 1:
