@@ -14,6 +14,7 @@ import math
 import random
 import resource
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -123,8 +124,10 @@ def train_stage(
     )
     if resume_from is not None:
         load_optimizer(optimizer, resume_from)
-        for _ in range(sum(math.ceil(n / cfg.grad_accum) for n in plan[: progress.epoch])):
-            scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for _ in range(sum(math.ceil(n / cfg.grad_accum) for n in plan[: progress.epoch])):
+                scheduler.step()
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     pad_id = model.tokenizer.pad_token_id
     for epoch in range(progress.epoch, len(plan)):
