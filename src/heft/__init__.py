@@ -1,29 +1,33 @@
-"""heft: hierarchical parameter-efficient fine-tuning (LoRA in weight space, then ReFT on hidden states)."""
+"""heft: hierarchical parameter-efficient fine-tuning (LoRA in weight space, then ReFT on hidden states).
+
+The public names below are imported on first use, so `heft --help` does not pay for torch.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from heft.api import encode_pairs, fit, generate, score  # noqa: E402
-from heft.config import RunConfig, StageConfig, config_from_dict, load_config  # noqa: E402
-from heft.io import export_run, load_run, save_run  # noqa: E402
-from heft.methods.lora import LoraConfig  # noqa: E402
-from heft.methods.reft import ReftConfig  # noqa: E402
-from heft.pipeline import HeftModel  # noqa: E402
-from heft.train import run_training  # noqa: E402
+_EXPORTS = {
+    "HeftModel": "heft.pipeline",
+    "LoraConfig": "heft.methods.lora",
+    "ReftConfig": "heft.methods.reft",
+    "RunConfig": "heft.config",
+    "StageConfig": "heft.config",
+    "config_from_dict": "heft.config",
+    "load_config": "heft.config",
+    "encode_pairs": "heft.api",
+    "fit": "heft.api",
+    "generate": "heft.api",
+    "score": "heft.api",
+    "export_run": "heft.io",
+    "load_run": "heft.io",
+    "save_run": "heft.io",
+    "run_training": "heft.train",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "HeftModel",
-    "LoraConfig",
-    "ReftConfig",
-    "RunConfig",
-    "StageConfig",
-    "config_from_dict",
-    "encode_pairs",
-    "export_run",
-    "fit",
-    "generate",
-    "load_config",
-    "load_run",
-    "run_training",
-    "save_run",
-    "score",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'heft' has no attribute {name!r}")
