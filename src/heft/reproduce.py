@@ -212,7 +212,7 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
     for text in (run_dir / "metrics.jsonl").read_text().splitlines():
         if text.strip():
             m = json.loads(text)
-            lines[(m["stage_index"], m["epoch"])] = m  # an epoch replayed after a crash: keep its last line
+            lines[(m["stage_index"], m["epoch"])] = m  # one line per epoch (resume drops unsaved ones)
     offsets = [0]
     for stage in cfg.stages:
         offsets.append(offsets[-1] + math.ceil(stage.epochs))
