@@ -78,26 +78,42 @@ def test_collate_marks_prompt_and_target_for_both_sides():
 
 def test_padding_side_does_not_change_loss_or_scores():
     model, data = make_heft("qwen2"), toy_data(6)
-    model.add_stage(LOREFT, seed=0)
+    model.add_stage(StageConfig(method="loreft", reft=ReftConfig(rank=2, positions="f1+l1", init="random")), seed=0)
     model.eval()
     with torch.no_grad():
         left, right = model(**batch_of(data, "left")).loss, model(**batch_of(data, "right")).loss
     assert torch.allclose(left, right, atol=1e-5)
 
 
-def test_zero_edit_intervention_leaves_logits_unchanged(heft_model):
-    batch = batch_of(toy_data(4))
+def logits_of(model: HeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
     with torch.no_grad():
-        reference = heft_model(batch["input_ids"], batch["attention_mask"]).hidden_states
-        stage = heft_model.add_stage(LOREFT, seed=0)
-        for module in stage.reft.interventions.values():  # W = R, b = 0  =>  edit = 0
-            module.source.weight.copy_(module.R)
-            module.source.bias.zero_()
-        edited = heft_model(batch["input_ids"], batch["attention_mask"]).hidden_states
-        module.source.bias.fill_(1.0)
-        changed = heft_model(batch["input_ids"], batch["attention_mask"]).hidden_states
-    assert torch.allclose(reference, edited, atol=1e-6)
-    assert not torch.allclose(reference, changed, atol=1e-3)
+        return model.lm_head(model(batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]).hidden_states)
+
+
+@pytest.mark.parametrize("stage", [LOREFT, DIREFT], ids=["loreft", "direft"])
+def test_identity_stage_starts_where_the_trained_model_is_and_then_learns(heft_model, stage):
+    data = toy_data(16)
+    train(heft_model, LORA, data)
+    batch = batch_of(data)
+    trained = logits_of(heft_model, batch)
+    heft_model.add_stage(stage, seed=1)
+    assert (logits_of(heft_model, batch) - trained).abs().max() <= 1e-6
+    heft_model.train()
+    optimizer = torch.optim.AdamW(heft_model.trainable_parameters(), lr=1e-2, weight_decay=0.0)  # decay would zero
+    # the ±1 diagonal of the Householder parametrization of R (the recipe never decays it)
+    heft_model(**batch).loss.backward()
+    optimizer.step()
+    assert (logits_of(heft_model, batch) - trained).abs().max() > 1e-4
+
+
+def test_random_init_stage_perturbs_the_trained_model(heft_model):
+    data = toy_data(16)
+    train(heft_model, LORA, data)
+    batch = batch_of(data)
+    trained = logits_of(heft_model, batch)
+    heft_model.add_stage(StageConfig(method="loreft", reft=ReftConfig(rank=2, positions="f1+l1", init="random")), seed=1)
+    assert (logits_of(heft_model, batch) - trained).abs().max() > 1e-3
 
 
 def test_lora_merge_keeps_logits_and_later_stages_leave_it_frozen():

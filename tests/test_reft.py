@@ -23,6 +23,22 @@ def test_direft_matches_formula():
     assert torch.allclose(h + module(h), h + (h @ W1.T + b) @ W2, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [LoReFT, DiReFT])
+def test_identity_init_edits_nothing_yet_every_parameter_can_learn(cls):
+    torch.manual_seed(0)
+    module = cls(16, 4)
+    h = torch.randn(3, 5, 16)
+    assert module(h).abs().max() > 1e-3, "the random (pyreft) init edits h before any training"
+    module.zero_edit_()
+    assert torch.equal(module(h), torch.zeros_like(h))
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(2):  # DiReFT's down-projection gets a gradient once the up-projection moved
+        optimizer.zero_grad()
+        (module(h) - 1).pow(2).mean().backward()
+        optimizer.step()
+    assert module(h).abs().max() > 1e-3
+
+
 def test_rotation_stays_orthonormal_after_training():
     torch.manual_seed(0)
     module = LoReFT(32, 6)
@@ -76,7 +92,7 @@ def test_positions_by_hand(side):
 @pytest.mark.parametrize("share", [False, True])
 def test_edit_touches_only_prompt_positions(share):
     torch.manual_seed(0)
-    reft = ReftModel(ReftConfig(rank=2, layers="all", positions="f1+l2", share_weights=share), hidden_size=8, num_layers=1)
+    reft = ReftModel(ReftConfig(rank=2, layers="all", positions="f1+l2", share_weights=share, init="random"), hidden_size=8, num_layers=1)
     hidden = torch.randn(2, 7, 8)
     for side in ["left", "right"]:
         mask = _masks([5, 2], 7, side)
@@ -92,7 +108,7 @@ def test_edit_touches_only_prompt_positions(share):
 
 def test_left_and_right_padding_give_same_edits():
     torch.manual_seed(0)
-    reft = ReftModel(ReftConfig(rank=2, positions="f2+l2"), hidden_size=8, num_layers=1)
+    reft = ReftModel(ReftConfig(rank=2, positions="f2+l2", init="random"), hidden_size=8, num_layers=1)
     lengths = [5, 3]
     h_right, h_left = torch.zeros(2, 6, 8), torch.zeros(2, 6, 8)
     tokens = [torch.randn(n, 8) for n in lengths]

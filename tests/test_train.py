@@ -47,13 +47,27 @@ def toy_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> dict:
     }
 
 
+EXPECTED_LINES = [("eval", -1, None), ("stage_start", 0, 0), ("eval", 0, 1), ("eval", 0, 2), ("stage_end", 0, 2),
+                  ("stage_start", 1, 0), ("eval", 1, 1), ("eval", 1, 2), ("stage_end", 1, 2)]
+"""(kind, stage index, epoch) of every metrics line of `toy_config`: one line each, resumed or not."""
+
+
+def line_keys(run: Path) -> list[tuple]:
+    return [(m["kind"], m["stage_index"], m["epoch"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
 def test_run_folder_holds_metrics_results_and_loadable_model(tmp_path, tiny_model_dir):
     data = write_toy_boolq(tmp_path / "data")
     cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run"))
     results = run_training(cfg, tmp_path / "run", show_progress=False)
     run = tmp_path / "run"
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["stage_index"], m["epoch"]) for m in lines] == [(-1, None), (0, 1), (0, 2), (1, 1), (1, 2)]
+    every = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert line_keys(run) == EXPECTED_LINES
+    assert every[1]["eval_reused_from"] == "zero-shot epoch None", "LoRA starts as the identity: no second evaluation"
+    assert every[5]["eval_reused_from"] == "0-lora epoch 2", "so does an identity-initialised LoReFT stage"
+    assert every[5]["boundary_loss"] == pytest.approx(every[4]["boundary_loss"], abs=1e-6)
+    assert all(len(m["eval_correct"]) == 24 for m in every if m["kind"] != "stage_end")
+    lines = [m for m in every if m["kind"] == "eval"]
     assert lines[-1]["tokens_seen"] == results["train_tokens"] > 0
     assert all(0 <= m["eval_accuracy"] <= 1 for m in lines)
     assert results["final_accuracy"] == lines[-1]["eval_accuracy"]
@@ -86,8 +100,7 @@ def test_interrupted_run_resumes_from_last_epoch_and_matches(tmp_path, tiny_mode
     monkeypatch.setattr(train_module, "save_run", original)
     assert not (tmp_path / "b" / "results.json").exists()
     resumed = run_training(cfg, tmp_path / "b", show_progress=False)
-    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["stage_index"], m["epoch"]) for m in lines] == [(-1, None), (0, 1), (0, 2), (1, 1), (1, 2)]
+    assert line_keys(tmp_path / "b") == EXPECTED_LINES
     assert resumed["final_accuracy"] == reference["final_accuracy"]
     assert resumed["train_tokens"] == reference["train_tokens"]
     assert resumed["optimizer_steps"] == reference["optimizer_steps"]
@@ -113,8 +126,7 @@ def test_resume_drops_evaluations_the_checkpoint_does_not_hold(tmp_path, tiny_mo
         run_training(cfg, tmp_path / "run", show_progress=False)
     monkeypatch.setattr(train_module, "save_run", original)
     run_training(cfg, tmp_path / "run", show_progress=False)
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["stage_index"], m["epoch"]) for m in lines] == [(-1, None), (0, 1), (0, 2), (1, 1), (1, 2)]
+    assert line_keys(tmp_path / "run") == EXPECTED_LINES
 
 
 def test_finished_run_folder_is_not_overwritten(tmp_path, tiny_model_dir):

@@ -49,6 +49,8 @@ class StageConfig:
     """Adapter settings, used by lora, dora and joint."""
     reft: ReftConfig = field(default_factory=ReftConfig)
     """Intervention settings, used by loreft, direft and joint."""
+    keep: str = "always"
+    """`if_better`: roll the stage back when it lowers accuracy on the dev split (`data.dev_examples`)."""
 
     @property
     def uses_lora(self) -> bool:
@@ -57,6 +59,12 @@ class StageConfig:
     @property
     def uses_reft(self) -> bool:
         return self.method in ("loreft", "direft", "joint")
+
+    @property
+    def starts_as_identity(self) -> bool:
+        """Whether the freshly added stage leaves the model's function unchanged (peft's LoRA and
+        DoRA start with B = 0; ReFT with `init: identity`)."""
+        return not self.uses_reft or self.reft.init == "identity"
 
 
 @dataclass
@@ -74,6 +82,9 @@ class DataConfig:
     """Map from the task's field names to the file's column names, e.g. {question: query}."""
     template: str | None = None
     """Prompt template overriding the task default (Python format string over the fields)."""
+    dev_examples: int | None = None
+    """Stratified dev split carved out of the *training* split (never the evaluation split) before
+    `max_train_examples` is drawn; stages with `keep: if_better` are judged on it."""
 
 
 @dataclass
@@ -110,6 +121,9 @@ class RunConfig:
     """When to evaluate during training: epoch, stage or never."""
     eval_zero_shot: bool = True
     """Evaluate the untrained model before the first stage."""
+    boundary_examples: int = 64
+    """The first N training examples whose mean loss (eval mode) is recorded when each stage starts
+    and ends, so a jump at a stage boundary shows in `metrics.jsonl`; 0 turns it off."""
     output_dir: str = "runs/{task}-{time}"
     """Run folder; `{task}`, `{model}` and `{time}` are filled in."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -144,6 +158,9 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (RunConfig, "stages"): (bool, "at least one stage"),
     (StageConfig, "method"): _one_of(*METHODS),
     (StageConfig, "schedule"): _one_of("linear", "cosine", "constant"),
+    (StageConfig, "keep"): _one_of("always", "if_better"),
+    (DataConfig, "dev_examples"): _POSITIVE,
+    (RunConfig, "boundary_examples"): (lambda v: v >= 0, "a value >= 0"),
     (StageConfig, "epochs"): _POSITIVE,
     (StageConfig, "lr"): _POSITIVE,
     (StageConfig, "warmup_ratio"): _FRACTION,
@@ -153,6 +170,7 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (ReftConfig, "kind"): _one_of("loreft", "direft"),
     (ReftConfig, "rank"): _POSITIVE,
     (ReftConfig, "dropout"): _FRACTION,
+    (ReftConfig, "init"): _one_of("identity", "random"),
     (ReftConfig, "positions"): (lambda v: bool(_POSITIONS.fullmatch(v)),
                                 "f<k>, l<k> or f<k>+l<k>, e.g. f7+l7"),
     (ReftConfig, "layers"): (lambda v: isinstance(v, list) or bool(_LAYER_RANGE.fullmatch(v)),
@@ -307,6 +325,13 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
             stage.lora.use_dora = True
         elif stage.method in ("loreft", "direft"):
             stage.reft.kind = stage.method
+    for i, stage in enumerate(cfg.stages):
+        if stage.keep == "if_better" and cfg.data.dev_examples is None:
+            src.fail("'keep: if_better' needs a dev split", ("stages", i, "keep"),
+                     hint="set data.dev_examples (e.g. 200), carved out of the training split")
+    if cfg.data.eval_split == cfg.data.train_split and cfg.max_eval_examples is None:
+        src.fail("evaluating on the training split needs max_eval_examples", ("max_eval_examples",),
+                 hint="the evaluation examples are held out of training, so their number must be set")
     return cfg
 
 

@@ -77,7 +77,8 @@ def predict(
 
 
 def metrics(predictions: Sequence[Prediction], num_choices: int) -> dict[str, float | int | list[float]]:
-    """Accuracy, majority-class accuracy, per-class accuracy and mean margin P(gold) − P(best other)."""
+    """Accuracy, majority-class accuracy, per-class accuracy, mean margin P(gold) − P(best other), and
+    which examples were right ("0"/"1" per example, in input order) for paired comparisons."""
     n = len(predictions)
     counts = Counter(p.label for p in predictions)
     per_class = [
@@ -90,6 +91,7 @@ def metrics(predictions: Sequence[Prediction], num_choices: int) -> dict[str, fl
         "majority_accuracy": max(counts.values()) / n,
         "per_class_accuracy": per_class,
         "mean_margin": sum(margins) / n,
+        "correct": "".join("1" if p.predicted == p.label else "0" for p in predictions),
         "n": n,
     }
 

@@ -41,6 +41,10 @@ EXPORTED_BASE = "."
 """Base-model id of an exported folder: the folder itself holds the (merged) base model."""
 
 
+TRAINER_STATE = "trainer_state.json"
+"""Progress of a resumable save (every epoch, and the end of a run so that arms can branch from it)."""
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be loaded as asked (missing, incomplete, or for another base model)."""
 
@@ -127,6 +131,8 @@ def save_run(
         stages.append(_stage_entry(stage))
     if optimizer is not None:
         save_optimizer(optimizer, tmp, trainer_state or {})
+    elif trainer_state is not None:  # a stage boundary: the next stage starts a new optimizer
+        write_json(tmp / TRAINER_STATE, trainer_state)
     final = weights_root / (f"step-{step:08d}" if optimizer is not None else "final")
     while final.exists():  # never overwrite the folder the current manifest may point at
         final = final.with_name(final.name + "+")
@@ -167,7 +173,9 @@ def read_manifest(run_dir: str | Path) -> dict:
 
 def stage_config_from_dict(data: dict) -> StageConfig:
     """Rebuild a StageConfig from the manifest's own serialisation."""
-    return StageConfig(**{**data, "lora": LoraConfig(**data["lora"]), "reft": ReftConfig(**data["reft"])})
+    # Folders written before `reft.init` existed were trained with pyreft's random initialisation.
+    reft = ReftConfig(**{"init": "random", **data["reft"]})
+    return StageConfig(**{**data, "lora": LoraConfig(**data["lora"]), "reft": reft})
 
 
 def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: str | None = None) -> HeftModel:
@@ -207,21 +215,22 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, trainer_state
     state = optimizer.state_dict()
     tensors = {f"{idx}.{key}": value.contiguous() for idx, slots in state["state"].items() for key, value in slots.items()}
     safetensors.torch.save_file(tensors, folder / "optimizer.safetensors")
-    write_json(folder / "trainer_state.json", {"param_groups": state["param_groups"], **trainer_state})
+    write_json(folder / TRAINER_STATE, {"param_groups": state["param_groups"], **trainer_state})
 
 
 def read_trainer_state(run_dir: str | Path) -> dict | None:
     """Progress of the last checkpoint in `run_dir`, or None when the run holds no checkpoint."""
     manifest = read_manifest(run_dir)
-    if not manifest.get("checkpoint"):
+    relative = str(Path(manifest["weights"]) / TRAINER_STATE)
+    if relative not in manifest["files"]:
         return None
-    return json.loads((Path(run_dir) / manifest["weights"] / "trainer_state.json").read_text())
+    return json.loads((Path(run_dir) / relative).read_text())
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, run_dir: str | Path) -> dict:
     """Restore the optimizer state of the checkpoint in `run_dir`; returns its trainer state."""
     path = Path(run_dir) / read_manifest(run_dir)["weights"]
-    meta = json.loads((path / "trainer_state.json").read_text())
+    meta = json.loads((path / TRAINER_STATE).read_text())
     tensors = safetensors.torch.load_file(path / "optimizer.safetensors")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

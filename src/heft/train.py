@@ -16,6 +16,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -31,9 +32,11 @@ from heft.evaluate import autocast, evaluate, pad_batch
 from heft.io import append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, save_run, write_json
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, Task, get_task
+from heft.tasks.data import DataError, subsample
 
 log = logging.getLogger("heft")
 
+T = TypeVar("T")
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
@@ -185,21 +188,71 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_data(task: Task, cfg: RunConfig, tokenizer) -> tuple[list[EncodedExample], list[EncodedExample], dict]:
-    """Load, subsample and tokenise both splits; report truncation and where the data came from."""
-    train_rows = task.load_split(cfg.data, cfg.data.train_split, cfg.max_train_examples, cfg.seed)
-    eval_rows = task.load_split(cfg.data, cfg.data.eval_split, cfg.max_eval_examples, cfg.seed)
+def split_off(items: Sequence[T], n: int, seed: int) -> tuple[list[T], list[T]]:
+    """A stratified sample of `n` items and the rest, both in their original order."""
+    chosen = set(subsample(range(len(items)), n, seed, label=lambda i: items[i].label))
+    return [x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen]
+
+
+@dataclass
+class Splits:
+    """Encoded examples of a run: training, evaluation and the optional dev split of the gate."""
+
+    train: list[EncodedExample]
+    evaluation: list[EncodedExample]
+    dev: list[EncodedExample]
+    info: dict
+
+
+def load_data(task: Task, cfg: RunConfig, tokenizer) -> Splits:
+    """Load, subsample and tokenise the splits; report truncation and where the data came from.
+
+    Held-out examples never reach training: the dev split (`data.dev_examples`), and the evaluation
+    examples when they come from the training split, are carved out before `max_train_examples`.
+    """
+    data = cfg.data
+    train_rows = task.load_split(data, data.train_split, None, cfg.seed)
+    if data.eval_split == data.train_split:
+        eval_rows, train_rows = split_off(train_rows, cfg.max_eval_examples, cfg.seed)
+    else:
+        eval_rows = task.load_split(data, data.eval_split, cfg.max_eval_examples, cfg.seed)
+    dev_rows: list = []
+    if data.dev_examples is not None:
+        dev_rows, train_rows = split_off(train_rows, data.dev_examples, cfg.seed)
+    if cfg.max_train_examples is not None:
+        train_rows = subsample(train_rows, cfg.max_train_examples, cfg.seed)
+    if not train_rows:
+        raise DataError(f"{task.describe_source(data)}: no training examples left after the held-out splits")
     train, train_truncated = task.encode(train_rows, tokenizer, cfg.max_length)
     evaluation, eval_truncated = task.encode(eval_rows, tokenizer, cfg.max_length)
+    dev, _ = task.encode(dev_rows, tokenizer, cfg.max_length)
     info = {
-        "source": task.describe_source(cfg.data),
+        "source": task.describe_source(data),
         "train_examples": len(train),
         "eval_examples": len(evaluation),
+        "eval_split": data.eval_split + (" (held out of training)" if data.eval_split == data.train_split else ""),
+        "dev_examples": len(dev),
         "train_truncated": train_truncated,
         "eval_truncated": eval_truncated,
     }
     log.info("data: %s", info)
-    return train, evaluation, info
+    return Splits(train, evaluation, dev, info)
+
+
+@torch.no_grad()
+def mean_loss(model: HeftModel, batches: Sequence[dict[str, torch.Tensor]], bf16: bool) -> float | None:
+    """Target-token-weighted mean loss over fixed batches, in eval mode (no dropout)."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with autocast(model, bf16):
+            out = model(**{k: v.to(model.device) for k, v in batch.items()})
+        total, count = total + float(out.loss) * out.target_tokens, count + out.target_tokens
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
@@ -217,9 +270,9 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
     task = get_task(cfg.task)
-    trainer_state = read_trainer_state(run_dir) if (run_dir / "manifest.json").exists() else None
-    if trainer_state is None and (run_dir / "results.json").exists():
+    if (run_dir / "results.json").exists():
         raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
+    trainer_state = read_trainer_state(run_dir) if (run_dir / "manifest.json").exists() else None
     if trainer_state is not None:
         progress = Progress(**trainer_state["progress"])
         model = load_run(run_dir)
@@ -228,7 +281,10 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
     model.to(accelerator.device)
-    train_data, eval_data, data_info = load_data(task, cfg, model.tokenizer)
+    splits = load_data(task, cfg, model.tokenizer)
+    train_data, eval_data = splits.train, splits.evaluation
+    probe = [collate(train_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id)
+             for i in range(0, min(cfg.boundary_examples, len(train_data)), cfg.batch_size)]
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
@@ -238,26 +294,27 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         else:
             _drop_unsaved_metrics(metrics_path, progress)
     clock = time.perf_counter() - progress.elapsed_s
+    history = read_metrics(metrics_path) if trainer_state is not None else []
 
-    def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None) -> dict:
-        result = evaluate(model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
-        progress.eval_tokens += sum(e.prompt_len for e in eval_data)
-        line = {
-            "stage": stage_name,
-            "stage_index": stage_index,
-            "epoch": epoch,
-            "step": progress.optimizer_steps,
-            "train_loss": train_loss,
-            "eval_accuracy": result["accuracy"],
-            "eval_majority_accuracy": result["majority_accuracy"],
-            "eval_per_class_accuracy": result["per_class_accuracy"],
-            "eval_mean_margin": result["mean_margin"],
-            "elapsed_s": round(time.perf_counter() - clock, 2),
-            "tokens_seen": progress.train_tokens,
-        }
+    def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None,
+               kind: str = "eval", evaluated: dict | None = None, measure: bool | None = None, **extra) -> dict:
+        """Append a metrics line (`kind`: eval, stage_start or stage_end). It evaluates now when
+        `measure` (default: for kind eval), or copies the evaluation in `evaluated`."""
+        line = {"kind": kind, "stage": stage_name, "stage_index": stage_index, "epoch": epoch,
+                "step": progress.optimizer_steps, "train_loss": train_loss, **extra}
+        if evaluated is not None:
+            line.update({k: v for k, v in evaluated.items() if k.startswith("eval_")})
+        elif kind == "eval" if measure is None else measure:
+            result = evaluate(model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
+            progress.eval_tokens += sum(e.prompt_len for e in eval_data)
+            line.update(eval_accuracy=result["accuracy"], eval_majority_accuracy=result["majority_accuracy"],
+                        eval_per_class_accuracy=result["per_class_accuracy"], eval_mean_margin=result["mean_margin"],
+                        eval_correct=result["correct"])
+            log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
+        line.update(elapsed_s=round(time.perf_counter() - clock, 2), tokens_seen=progress.train_tokens)
         if is_main:
             append_jsonl(metrics_path, line)
-            log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
+        history.append(line)
         return line
 
     if trainer_state is None and cfg.eval_zero_shot:
@@ -269,6 +326,8 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         resuming = trainer_state is not None and index == progress.stage and progress.epoch > 0
         stage = model.stages[index] if resuming else model.add_stage(stage_cfg, seed=cfg.seed + index)
         num_epochs = math.ceil(stage_cfg.epochs)
+        if not resuming:
+            record_stage_start(record, history, model, stage.name, index, cfg, probe)
 
         def on_epoch_end(m: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
             last = epoch + 1 == num_epochs
@@ -276,6 +335,9 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
                 m.finish_stage()
             if cfg.eval_every == "epoch" or (cfg.eval_every == "stage" and last):
                 record(index, stage.name, epoch + 1, train_loss)
+            if last:
+                record(index, stage.name, epoch + 1, train_loss, kind="stage_end",
+                       boundary_loss=mean_loss(m, probe, cfg.bf16))
             progress.elapsed_s = time.perf_counter() - clock
             if is_main:
                 checkpoint = Progress(**{**asdict(progress), **({"stage": index + 1, "epoch": 0} if last else {})})
@@ -285,9 +347,10 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         train_stage(model, stage_cfg, train_data, cfg, accelerator, progress, on_epoch_end, run_dir if resuming else None, show_progress)
         progress.stage, progress.epoch = index + 1, 0
 
-    final = record(len(cfg.stages) - 1, "final", None, None) if cfg.eval_every == "never" else None
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    final = final or metrics[-1]
+    if cfg.eval_every == "never":
+        record(len(cfg.stages) - 1, "final", None, None)
+    metrics = [m for m in read_metrics(metrics_path) if m.get("kind", "eval") == "eval"]
+    final = metrics[-1]
     zero_shot = next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None)
     results = {
         "final_accuracy": final["eval_accuracy"],
@@ -302,6 +365,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
                 "epochs": s.config.epochs,
                 "trainable_params": s.trainable_params,
                 "accuracy": next((m["eval_accuracy"] for m in reversed(metrics) if m["stage_index"] == s.index), None),
+                **boundary_summary(read_metrics(metrics_path), s.index),
             }
             for s in model.stages
         ],
@@ -310,23 +374,56 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         "eval_tokens": progress.eval_tokens,
         "optimizer_steps": progress.optimizer_steps,
         "peak_memory_mb": round(peak_memory_mb(), 1),
-        "data": data_info,
+        "data": splits.info,
         "run_dir": str(run_dir),
     }
-    if is_main:
-        save_run(model, run_dir, cfg.seed, progress.optimizer_steps)
+    if is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
+        progress.elapsed_s = time.perf_counter() - clock
+        save_run(model, run_dir, cfg.seed, progress.optimizer_steps, trainer_state={"progress": asdict(progress)})
         write_json(run_dir / "results.json", results)
     return results
 
 
+def record_stage_start(record: Callable[..., dict], history: list[dict], model: HeftModel, name: str, index: int,
+                       cfg: RunConfig, probe: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Loss and evaluation of the model as a new stage receives it (its trainable part freshly
+    initialised). When the stage starts as the identity, the previous evaluation is still valid."""
+    loss = mean_loss(model, probe, cfg.bf16)
+    if cfg.eval_every == "never":
+        record(index, name, 0, None, kind="stage_start", measure=False, boundary_loss=loss)
+        return
+    previous = next((m for m in reversed(history) if "eval_accuracy" in m), None)
+    prev_epochs = math.ceil(cfg.stages[index - 1].epochs) if index else None
+    received = previous is not None and (previous["stage_index"], previous["epoch"]) == (index - 1, prev_epochs)
+    reuse = previous if received and cfg.stages[index].starts_as_identity else None
+    record(index, name, 0, None, kind="stage_start", evaluated=reuse, measure=reuse is None, boundary_loss=loss,
+           eval_reused_from=f"{previous['stage']} epoch {previous['epoch']}" if reuse else None)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def boundary_summary(lines: Sequence[dict], index: int) -> dict:
+    """Loss on the fixed probe batches and accuracy when stage `index` started and ended."""
+    starts = [m for m in lines if m["stage_index"] == index and m["epoch"] == 0]
+    ends = [m for m in lines if m["stage_index"] == index and m.get("kind") == "stage_end"]
+    return {
+        "loss_at_start": starts[-1].get("boundary_loss") if starts else None,
+        "loss_at_end": ends[-1].get("boundary_loss") if ends else None,
+        "accuracy_at_start": starts[-1].get("eval_accuracy") if starts else None,
+    }
+
+
 def _drop_unsaved_metrics(path: Path, progress: Progress) -> None:
-    """Keep only the evaluations of epochs the checkpoint holds: a crash between an evaluation and
-    its checkpoint must not leave a duplicate line once the epoch is trained again."""
+    """Keep only the lines of epochs the checkpoint holds: a crash between an evaluation and its
+    checkpoint must not leave a duplicate line once the epoch is trained again. A stage's start
+    (epoch 0) belongs to it only once its first epoch is saved."""
     kept = []
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         index, epoch = entry["stage_index"], entry["epoch"] or 0
-        if index < progress.stage or (index == progress.stage and epoch <= progress.epoch):
+        done = progress.epoch if epoch else progress.epoch - 1
+        if index < progress.stage or (index == progress.stage and epoch <= done):
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
-

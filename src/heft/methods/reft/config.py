@@ -25,3 +25,7 @@ class ReftConfig:
     """Share one intervention between first and last positions of a layer (pyreft's `share_weights`)."""
     dropout: float = 0.0
     """Dropout on the edit term during training."""
+    init: str = "identity"
+    """`identity`: the edit is exactly zero at step 0 (LoReFT W = R, b = 0; DiReFT up-projection 0),
+    so a refinement stage starts from the model it receives. `random`: pyreft's initialisation
+    (W, b random), which perturbs the model before any training; kept for the paper's setting."""

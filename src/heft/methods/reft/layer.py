@@ -7,6 +7,7 @@ residual stream at the chosen positions only.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
@@ -30,9 +31,16 @@ class LoReFT(nn.Module):
     def R(self) -> torch.Tensor:
         return self.rotate.weight
 
+    @torch.no_grad()
+    def zero_edit_(self) -> None:
+        """W = R, b = 0: Φ(h) = h exactly, while the gradients of W, b and R stay non-zero."""
+        self.source.weight.copy_(self.R)
+        self.source.bias.zero_()
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         R = self.R  # evaluate the parametrization once per call, not once per use
-        return self.dropout((self.source(h) - h @ R.T) @ R)
+        # (W h + b − R h) as (W − R) h + b: one GEMM instead of two, and exactly 0 when W = R, b = 0.
+        return self.dropout(F.linear(h, self.source.weight - R, self.source.bias) @ R)
 
 
 class DiReFT(nn.Module):
@@ -44,8 +52,13 @@ class DiReFT(nn.Module):
         self.up = nn.Linear(rank, hidden_size, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+    @torch.no_grad()
+    def zero_edit_(self) -> None:
+        """Zero up-projection (as LoRA's B): Φ(h) = h exactly; its gradient W1 h + b is non-zero."""
+        self.up.weight.zero_()
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.up(self.down(h)))
 
 
-INTERVENTIONS: dict[str, type[nn.Module]] = {"loreft": LoReFT, "direft": DiReFT}
+INTERVENTIONS: dict[str, type[LoReFT | DiReFT]] = {"loreft": LoReFT, "direft": DiReFT}

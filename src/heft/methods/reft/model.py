@@ -98,6 +98,9 @@ class ReftModel(nn.Module):
         self.interventions = nn.ModuleDict(
             {f"{layer}_{group}": cls(hidden_size, config.rank, config.dropout) for layer in self.layers for group in groups}
         )
+        if config.init == "identity":
+            for intervention in self.interventions.values():
+                intervention.zero_edit_()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
