@@ -97,8 +97,12 @@ def test_identity_stage_starts_where_the_trained_model_is_and_then_learns(heft_m
     train(heft_model, LORA, data)
     batch = batch_of(data)
     trained = logits_of(heft_model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained_bf16 = logits_of(heft_model, batch)
     heft_model.add_stage(stage, seed=1)
     assert (logits_of(heft_model, batch) - trained).abs().max() <= 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs with `bf16: true`
+        assert torch.equal(logits_of(heft_model, batch), trained_bf16)
     heft_model.train()
     optimizer = torch.optim.AdamW(heft_model.trainable_parameters(), lr=1e-2, weight_decay=0.0)  # decay would zero
     # the ±1 diagonal of the Householder parametrization of R (the recipe never decays it)

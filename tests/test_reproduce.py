@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import heft.reproduce as reproduce_module
+import heft.reproduce.run as reproduce_module
 import heft.train as train_module
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce

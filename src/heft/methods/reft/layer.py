@@ -38,7 +38,10 @@ class LoReFT(nn.Module):
         self.source.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        R = self.R  # evaluate the parametrization once per call, not once per use
+        # R once per call, in float32 even under bf16 autocast: it stays orthonormal, and equal to the
+        # W = R it initialised (a bf16-rounded R would make the identity start edit h).
+        with torch.autocast(h.device.type, enabled=False):
+            R = self.R
         # (W h + b − R h) as (W − R) h + b: one GEMM instead of two, and exactly 0 when W = R, b = 0.
         return self.dropout(F.linear(h, self.source.weight - R, self.source.bias) @ R)
 

@@ -1,0 +1,49 @@
+"""`heft reproduce`: the paper's BoolQ comparison (arXiv 2509.09801) as one resumable command.
+
+Every arm (LoRA, LoReFT, joint and HEFT at 20 and at 3 epochs) trains the same model on the same
+subsample, seeds, max length and evaluation set, into `<output_dir>/<arm>/seed-<s>/`. Finished
+arms are read back, interrupted ones resume (the training recipe does that). All budget numbers
+come from each run's `results.json` and `metrics.jsonl`, never from estimates, and end up in
+`summary.json`, `report.md`, `accuracy_vs_epoch.png` and `accuracy_vs_tokens.png`.
+
+The zero-shot accuracy depends only on the base model and the evaluation set, so it is evaluated
+once per seed, by the first arm that runs in a call, and read from whichever arm holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+from heft.io import atomic_write_text, write_json
+from heft.reproduce.plan import Plan, load_plan
+from heft.reproduce.plots import plot
+from heft.reproduce.report import render_report
+from heft.reproduce.run import train_plan
+from heft.reproduce.summary import summarize
+
+__all__ = ["Plan", "load_plan", "reproduce", "summarize", "render_report", "plot"]
+
+log = logging.getLogger("heft")
+
+
+def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str | None = None,
+              show_progress: bool = True) -> dict:
+    """Train every selected arm and seed not yet finished, then write the summary, report and plots.
+
+    Returns the content of `summary.json`.
+    """
+    plan = load_plan(config_path, overrides, output_dir)
+    train_plan(plan, show_progress)
+    summary = summarize(plan)
+    summary.update(config=str(config_path), overrides=list(overrides), command=shlex.join(sys.argv))
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plan.output_dir / "summary.json", summary)
+    atomic_write_text(plan.output_dir / "report.md", render_report(summary))
+    plot(summary, plan.output_dir)
+    log.info("wrote %s/summary.json, report.md and plots", plan.output_dir)
+    return summary
+
+

@@ -1,0 +1,138 @@
+"""`summary.json`: per arm and seed, exact budgets and accuracies read back from the run folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from heft.config import RunConfig
+from heft.io import versions
+from heft.train import read_metrics
+from heft.reproduce.plan import Plan
+from heft.stats import paired_comparison
+
+PAPER = {"heft-2+1": (3, 85.17), "lora-20": (20, 85.05), "loreft-20": (20, 83.36)}
+"""(epochs, BoolQ accuracy %) from arXiv 2509.09801 (Llama-2-7B, full BoolQ), keyed by our arm names."""
+
+def _stats(values: Sequence[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
+    """One arm and seed: accuracy per cumulative epoch (counted across stages) and exact budgets."""
+    results = json.loads((run_dir / "results.json").read_text())
+    every = read_metrics(run_dir / "metrics.jsonl")
+    # one line per evaluated epoch (resume drops unsaved ones); folders from before `kind` hold evaluations only
+    lines = {(m["stage_index"], m["epoch"]): m for m in every if m.get("kind", "eval") == "eval"}
+    offsets = [0]
+    for stage in cfg.stages:
+        offsets.append(offsets[-1] + math.ceil(stage.epochs))
+    curve, previous = [], 0
+    for (index, epoch), m in lines.items():
+        if index >= 0 and epoch is not None:
+            curve.append({"epoch": offsets[index] + epoch, "stage": m["stage"], "method": cfg.stages[index].method,
+                          "accuracy": m["eval_accuracy"], "train_loss": m["train_loss"], "train_tokens": m["tokens_seen"],
+                          "epoch_train_tokens": m["tokens_seen"] - previous, "elapsed_s": m["elapsed_s"]})
+            previous = m["tokens_seen"]
+    best = max(curve, key=lambda c: c["accuracy"])  # the earliest epoch among ties
+    return {
+        "run_dir": str(run_dir),
+        "final_accuracy": results["final_accuracy"],
+        "best_accuracy": best["accuracy"],
+        "best_epoch": best["epoch"],
+        "curve": curve,
+        "zero_shot_accuracy": lines[(-1, None)]["eval_accuracy"] if (-1, None) in lines else None,
+        "majority_accuracy": results["majority_accuracy"],
+        "train_tokens": results["train_tokens"],
+        "eval_tokens": results["eval_tokens"],
+        "final_correct": next(m for m in reversed(every) if m.get("kind", "eval") == "eval").get("eval_correct"),
+        "boundaries": [{k: s.get(k) for k in ("name", "loss_at_start", "loss_at_end", "accuracy_at_start", "accuracy")}
+                       for s in results["stages"]],
+        "evaluations": sum("eval_accuracy" in m and not m.get("eval_reused_from") for m in every),
+        "optimizer_steps": results["optimizer_steps"],
+        "trainable_params": [{k: s[k] for k in ("name", "method", "epochs", "trainable_params")}
+                             for s in results["stages"]],
+        "wall_time_s": results["wall_time_s"],
+        "peak_memory_mb": results["peak_memory_mb"],
+        "data": results["data"],
+    }
+
+
+def compare_arms(arms: dict, a: str, b: str) -> dict | None:
+    """Paired comparison of the final evaluations of `a` and `b` over the seeds both finished."""
+    if a not in arms or b not in arms:
+        return None
+    seeds = [s for s in arms[a]["seeds"] if s in arms[b]["seeds"]]
+    correct = [(arms[a]["seeds"][s]["final_correct"], arms[b]["seeds"][s]["final_correct"]) for s in seeds]
+    if not seeds or any(x is None or y is None for x, y in correct):
+        return None  # runs from before per-example results were recorded
+    return {"a": a, "b": b, "seed_list": [int(s) for s in seeds],
+            **paired_comparison([x for x, _ in correct], [y for _, y in correct]).to_dict()}
+
+
+def summarize(plan: Plan) -> dict:
+    """Per arm and seed, mean ± std over seeds, baselines and the machine, from finished runs."""
+    arms, missing, zero_shot, majority, data = {}, [], {}, {}, None
+    for arm, by_seed in plan.configs.items():
+        runs = {}
+        for seed, cfg in by_seed.items():
+            if (plan.run_dir(arm, seed) / "results.json").is_file():
+                runs[seed] = run = _run_summary(plan.run_dir(arm, seed), cfg)
+                majority.setdefault(seed, run["majority_accuracy"])
+                data = data or run["data"]
+                if run["zero_shot_accuracy"] is not None:
+                    zero_shot.setdefault(seed, run["zero_shot_accuracy"])
+            else:
+                missing.append(f"{arm}/seed-{seed}")
+        if not runs:
+            continue
+        stages = next(iter(by_seed.values())).stages
+        arms[arm] = {
+            "nominal_epochs": plan.nominal_epochs[arm],
+            "epochs": [s.epochs for s in stages],
+            "methods": [s.method for s in stages],
+            "final_accuracy": _stats([r["final_accuracy"] for r in runs.values()]),
+            "best_accuracy": _stats([r["best_accuracy"] for r in runs.values()]),
+            "best_epochs": [r["best_epoch"] for r in runs.values()],
+            "curve": [{"epoch": points[0]["epoch"], "accuracy": _stats([p["accuracy"] for p in points]),
+                       "train_tokens": statistics.fmean(p["train_tokens"] for p in points)}
+                      for points in zip(*(r["curve"] for r in runs.values()))],
+            **{k: statistics.fmean(r[k] for r in runs.values())
+               for k in ("train_tokens", "eval_tokens", "optimizer_steps", "wall_time_s", "peak_memory_mb")},
+            "trainable_params": next(iter(runs.values()))["trainable_params"],
+            "branched_from": ({"prefix": plan.prefixes[arm].name, "stages": plan.prefixes[arm].stages,
+                               "run_dirs": {str(s): str(plan.prefixes[arm].run_dir(s)) for s in runs}}
+                              if arm in plan.prefixes else None),
+            "seeds": {str(s): r for s, r in runs.items()},
+        }
+    any_cfg = next(iter(next(iter(plan.configs.values())).values()))
+    first = next(iter(plan.configs))
+    pairs = [(arm, first) for arm in plan.configs if arm != first] + [p for p in plan.compare if p[0] != p[1]]
+    gpu = torch.cuda.is_available()
+    return {
+        "preset": plan.preset, "model": any_cfg.model, "task": any_cfg.task, "seeds": plan.seeds,
+        "output_dir": str(plan.output_dir),
+        "data": {**(data or {}), "max_length": any_cfg.max_length, "max_train_examples": any_cfg.max_train_examples,
+                 "max_eval_examples": any_cfg.max_eval_examples},
+        "majority_accuracy": _stats(list(majority.values())) if majority else None,
+        "zero_shot_accuracy": _stats(list(zero_shot.values())) if zero_shot else None,
+        "arms": arms, "missing": missing,
+        "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
+        "total_train_wall_time_s": round(sum(r["wall_time_s"] for a in arms.values() for r in a["seeds"].values()), 2),
+        "paper": {"model": "Llama-2-7B", "source": "arXiv 2509.09801",
+                  "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()}},
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "device": "cuda" if gpu else "cpu",
+                    "gpu": torch.cuda.get_device_name(0) if gpu else None},
+    }
+
+
