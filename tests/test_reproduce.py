@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import heft.reproduce.run as reproduce_module
 import heft.train as train_module
+from heft.io import load_run
+from heft.train import run_training
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce
 
@@ -98,7 +101,9 @@ def tiny_reproduce_file(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[tuple]:
-    return [(m["stage_index"], m["epoch"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    """(stage index, epoch) of the evaluations after epochs and of zero-shot."""
+    return [(m["stage_index"], m["epoch"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if m["kind"] == "eval"]
 
 
 def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_dir, monkeypatch):
@@ -120,15 +125,27 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     for arm in summary["arms"].values():
         assert all(0 <= c["accuracy"]["mean"] <= 1 for c in arm["curve"])
     # zero-shot: evaluated by the first arm only, and reported once
-    assert read_metrics(out / "lora-20" / "seed-1")[0] == (-1, None)
-    assert read_metrics(out / "heft-2+1" / "seed-1") == [(0, 1), (0, 2), (1, 1)]
+    assert read_metrics(out / "loreft-20" / "seed-1") == [(0, 1)]
+    assert read_metrics(out / "lora-20" / "seed-1") == [(-1, None), (0, 1), (0, 2)]
+    # heft-2+1 continued from the LoRA stage it shares with lora-20: its copy holds that stage's lines
+    assert read_metrics(out / "heft-2+1" / "seed-1") == [(-1, None), (0, 1), (0, 2), (1, 1)]
+    assert heft["branched_from"]["stages"] == 1 and summary["arms"]["lora-20"]["branched_from"] == heft["branched_from"]
+    assert summary["arms"]["joint-3"]["branched_from"] is None
+    pairs = [(c["a"], c["b"]) for c in summary["comparisons"]]
+    assert pairs == [("loreft-20", "lora-20"), ("heft-2+1", "lora-20"), ("joint-3", "lora-20")]
+    for c in summary["comparisons"]:
+        a, b = (summary["arms"][x]["seeds"]["1"]["final_accuracy"] for x in (c["a"], c["b"]))
+        assert c["difference"] == pytest.approx(a - b) and c["low"] <= c["difference"] <= c["high"]
+    boundary = run["boundaries"][1]
+    assert boundary["loss_at_start"] == pytest.approx(run["boundaries"][0]["loss_at_end"], abs=1e-6)
     assert 0 <= summary["zero_shot_accuracy"]["mean"] <= 1 and summary["zero_shot_accuracy"]["std"] is None
     assert summary["data"]["train_examples"] == 48 and summary["data"]["eval_examples"] == 24
     assert summary["versions"]["heft"] and summary["machine"]["cpu_count"] and summary["command"]
     assert json.loads((out / "summary.json").read_text()) == summary
 
     report = (out / "report.md").read_text()
-    for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "standard error", "majority class"):
+    for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "Paired comparisons", "McNemar",
+                 "Stage boundaries", "majority class"):
         assert text in report
     for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -146,10 +163,10 @@ def test_interrupted_arm_resumes_and_summary_is_complete(tmp_path, tiny_model_di
     original, calls = train_module.save_run, {"n": 0}
 
     def crash_in_heft(*args, **kwargs):
-        original(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3 + 2 + 2:  # lora-20: 2 checkpoints + final save; loreft-20: 1 + 1; heft-2+1: epoch 2
-            raise KeyboardInterrupt
+        if calls["n"] == 3 + 1 + 2 + 1:  # shared LoRA prefix: 2 checkpoints + final save; lora-20 (branched): final
+            raise KeyboardInterrupt  # save; loreft-20: 1 + 1; then heft-2+1 (branched) dies saving its LoReFT epoch
+        original(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "save_run", crash_in_heft)
     with pytest.raises(KeyboardInterrupt):
@@ -161,9 +178,33 @@ def test_interrupted_arm_resumes_and_summary_is_complete(tmp_path, tiny_model_di
     summary = reproduce(str(path), show_progress=False)
     assert (out / "lora-20" / "seed-1" / "results.json").stat().st_mtime_ns == finished
     assert not summary["missing"] and list(summary["arms"]) == ["lora-20", "loreft-20", "heft-2+1", "joint-3"]
-    assert read_metrics(out / "heft-2+1" / "seed-1") == [(0, 1), (0, 2), (1, 1)]
+    assert read_metrics(out / "heft-2+1" / "seed-1") == [(-1, None), (0, 1), (0, 2), (1, 1)]
     assert [c["epoch"] for c in summary["arms"]["heft-2+1"]["curve"]] == [1, 2, 3]
     assert summary["arms"]["heft-2+1"]["optimizer_steps"] == 18
+
+
+def test_branched_arm_equals_the_same_arm_trained_from_scratch(tmp_path, tiny_model_dir):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    only = ["arms_only=[lora-20,heft-2+1]"]
+    summary = reproduce(str(path), only, show_progress=False)
+    plan = load_plan(path, only)
+    prefix = plan.prefixes["heft-2+1"]
+    assert plan.prefixes["lora-20"] is prefix and prefix.stages == 1 and (prefix.run_dir(1) / "results.json").is_file()
+    cfg = plan.configs["heft-2+1"][1]
+    cfg.eval_zero_shot, cfg.output_dir = True, str(tmp_path / "scratch")  # as the prefix did
+    scratch = run_training(cfg, tmp_path / "scratch", show_progress=False)
+    branched = json.loads((out := plan.run_dir("heft-2+1", 1) / "results.json").read_text())
+    for key in ("final_accuracy", "train_tokens", "eval_tokens", "optimizer_steps", "stages"):
+        assert branched[key] == scratch[key], key
+
+    def lines(run: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(t).items() if k != "elapsed_s"} for t in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines(out.parent) == lines(tmp_path / "scratch")
+    a, b = load_run(out.parent), load_run(tmp_path / "scratch")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert summary["arms"]["heft-2+1"]["branched_from"]["run_dirs"] == {"1": str(prefix.run_dir(1))}
 
 
 def test_a_folder_of_other_settings_is_not_reused(tmp_path, tiny_model_dir):

@@ -135,3 +135,56 @@ def test_finished_run_folder_is_not_overwritten(tmp_path, tiny_model_dir):
     run_training(cfg, tmp_path / "run", show_progress=False)
     with pytest.raises(FileExistsError):
         run_training(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_held_out_splits_never_reach_training(tmp_path, tiny_model_dir):
+    from heft.tasks import get_task
+    from heft.train import load_data
+    from transformers import AutoTokenizer
+
+    data = write_toy_boolq(tmp_path / "data", 60, 12)
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", max_eval_examples=20, max_train_examples=25,
+                                      data={"source": str(data), "eval_split": "train", "dev_examples": 9}))
+    splits = load_data(get_task("boolq"), cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert (len(splits.train), len(splits.evaluation), len(splits.dev)) == (25, 20, 9)
+    as_set = lambda examples: {tuple(e.input_ids) for e in examples}  # noqa: E731
+    assert not as_set(splits.train) & as_set(splits.evaluation) and not as_set(splits.train) & as_set(splits.dev)
+    assert not as_set(splits.evaluation) & as_set(splits.dev)
+    assert splits.info["eval_split"] == "train (held out of training)" and splits.info["dev_examples"] == 9
+    assert 1 <= sum(e.label == 0 for e in splits.dev) <= 4, "stratified: a third of the toy labels are 0"
+
+
+@pytest.mark.parametrize("dev_after, rolled_back", [(0.5, True), (0.75, False)])
+def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(tmp_path, tiny_model_dir, monkeypatch, dev_after, rolled_back):
+    data = write_toy_boolq(tmp_path / "data")
+    stages = [{"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
+              {"method": "loreft", "epochs": 1, "lr": 2e-2, "keep": "if_better",
+               "reft": {"rank": 2, "positions": "f1+l1", "init": "random"}}]
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=stages,
+                                      data={"source": str(data), "dev_examples": 8}))
+    real_evaluate, dev_scores = train_module.evaluate, iter([0.75, dev_after])
+
+    def evaluate(model, task, examples, **options):  # the dev split (8 examples) gets scripted accuracies
+        result = real_evaluate(model, task, examples, **options)
+        return {**result, "accuracy": next(dev_scores)} if len(examples) == 8 else result
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    results = run_training(cfg, tmp_path / "run", show_progress=False)
+    stage = results["stages"][1]
+    assert stage["rolled_back"] is rolled_back
+    assert (stage["rollback_reason"] == "dev accuracy 0.5000 < 0.7500 when the stage started") is rolled_back
+    every = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lora_end = next(m for m in every if (m["kind"], m["stage_index"]) == ("eval", 0))
+    final = every[-2]
+    assert (final["eval_correct"] == lora_end["eval_correct"] and final["eval_mean_margin"] == lora_end["eval_mean_margin"]) is rolled_back
+    model = load_run(tmp_path / "run")
+    assert model.stages[1].rolled_back is rolled_back and (len(model.reft) == 0) is rolled_back
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"][1]["rolled_back"] is rolled_back
+
+
+def test_gate_without_dev_split_is_a_config_error(tmp_path):
+    from heft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a dev split.*data.dev_examples"):
+        config_from_dict({"stages": [{"method": "loreft", "keep": "if_better"}]})

@@ -96,6 +96,7 @@ def _stage_entry(stage) -> dict:
         "trainable_params": stage.trainable_params,
         "finished": stage.finished,
         "merged": stage.merged,
+        "rolled_back": stage.rolled_back,
     }
 
 
@@ -120,6 +121,9 @@ def save_run(
     for stage in model.stages:
         folder = tmp / stage.name
         folder.mkdir()
+        if stage.rolled_back:  # nothing of it is left in the model
+            stages.append(_stage_entry(stage))
+            continue
         if stage.config.uses_lora:
             stage.peft_config.save_pretrained(folder)
             safetensors.torch.save_file(model.lora_state_dict(stage), folder / "adapter_model.safetensors")
@@ -199,6 +203,9 @@ def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: st
     weights = run_dir / manifest["weights"]
     for entry in manifest["stages"]:
         stage = model.add_stage(stage_config_from_dict(entry["config"]))
+        if entry.get("rolled_back"):
+            model.roll_back_stage()
+            continue
         folder = weights / entry["name"]
         if stage.config.uses_lora:
             model.load_lora_state_dict(stage, safetensors.torch.load_file(folder / "adapter_model.safetensors"))

@@ -32,6 +32,8 @@ class Stage:
     peft_config: peft.LoraConfig | None = field(default=None, repr=False)
     """The peft config the adapter was built with (saved as `adapter_config.json`)."""
     reft: ReftModel | None = field(default=None, repr=False)
+    rolled_back: bool = False
+    """The stage gate (`keep: if_better`) removed it: the model is as it was before the stage."""
 
     @property
     def name(self) -> str:
@@ -43,7 +45,7 @@ class Stage:
 
     @property
     def merged(self) -> bool:
-        return self.finished and self.config.uses_lora and self.config.lora.merge
+        return self.finished and self.config.uses_lora and self.config.lora.merge and not self.rolled_back
 
 
 @dataclass
@@ -107,6 +109,22 @@ class HeftModel(nn.Module):
             if stage.config.lora.merge:
                 self.model = self._lora.merge(stage.adapter_name)
         stage.finished = True
+        self.requires_grad_(False)
+        self.eval()
+
+    def roll_back_stage(self) -> None:
+        """Remove the unfinished last stage's modules without merging anything, so the model computes
+        what it computed before the stage; the stage stays listed, marked rolled back."""
+        stage = self.stages[-1]
+        if stage.finished:
+            raise ValueError(f"stage {stage.name} is finished (and maybe merged); only the training stage can be rolled back")
+        if stage.config.uses_lora:
+            self.model = self._lora.discard(stage.adapter_name)
+        if stage.reft is not None:
+            stage.reft.detach()
+            self.reft = nn.ModuleList([r for r in self.reft if r is not stage.reft])
+            stage.reft = None
+        stage.finished = stage.rolled_back = True
         self.requires_grad_(False)
         self.eval()
 

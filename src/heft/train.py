@@ -296,6 +296,10 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     clock = time.perf_counter() - progress.elapsed_s
     history = read_metrics(metrics_path) if trainer_state is not None else []
 
+    def dev_accuracy() -> float:
+        """Accuracy on the dev split carved out of training (the stage gate's yardstick)."""
+        return evaluate(model, task, splits.dev, batch_size=cfg.eval_batch_size, progress=False, bf16=cfg.bf16)["accuracy"]
+
     def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None,
                kind: str = "eval", evaluated: dict | None = None, measure: bool | None = None, **extra) -> dict:
         """Append a metrics line (`kind`: eval, stage_start or stage_end). It evaluates now when
@@ -326,18 +330,31 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         resuming = trainer_state is not None and index == progress.stage and progress.epoch > 0
         stage = model.stages[index] if resuming else model.add_stage(stage_cfg, seed=cfg.seed + index)
         num_epochs = math.ceil(stage_cfg.epochs)
+        gated = stage_cfg.keep == "if_better"
         if not resuming:
-            record_stage_start(record, history, model, stage.name, index, cfg, probe)
+            record_stage_start(record, history, model, stage.name, index, cfg, probe,
+                               dev_accuracy=dev_accuracy() if gated else None)
 
         def on_epoch_end(m: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
             last = epoch + 1 == num_epochs
-            if last:
+            gate = {}
+            if last and gated:  # judged before any merge, so that a rollback leaves the model untouched
+                before = next(h["dev_accuracy"] for h in history if (h["stage_index"], h["epoch"]) == (index, 0))
+                after = dev_accuracy()
+                gate = {"dev_accuracy_before": before, "dev_accuracy": after, "rolled_back": after < before,
+                        "rollback_reason": (f"dev accuracy {after:.4f} < {before:.4f} when the stage started"
+                                            if after < before else None)}
+                log.info("%s: dev accuracy %.4f -> %.4f: %s", stage.name, before, after,
+                         "rolled back" if after < before else "kept")
+            if gate.get("rolled_back"):
+                m.roll_back_stage()
+            elif last:
                 m.finish_stage()
             if cfg.eval_every == "epoch" or (cfg.eval_every == "stage" and last):
                 record(index, stage.name, epoch + 1, train_loss)
             if last:
                 record(index, stage.name, epoch + 1, train_loss, kind="stage_end",
-                       boundary_loss=mean_loss(m, probe, cfg.bf16))
+                       boundary_loss=mean_loss(m, probe, cfg.bf16), **gate)
             progress.elapsed_s = time.perf_counter() - clock
             if is_main:
                 checkpoint = Progress(**{**asdict(progress), **({"stage": index + 1, "epoch": 0} if last else {})})
@@ -385,19 +402,19 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
 
 
 def record_stage_start(record: Callable[..., dict], history: list[dict], model: HeftModel, name: str, index: int,
-                       cfg: RunConfig, probe: Sequence[dict[str, torch.Tensor]]) -> None:
+                       cfg: RunConfig, probe: Sequence[dict[str, torch.Tensor]], dev_accuracy: float | None) -> None:
     """Loss and evaluation of the model as a new stage receives it (its trainable part freshly
     initialised). When the stage starts as the identity, the previous evaluation is still valid."""
     loss = mean_loss(model, probe, cfg.bf16)
     if cfg.eval_every == "never":
-        record(index, name, 0, None, kind="stage_start", measure=False, boundary_loss=loss)
+        record(index, name, 0, None, kind="stage_start", measure=False, boundary_loss=loss, dev_accuracy=dev_accuracy)
         return
     previous = next((m for m in reversed(history) if "eval_accuracy" in m), None)
     prev_epochs = math.ceil(cfg.stages[index - 1].epochs) if index else None
     received = previous is not None and (previous["stage_index"], previous["epoch"]) == (index - 1, prev_epochs)
     reuse = previous if received and cfg.stages[index].starts_as_identity else None
     record(index, name, 0, None, kind="stage_start", evaluated=reuse, measure=reuse is None, boundary_loss=loss,
-           eval_reused_from=f"{previous['stage']} epoch {previous['epoch']}" if reuse else None)
+           eval_reused_from=f"{previous['stage']} epoch {previous['epoch']}" if reuse else None, dev_accuracy=dev_accuracy)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -408,10 +425,13 @@ def boundary_summary(lines: Sequence[dict], index: int) -> dict:
     """Loss on the fixed probe batches and accuracy when stage `index` started and ended."""
     starts = [m for m in lines if m["stage_index"] == index and m["epoch"] == 0]
     ends = [m for m in lines if m["stage_index"] == index and m.get("kind") == "stage_end"]
+    end = ends[-1] if ends else {}
     return {
         "loss_at_start": starts[-1].get("boundary_loss") if starts else None,
-        "loss_at_end": ends[-1].get("boundary_loss") if ends else None,
+        "loss_at_end": end.get("boundary_loss"),
         "accuracy_at_start": starts[-1].get("eval_accuracy") if starts else None,
+        "rolled_back": bool(end.get("rolled_back")),
+        "rollback_reason": end.get("rollback_reason"),
     }
 
 

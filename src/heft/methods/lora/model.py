@@ -84,3 +84,15 @@ class LoraAdapters:
         model = self.peft_model.merge_and_unload(adapter_names=list(self.unmerged))
         self.peft_model, self.unmerged = None, []
         return model
+
+    def discard(self, name: str) -> nn.Module:
+        """Remove adapter `name` unmerged (its stage was rolled back); returns the model to keep calling."""
+        assert self.peft_model is not None
+        self.unmerged.remove(name)
+        if not self.unmerged:
+            model = self.peft_model.unload()
+            self.peft_model = None
+            return model
+        self.peft_model.delete_adapter(name)
+        self.peft_model.base_model.set_adapter(list(self.unmerged))
+        return self.peft_model.get_base_model()
