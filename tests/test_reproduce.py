@@ -22,11 +22,11 @@ from conftest import SHARED_DATA
 from test_train import write_toy_boolq
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reproduce_boolq.yaml"
-ARMS = ["lora-20", "loreft-20", "heft-2+1", "lora-3", "loreft-3", "joint-3", "heft-1+2"]
+ARMS = ["lora-20", "loreft-20", "heft-2+1", "lora-3", "loreft-3", "joint-3", "heft-1+2", "heft-2+1-identity"]
 EPOCHS = {"lora-20": [20], "loreft-20": [20], "heft-2+1": [2, 1], "lora-3": [3], "loreft-3": [3], "joint-3": [3],
-          "heft-1+2": [1, 2]}
+          "heft-1+2": [1, 2], "heft-2+1-identity": [2, 1]}
 SMOKE_EPOCHS = {"lora-20": [2], "loreft-20": [2], "heft-2+1": [1, 1], "lora-3": [1], "loreft-3": [1], "joint-3": [1],
-                "heft-1+2": [1, 1]}
+                "heft-1+2": [1, 1], "heft-2+1-identity": [1, 1]}
 
 
 def epochs_of(plan, arm: str) -> list[float]:
@@ -41,8 +41,13 @@ def test_real_config_defines_every_arm_for_every_preset(preset):
     expected = SMOKE_EPOCHS if preset == "smoke" else EPOCHS
     assert {arm: epochs_of(plan, arm) for arm in ARMS} == expected
     assert plan.nominal_epochs == EPOCHS
-    for arm in ("heft-2+1", "heft-1+2"):
+    for arm in ("heft-2+1", "heft-1+2", "heft-2+1-identity"):
         assert [s.method for s in plan.configs[arm][plan.seeds[0]].stages] == ["lora", "loreft"]
+    assert plan.configs["heft-2+1"][plan.seeds[0]].stages[1].reft.init == "random", "the paper's setting"
+    assert plan.configs["heft-2+1-identity"][plan.seeds[0]].stages[1].reft.init == "identity"
+    if preset != "smoke":  # the two HEFT 2+1 arms share their LoRA stage
+        assert plan.prefixes["heft-2+1"] is plan.prefixes["heft-2+1-identity"] and set(plan.prefixes) == {
+            "heft-2+1", "heft-2+1-identity"}
     shared = {(c.model, c.max_length, c.max_train_examples, c.max_eval_examples, c.data.source, c.bf16)
               for by_seed in plan.configs.values() for c in by_seed.values()}
     assert len(shared) == 1, "every arm must share model, data, subsample and max length"

@@ -40,16 +40,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.output_dir = out
     console.print(f"[bold]heft train[/] {args.config} → {out}")
     results = run_training(cfg, out, show_progress=not args.quiet)
-    table = Table(title=f"{cfg.task} accuracy ({results['data']['eval_examples']} eval examples)")
-    for column in ("after", "trainable params", "accuracy"):
+    table = Table(title=f"{cfg.task}: {results['data']['eval_examples']} eval examples; loss on the first "
+                        f"{cfg.boundary_examples} training examples (eval mode)")
+    for column in ("after", "trainable params", "loss at start → end", "accuracy at start → end"):
         table.add_column(column, justify="right" if column != "after" else "left")
     if results["zero_shot_accuracy"] is not None:
-        table.add_row("zero-shot", "0", f"{results['zero_shot_accuracy']:.4f}")
+        table.add_row("zero-shot", "0", "", f"{results['zero_shot_accuracy']:.4f}")
     for stage in results["stages"]:
-        acc = stage["accuracy"]
-        table.add_row(f"stage {stage['name']} ({stage['epochs']:g} ep)", f"{stage['trainable_params']:,}", "—" if acc is None else f"{acc:.4f}")
-    table.add_row("majority class", "", f"{results['majority_accuracy']:.4f}")
+        name = f"stage {stage['name']} ({stage['epochs']:g} ep)" + (" [rolled back]" if stage.get("rolled_back") else "")
+        table.add_row(name, f"{stage['trainable_params']:,}", f"{_num(stage.get('loss_at_start'))} → {_num(stage.get('loss_at_end'))}",
+                      f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}")
+    table.add_row("majority class", "", "", f"{results['majority_accuracy']:.4f}")
     console.print(table)
+    for stage in results["stages"]:
+        if stage.get("rollback_reason"):
+            console.print(f"stage {stage['name']} rolled back: {stage['rollback_reason']}")
     console.print(f"data: {results['data']['source']}  ({results['data']['train_examples']} train, truncated {results['data']['train_truncated']})")
     console.print(f"run folder: {out}   wall time {results['wall_time_s']:.0f} s, {results['train_tokens']:,} training tokens")
     return 0
@@ -61,6 +66,12 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     cfg = _run_dir_config(run_dir)
     task = get_task(cfg.task)
     split = split or cfg.data.eval_split
+    if split == cfg.data.train_split == cfg.data.eval_split:  # the run's held-out examples, not training ones
+        from heft.tasks.data import subsample
+        from heft.train import load_data
+
+        encoded = load_data(task, cfg, model.tokenizer).evaluation
+        return cfg, task, encoded if max_examples is None else subsample(encoded, max_examples, cfg.seed)
     limit = max_examples if max_examples is not None else cfg.max_eval_examples
     rows = task.load_split(cfg.data, split, limit, cfg.seed)
     encoded, _ = task.encode(rows, model.tokenizer, cfg.max_length)
@@ -122,6 +133,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from heft.io import read_manifest
 
@@ -130,19 +145,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     base = manifest["base_model"]
     console.print(f"[bold]{run_dir}[/]  base model {base['id']} ({base['dtype']}, sha256 {base['sha256'][:12]}…)  seed {manifest['seed']}")
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
-    table = Table(title="stages")
-    for column in ("#", "name", "method", "epochs", "lr", "trainable params", "state", "accuracy"):
-        table.add_column(column)
+    from heft.train import boundary_summary, read_metrics
+
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
-    accuracy = {s["name"]: s["accuracy"] for s in results.get("stages", [])}
+    table = Table(title="stages (loss on fixed training batches, eval accuracy: where each stage starts → ends)")
+    for column in ("stage", "epochs", "lr", "params", "state", "loss", "accuracy"):
+        table.add_column(column)
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    previous_end: float | None = None
     for stage in manifest["stages"]:
-        cfg = stage["config"]
-        state = "merged" if stage["merged"] else ("frozen" if stage["finished"] else "training")
-        acc = accuracy.get(stage["name"])
-        table.add_row(
-            str(stage["index"]), stage["name"], stage["method"], f"{cfg['epochs']:g}", f"{cfg['lr']:g}",
-            f"{stage['trainable_params']:,}", state, "" if acc is None else f"{acc:.4f}",
-        )
+        cfg, index = stage["config"], stage["index"]
+        bounds = boundary_summary(lines, index)
+        evals = [m for m in lines if m["stage_index"] == index and m.get("kind", "eval") == "eval" and m["epoch"]]
+        state = ("rolled back" if stage.get("rolled_back") else "merged" if stage["merged"]
+                 else "frozen" if stage["finished"] else "training")
+        start, end = bounds["loss_at_start"], bounds["loss_at_end"]
+        loss = f"{_num(start)} → {_num(end)}"
+        if start is not None and previous_end is not None and start > previous_end + 1e-4:
+            loss = f"[red]{loss} (jump +{start - previous_end:.4f} at the boundary)[/]"
+        accuracy = f"{_num(bounds['accuracy_at_start'])} → {_num(evals[-1]['eval_accuracy'] if evals else None)}"
+        init = f" ({cfg['reft'].get('init', 'random')} init)" if stage["method"] in ("loreft", "direft", "joint") else ""
+        table.add_row(stage["name"] + init, f"{cfg['epochs']:g}", f"{cfg['lr']:g}", f"{stage['trainable_params']:,}",
+                      state, loss, accuracy)
+        previous_end = end if not stage.get("rolled_back") else previous_end
+        if bounds["rollback_reason"]:
+            table.add_row("", "", "", "", "", f"rolled back: {bounds['rollback_reason']}", "")
     console.print(table)
     if results:
         console.print(

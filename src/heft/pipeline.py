@@ -88,7 +88,7 @@ class HeftModel(nn.Module):
         stage = Stage(index=len(self.stages), config=config)
         params: list[nn.Parameter] = []
         if config.uses_lora:
-            stage.peft_config = to_peft_config(config.lora, self.model, self.model_id)
+            stage.peft_config = to_peft_config(config.lora, self.model)
             params += self._lora.add(self.model, stage.adapter_name, stage.peft_config)
         if config.uses_reft:
             reft = ReftModel(config.reft, self.hidden_size, len(self._layers)).to(self.device)
@@ -102,12 +102,14 @@ class HeftModel(nn.Module):
         return stage
 
     def finish_stage(self) -> None:
-        """Freeze the current stage; capture and (if configured) merge its LoRA adapter."""
+        """Freeze the current stage; capture and (if configured) merge its LoRA adapter, fix its ReFT rotations."""
         stage = self.stages[-1]
         if stage.config.uses_lora:
             stage.lora_state = self._lora.state_dict(stage.adapter_name)
             if stage.config.lora.merge:
                 self.model = self._lora.merge(stage.adapter_name)
+        if stage.reft is not None:
+            stage.reft.freeze_()
         stage.finished = True
         self.requires_grad_(False)
         self.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 from heft.methods.lora.config import LoraConfig
 
 
-def to_peft_config(config: LoraConfig, model: nn.Module, base_model_id: str | None = None) -> peft.LoraConfig:
+def to_peft_config(config: LoraConfig, model: nn.Module) -> peft.LoraConfig:
     """Translate heft's LoraConfig into peft's, field by field.
 
     peft refuses `layers_to_transform` with a string `target_modules` such as `all-linear`, so in
@@ -30,7 +32,6 @@ def to_peft_config(config: LoraConfig, model: nn.Module, base_model_id: str | No
         layers_to_transform=config.layers_to_transform,
         use_dora=config.use_dora,
         modules_to_save=config.modules_to_save or None,
-        base_model_name_or_path=base_model_id,
         task_type="CAUSAL_LM",
     )
 
@@ -49,10 +50,16 @@ class LoraAdapters:
 
     def add(self, model: nn.Module, name: str, config: peft.LoraConfig) -> list[nn.Parameter]:
         """Inject adapter `name`; earlier unmerged adapters stay active and frozen. Returns its parameters."""
-        if self.peft_model is None:
-            self.peft_model = peft.get_peft_model(model, config, adapter_name=name)
-        else:
-            self.peft_model.add_adapter(name, config)
+        # None: peft would overwrite it from the model (a cache path) with a warning, and later look it
+        # up on the Hub when taking state dicts; io.save_run writes the real id into adapter_config.json.
+        config.base_model_name_or_path = None
+        with warnings.catch_warnings():  # peft probes a property transformers 5 deprecated; nothing to act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            if self.peft_model is None:
+                self.peft_model = peft.get_peft_model(model, config, adapter_name=name)
+            else:
+                self.peft_model.add_adapter(name, config)
+        config.base_model_name_or_path = None
         self.unmerged.append(name)
         self.peft_model.base_model.set_adapter(list(self.unmerged))
         params = [p for n, p in self.peft_model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")]
