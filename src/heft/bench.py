@@ -1,0 +1,360 @@
+"""`heft bench`: throughput, MFU and peak memory of heft's paths against the machine's own GEMM peak.
+
+The development machines change from one session to the next (a 2-core EPYC without AMX, a Xeon
+with AMX, an H100), so absolute tokens/s are not comparable between runs. What is comparable is a
+ratio measured in one process: each path's model FLOPs against the bf16 GEMM peak of this machine
+at this model's own matrix shapes, and heft's LoRA stage against plain transformers + peft on the
+same batches. A benchmark, not a test: numbers are recorded, nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import peft
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from torch import nn
+
+from heft.config import RunConfig, StageConfig
+from heft.evaluate import autocast, predict
+from heft.methods.lora import LoraConfig, to_peft_config
+from heft.methods.reft import ReftConfig
+from heft.models import decoder_layers, load_model
+from heft.pipeline import HeftModel
+from heft.tasks import EncodedExample, get_task
+from heft.train import collate, length_grouped_batches, load_data
+
+log = logging.getLogger("heft")
+
+PATHS = ("scoring", "lora", "peft-lora", "loreft", "joint")
+"""Every path, in the order they run: the peft reference right after heft's LoRA stage, so that
+the ratio of the two spans as little drift of a busy machine as possible."""
+
+FLOPS_CONVENTION = (
+    "model FLOPs per token: 2·N forward (scoring), 4·N for a training step (forward + input gradients; "
+    "the frozen base has no weight gradients); N = weights of the decoder's linear layers (no embeddings, "
+    "no LM head, no attention scores, adapters not counted); tokens exclude padding; "
+    "MFU = model FLOPs/s ÷ the bf16 GEMM peak measured in the same run"
+)
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+"""The CPU features that decide bf16 GEMM speed, recorded because they explain a machine's peak."""
+
+
+def stage_config(path: str) -> StageConfig:
+    """The stage a path trains: the hyperparameters of configs/boolq_heft.yaml (joint: both)."""
+    lora = LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
+    reft = ReftConfig(kind="loreft", rank=4, layers="all", positions="f5+l5", dropout=0.05)
+    method = {"lora": "lora", "peft-lora": "lora", "loreft": "loreft", "joint": "joint"}[path]
+    return StageConfig(method=method, lora=lora, reft=reft)
+
+
+def parse_paths(text: str) -> list[str]:
+    """Comma-separated path names, validated and put in run order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(PATHS))
+    if unknown or not names:
+        raise ValueError(f"unknown --paths {unknown or text!r}; choose from {','.join(PATHS)}")
+    return [path for path in PATHS if path in names]
+
+
+# ------------------------------------------------------------------------------------------ GEMM
+def linear_shapes(model: nn.Module) -> Counter[tuple[int, int]]:
+    """(in, out) of every linear layer in the decoder blocks, with how often each occurs."""
+    return Counter((m.in_features, m.out_features) for layer in decoder_layers(model)
+                   for m in layer.modules() if isinstance(m, nn.Linear))
+
+
+def _significant(x: float) -> float:
+    """Four significant digits: enough for a benchmark, and tiny test models do not round to 0."""
+    return float(f"{x:.4g}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median time of one call over `repeats` rounds, after warm-up; a round repeats the call until
+    it lasts ≥ 5 ms, so that timer resolution and kernel launches do not dominate small GEMMs."""
+    fastest = float("inf")
+    for _ in range(3):  # warm-up; the fastest call sizes the rounds (a slow one may be a preemption)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    calls = max(1, int(0.005 / max(fastest, 1e-9)))
+    rounds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        rounds.append((time.perf_counter() - start) / calls)
+    return statistics.median(rounds)
+
+
+def gemm_peak(shapes: Counter[tuple[int, int]], m: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+    """GFLOP/s of x(m, in) @ W(in, out) per shape, and over the whole set weighted by how often each
+    shape occurs (total FLOPs ÷ total time: the peak a forward pass could reach)."""
+    rows, flops_total, seconds_total = [], 0.0, 0.0
+    for (n_in, n_out), count in sorted(shapes.items()):
+        x = torch.randn(m, n_in, dtype=dtype, device=device)
+        w = torch.randn(n_out, n_in, dtype=dtype, device=device)
+        seconds = _seconds_per_call(lambda: F.linear(x, w), device, repeats)
+        flops = 2.0 * m * n_in * n_out
+        rows.append({"in": n_in, "out": n_out, "count": count, "gflops": _significant(flops / seconds / 1e9)})
+        flops_total, seconds_total = flops_total + count * flops, seconds_total + count * seconds
+    return {"gflops": _significant(flops_total / seconds_total / 1e9), "shapes": rows}
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def _memory_window(device: torch.device) -> float | None:
+    """Start a peak-memory window; returns the baseline the CPU peak is measured from."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return None
+    return _proc_status_mb("VmRSS")
+
+
+def _memory_peak(device: torch.device, baseline: float | None) -> float | None:
+    """CUDA: max allocated (weights included). CPU: peak RSS above the baseline (activations,
+    gradients, optimizer state); None where the OS does not say."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = _proc_status_mb("VmHWM")
+    return None if peak is None or baseline is None else round(peak - baseline, 1)
+
+
+# ----------------------------------------------------------------------------------------- paths
+@dataclass
+class Workload:
+    """One path made ready to time: a step per batch, the tokens it processes, its model FLOPs."""
+
+    step: Callable[[int], None]
+    tokens: Callable[[int], int]
+    flops_per_token: float
+    trainable_params: int
+
+
+def _train_step(forward: Callable[[dict], torch.Tensor], params: list[nn.Parameter], batches: Sequence[dict]) -> Callable[[int], None]:
+    """Loss, backward and an AdamW step, as heft's recipe does for every micro-batch."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(i: int) -> None:
+        forward(batches[i]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExample]], batches: Sequence[dict],
+              device: torch.device, n_linear: int, seed: int) -> Workload:
+    """A fresh model per path, so that no path inherits another's adapters, optimizer or memory."""
+    train_tokens = [int(b["attention_mask"].sum()) for b in batches]
+    if path == "peft-lora":  # the usual route: full-vocabulary logits at every position, loss by transformers
+        base = load_model(model_id).model.to(device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            model = peft.get_peft_model(base, to_peft_config(stage_config(path).lora, base))
+        model.train()
+
+        def forward(batch: dict) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Workload(_train_step(forward, params, batches), train_tokens.__getitem__, 4.0 * n_linear, sum(p.numel() for p in params))
+
+    heft_model = HeftModel.from_pretrained(model_id).to(device)
+    if path == "scoring":
+        task = get_task("boolq")
+        return Workload(lambda i: predict(heft_model, task, examples[i], batch_size=len(examples[i]), progress=False, bf16=True),
+                        lambda i: sum(e.prompt_len for e in examples[i]), 2.0 * n_linear, 0)
+    stage = heft_model.add_stage(stage_config(path), seed=seed)
+    heft_model.train()
+
+    def heft_forward(batch: dict) -> torch.Tensor:
+        with autocast(heft_model, True):
+            return heft_model(**batch).loss
+
+    return Workload(_train_step(heft_forward, heft_model.trainable_parameters(), batches), train_tokens.__getitem__,
+                    4.0 * n_linear, stage.trainable_params)
+
+
+def measure(work: Workload, num_batches: int, warmup: int, device: torch.device, peak_gflops: float) -> dict:
+    """Time every batch once after `warmup` untimed steps; the memory window covers both."""
+    baseline = _memory_window(device)
+    for i in range(warmup):
+        work.step(i % num_batches)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(num_batches):
+        work.step(i)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    tokens = sum(work.tokens(i) for i in range(num_batches))
+    tok_s = tokens / seconds
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 4),
+        "tok_s": round(tok_s, 2),
+        "flops_per_token": work.flops_per_token,
+        "mfu": _significant(work.flops_per_token * tok_s / (peak_gflops * 1e9)),
+        "peak_memory_mb": _memory_peak(device, baseline),
+        "trainable_params": work.trainable_params,
+    }
+
+
+# -------------------------------------------------------------------------------------- machine
+def machine_info(device: torch.device) -> dict:
+    """What decides the peak: CPU model and features, cores, torch threads, GPU."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model_name = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), None)
+    flags = set(next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), []))
+    return {
+        "cpu": model_name or platform.processor() or platform.machine(),
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict:
+    """Library versions and the code's git commit (a benchmark result belongs to a revision)."""
+    out = {"python": platform.python_version()}
+    for name in ("heft", "torch", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    try:
+        root = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        out["git_commit"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        out["git_commit"] = None
+    return out
+
+
+def command_line(model: str, batches: int, batch_size: int, max_length: int, device: str, paths: Sequence[str],
+                 repeats: int, warmup: int) -> str:
+    """The command that reruns this benchmark with every option spelled out (and the data folder)."""
+    args = ["heft", "bench", "--model", model, "--batches", str(batches), "--batch-size", str(batch_size),
+            "--max-length", str(max_length), "--device", device, "--paths", ",".join(paths),
+            "--repeats", str(repeats), "--warmup", str(warmup)]
+    data_dir = os.environ.get("HEFT_DATA_DIR")
+    return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
+
+
+# ------------------------------------------------------------------------------------------ main
+def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 8, max_length: int = 256,
+              device: str | None = None, paths: Sequence[str] = PATHS, repeats: int = 10, warmup: int = 1,
+              seed: int = 42) -> dict:
+    """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    paths = parse_paths(",".join(paths))
+    if min(batches, batch_size, max_length, repeats) < 1 or warmup < 0:
+        raise ValueError("--batches, --batch-size, --max-length and --repeats must be ≥ 1, --warmup ≥ 0")
+    probe = HeftModel.from_pretrained(model)
+    shapes = linear_shapes(probe.model)
+    n_linear = sum(count * n_in * n_out for (n_in, n_out), count in shapes.items())
+    cfg = RunConfig(model=model, task="boolq", max_length=max_length, max_train_examples=batches * batch_size,
+                    max_eval_examples=batch_size, seed=seed)
+    splits = load_data(get_task("boolq"), cfg, probe.tokenizer)
+    pad_id = probe.tokenizer.pad_token_id
+    del probe
+    # Length-grouped as heft trains; with ≤ 32 batches that means each batch holds examples of similar length.
+    order = length_grouped_batches([len(e.input_ids) for e in splits.train], batch_size, seed)[:batches]
+    examples = [[splits.train[i] for i in batch] for batch in order]
+    collated = [{k: v.to(dev) for k, v in collate(ex, pad_id).items()} for ex in examples]
+    m = round(statistics.mean(b["input_ids"].numel() for b in collated))
+    log.info("bench: %d batches of %d on %s; GEMM peaks at M = %d", len(collated), batch_size, dev, m)
+    gemm = {name: gemm_peak(shapes, m, dtype, dev, repeats) for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+    results = {}
+    for path in paths:
+        log.info("bench: %s", path)
+        torch.manual_seed(seed)
+        work = _workload(path, model, examples, collated, dev, n_linear, seed)
+        results[path] = measure(work, len(collated), warmup, dev, gemm["bfloat16"]["gflops"])
+        del work
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    ratio = (round(results["lora"]["tok_s"] / results["peft-lora"]["tok_s"], 3)
+             if {"lora", "peft-lora"} <= results.keys() else None)
+    return {
+        "command": command_line(model, batches, batch_size, max_length, str(dev), paths, repeats, warmup),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(dev),
+        "versions": versions(),
+        "model": {"id": model, "linear_params": n_linear, "linear_shapes": [[i, o, c] for (i, o), c in sorted(shapes.items())]},
+        "data": {"source": splits.info["source"], "batches": len(collated), "batch_size": batch_size, "max_length": max_length,
+                 "tokens": sum(int(b["attention_mask"].sum()) for b in collated),
+                 "padded_tokens": sum(b["input_ids"].numel() for b in collated)},
+        "settings": {"bf16_autocast": True, "weights_dtype": "float32", "warmup_steps": warmup, "gemm_repeats": repeats,
+                     "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"}},
+        "flops_convention": FLOPS_CONVENTION,
+        "memory_measure": "CUDA max allocated (weights included)" if dev.type == "cuda"
+                          else "peak RSS above the RSS when the path's model was ready",
+        "gemm": {"m": m, **gemm},
+        "paths": results,
+        "heft_lora_vs_peft_lora": ratio,
+    }
+
+
+def tables(record: dict) -> list[Table]:
+    """The GEMM peaks and the per-path results, for the terminal."""
+    gemm = Table(title=f"GEMM peak at this model's shapes, M = {record['gemm']['m']} tokens ({record['machine']['cpu']}"
+                       + (f", {record['machine']['gpu']}" if record["machine"]["gpu"] else "") + ")")
+    for column in ("in × out", "count", "bf16 GFLOP/s", "fp32 GFLOP/s"):
+        gemm.add_column(column, justify="right")
+    for bf, fp in zip(record["gemm"]["bfloat16"]["shapes"], record["gemm"]["float32"]["shapes"]):
+        gemm.add_row(f"{bf['in']} × {bf['out']}", str(bf["count"]), f"{bf['gflops']:,.1f}", f"{fp['gflops']:,.1f}")
+    gemm.add_row("[bold]all[/]", "", f"[bold]{record['gemm']['bfloat16']['gflops']:,.1f}[/]", f"{record['gemm']['float32']['gflops']:,.1f}")
+    data = record["data"]
+    paths = Table(title=f"{data['batches']} BoolQ batches × {data['batch_size']} (max_length {data['max_length']}, "
+                        f"{data['tokens']:,} tokens), bf16 autocast, {record['machine']['device']}",
+                  caption=record["flops_convention"] + "; memory: " + record["memory_measure"])
+    for column in ("path", "tok/s", "MFU", "peak memory MB", "seconds", "tokens", "vs peft-lora"):
+        paths.add_column(column, justify="left" if column == "path" else "right")
+    for name, r in record["paths"].items():
+        ratio = f"{record['heft_lora_vs_peft_lora']:.2f}×" if name == "lora" and record["heft_lora_vs_peft_lora"] else ""
+        memory = "—" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,.0f}"
+        paths.add_row(name, f"{r['tok_s']:,.0f}", f"{100 * r['mfu']:.1f} %", memory, f"{r['seconds']:.2f}", f"{r['tokens']:,}", ratio)
+    return [gemm, paths]

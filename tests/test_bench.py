@@ -1,0 +1,61 @@
+"""`heft bench` on a tiny model: the record's structure, and that MFU is computed from the measured peak."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from heft.bench import FLOPS_CONVENTION, PATHS, parse_paths
+from heft.cli import main
+
+from conftest import WORDS
+
+
+def write_boolq(folder, n: int = 16) -> None:
+    """A BoolQ folder of `n` rows per split, with passages of different lengths (so batches differ)."""
+    folder.mkdir(parents=True)
+    rows = [{"question": " ".join(WORDS[4:7]), "passage": " ".join(WORDS[4 : 6 + i % 9]), "answer": bool(i % 2)} for i in range(n)]
+    for split in ("train", "validation"):
+        pd.DataFrame(rows).to_parquet(folder / f"{split}.parquet")
+
+
+def test_bench_records_every_path_against_the_measured_peak(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    write_boolq(tmp_path / "data" / "boolq")
+    monkeypatch.setenv("HEFT_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_model_dir), "--batches", "3", "--batch-size", "4", "--max-length", "24",
+                 "--device", "cpu", "--repeats", "3", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert "vs peft-lora" in capsys.readouterr().out
+    assert record["command"].endswith(f"heft bench --model {tiny_model_dir} --batches 3 --batch-size 4 --max-length 24 "
+                                      "--device cpu --paths scoring,lora,peft-lora,loreft,joint --repeats 3 --warmup 1")
+    assert {"cpu", "cores", "torch_threads", "gpu"} <= record["machine"].keys() and record["machine"]["gpu"] is None
+    assert {"torch", "transformers", "peft", "heft"} <= record["versions"].keys()
+    assert record["flops_convention"] == FLOPS_CONVENTION
+    n_linear = 2 * (32 * 32 * 2 + 32 * 16 * 2 + 32 * 64 * 3)  # 2 layers: q, o; k, v (2 kv heads of 8); gate, up, down
+    assert record["model"]["linear_params"] == n_linear
+    assert record["data"]["batches"] == 3 and 0 < record["data"]["tokens"] <= record["data"]["padded_tokens"]
+    peak = record["gemm"]["bfloat16"]["gflops"]
+    assert peak > 0 and record["gemm"]["float32"]["gflops"] > 0
+    assert [[s["in"], s["out"], s["count"]] for s in record["gemm"]["bfloat16"]["shapes"]] == \
+        record["model"]["linear_shapes"] == [[32, 16, 4], [32, 32, 4], [32, 64, 4], [64, 32, 2]]
+    assert list(record["paths"]) == list(PATHS)
+    for name, r in record["paths"].items():
+        assert r["tok_s"] > 0 and r["seconds"] > 0 and r["peak_memory_mb"] is not None
+        assert r["tok_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+        assert r["flops_per_token"] == (2 if name == "scoring" else 4) * n_linear
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tok_s"] / (peak * 1e9), rel=2e-3)
+        assert (r["trainable_params"] > 0) == (name != "scoring")
+    train_tokens = record["data"]["tokens"]
+    assert all(record["paths"][p]["tokens"] == train_tokens for p in ("lora", "peft-lora", "loreft", "joint"))
+    assert record["paths"]["scoring"]["tokens"] < train_tokens  # prompts only
+    assert record["paths"]["lora"]["trainable_params"] == record["paths"]["peft-lora"]["trainable_params"]
+    assert record["heft_lora_vs_peft_lora"] == pytest.approx(record["paths"]["lora"]["tok_s"] / record["paths"]["peft-lora"]["tok_s"], rel=1e-2)
+
+
+def test_paths_are_validated_and_run_in_a_fixed_order():
+    assert parse_paths("peft-lora, lora") == ["lora", "peft-lora"]
+    with pytest.raises(ValueError, match="unknown --paths"):
+        parse_paths("lora,dora")
