@@ -79,16 +79,43 @@ def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
         (["train", "configs/boolq_heft.yaml", "stages.0.epoch=3"], "did you mean 'epochs'"),
         (["train", "configs/boolq_heft.yaml", "batch_size=abc"], "batch_size"),
         (["train", "configs/nope.yaml"], "nope.yaml"),
-        (["train", "configs/boolq_heft.yaml", "model=/no/such/model", "--output-dir", "{tmp}/r"], "/no/such/model"),
+        (["train", "configs/boolq_heft.yaml", "model=/no/such/model", "data.source={tmp}/data", "--output-dir", "{tmp}/r"],
+         "/no/such/model"),  # valid data: it is read before the model
         (["eval", "{tmp}"], "not a heft run folder"),
     ],
 )
 def test_user_errors_are_one_line(argv, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
+    write_toy_boolq(tmp_path / "data")
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     out = capsys.readouterr().err
     assert expected in out and "Traceback" not in out
     assert out.startswith("error:") and len(out.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize(
+    "file, content, error, hint",
+    [
+        ("train.jsonl", b'{"question": "q", "passage": "p", "answer": true}\n{"question": "q", "passage"\n',
+         "train.jsonl: line 2: invalid JSON", "fix line 2 of"),
+        ("validation.csv", "question,passage,answer\nis it,caf\xe9 au lait,true\n".encode("latin-1"),
+         "validation.csv: row 1 (line 2): field 'passage' (column 'passage'): not valid UTF-8", "validation.csv as UTF-8"),
+        ("train.jsonl", b'{"query": "q", "passage": "p", "answer": true}\n',
+         "train.jsonl: line 1: missing column 'question'", "data.columns.question=<column>"),
+    ],
+    ids=["broken-json", "not-utf8", "missing-column"],
+)
+def test_bad_data_fails_before_the_model_loads_with_a_hint_for_its_cause(file, content, error, hint, tmp_path, capsys):
+    """Either split; the model path does not exist, so a model loaded first would fail differently."""
+    data = write_toy_boolq(tmp_path / "data", 8, 8)
+    (data / f"{file.split('.')[0]}.parquet").unlink()
+    (data / file).write_bytes(content)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tmp_path / "no-such-model", data, tmp_path / "run")))
+    assert main(["train", str(config), "-q"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and error in lines[0] and lines[1].startswith("hint:") and hint in lines[1], lines
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 @pytest.mark.slow

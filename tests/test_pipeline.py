@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from accelerate import Accelerator
+from torch.nn.utils.parametrizations import orthogonal
 
 from heft.config import RunConfig, StageConfig
-from heft.io import RunFolderError, load_run, save_run
+from heft.io import RunFolderError, load_run, save_run, sha256_file
 from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
@@ -260,3 +263,42 @@ def test_tampered_base_hash_and_half_written_files_are_refused(tmp_path, tiny_mo
     interventions.write_bytes(interventions.read_bytes()[:100])
     with pytest.raises(RunFolderError, match="incomplete"):
         load_run(run)
+
+
+def _header_bytes(path: Path) -> int:
+    """Size of a safetensors header: an 8-byte length, then that much JSON."""
+    with open(path, "rb") as handle:
+        return 8 + int.from_bytes(handle.read(8), "little")
+
+
+def test_reft_file_holds_only_r_w_and_b_and_old_format_still_loads(tmp_path, tiny_model_dir):
+    model, run = _trained_run(tmp_path, tiny_model_dir)
+    file = next(run.rglob("interventions.safetensors"))
+    trainable_bytes = model.stages[1].trainable_params * 4  # float32
+    assert file.stat().st_size <= 1.1 * trainable_bytes + _header_bytes(file)
+    with safetensors.safe_open(file, "pt") as saved:
+        assert {key.split(".", 2)[2] for key in saved.keys()} == {"rotate.weight", "source.weight", "source.bias"}
+    batch = batch_of(toy_data(8, seed=1))
+    with torch.no_grad():
+        reference = model.lm_head(model(**batch).hidden_states)
+        loaded = load_run(run)
+        assert torch.equal(reference, loaded.lm_head(loaded(**batch).hidden_states)), "a frozen R loads bit for bit"
+
+    # Folders written before held, per intervention, torch's raw tensor and a d × d base buffer.
+    legacy = {}
+    for key, value in safetensors.torch.load_file(file).items():
+        if not key.endswith("rotate.weight"):
+            legacy[key] = value
+            continue
+        old = orthogonal(torch.nn.Linear(value.shape[1], value.shape[0], bias=False))
+        with torch.no_grad():
+            old.weight = value
+        legacy |= {key.removesuffix("weight") + k: v.contiguous() for k, v in old.state_dict().items()}
+    assert any(v.shape == (32, 32) for v in legacy.values())
+    safetensors.torch.save_file(legacy, file)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["files"][str(file.relative_to(run))] = sha256_file(file)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with torch.no_grad():
+        loaded = load_run(run)
+        assert (reference - loaded.lm_head(loaded(**batch).hidden_states)).abs().max() <= 1e-5

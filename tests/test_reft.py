@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 
 from heft.methods.reft import DiReFT, LoReFT, ReftConfig, ReftModel, intervention_positions, parse_layers, parse_positions
+from heft.methods.reft.layer import LEGACY_BASE, RAW_R
 
 
 def test_loreft_matches_formula():
@@ -51,6 +54,57 @@ def test_rotation_stays_orthonormal_after_training():
     R = module.R
     assert torch.linalg.norm(R @ R.T - torch.eye(6)) < 1e-5
     assert loss.item() < 1.0
+
+
+def test_rotation_state_is_r_by_d_and_round_trips():
+    """No d × d tensor in memory or in the state dict, which holds R itself; loading R rebuilds the
+    same raw reflectors (so a resumed optimizer's moments still fit them) and, once frozen, R bit for bit."""
+    torch.manual_seed(0)
+    d, r = 64, 4
+    module = LoReFT(d, r)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.05, weight_decay=0.0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        (module(torch.randn(8, d)) - 1).pow(2).mean().backward()
+        optimizer.step()
+    tensors = [*module.parameters(), *module.buffers(), *module.state_dict().values()]
+    assert max(t.numel() for t in tensors) <= r * d
+    state = module.state_dict()
+    assert set(state) == {"rotate.weight", "source.weight", "source.bias"}
+    assert torch.equal(state["rotate.weight"], module.R) and torch.allclose(module.R @ module.R.T, torch.eye(r), atol=1e-6)
+
+    trainable = LoReFT(d, r)
+    trainable.load_state_dict(state)
+    a, b = (dict(m.named_parameters())[RAW_R].triu(1) for m in (module, trainable))  # the used part
+    assert torch.allclose(a, b, atol=1e-6), "the same reflectors, not just the same R"
+    assert torch.allclose(trainable.R, module.R, atol=1e-6)
+    frozen = LoReFT(d, r)
+    frozen.freeze_rotation_()
+    frozen.load_state_dict(state)
+    h = torch.randn(3, d)
+    assert torch.equal(frozen.R, module.R) and torch.equal(frozen(h), module(h))
+    assert [n for n, _ in frozen.named_parameters()] == ["rotate.weight", "source.weight", "source.bias"]
+
+
+def test_interventions_saved_by_the_old_parametrization_still_load():
+    """Before, R was torch's trivialized orthogonal map: a raw r × d tensor and a d × d base buffer."""
+    torch.manual_seed(0)
+    d, r = 48, 4
+    old = orthogonal(nn.Linear(d, r, bias=False))
+    with torch.no_grad():
+        old.parametrizations.weight.original.add_(0.1 * torch.randn(r, d).triu(1))  # the reflectors, as training moves them
+    source = nn.Linear(d, r)
+    state = {f"rotate.{k}": v for k, v in old.state_dict().items()} | {f"source.{k}": v for k, v in source.state_dict().items()}
+    assert LEGACY_BASE in state and state[LEGACY_BASE].shape == (d, d)
+    h = torch.randn(5, d)
+    expected = (source(h) - h @ old.weight.T) @ old.weight
+    for frozen in (True, False):
+        module = LoReFT(d, r)
+        if frozen:
+            module.freeze_rotation_()
+        module.load_state_dict(state)
+        assert torch.allclose(module.R, old.weight, atol=1e-6)
+        assert torch.allclose(module(h), expected, atol=1e-5)
 
 
 def test_parse_positions_and_layers():

@@ -212,6 +212,20 @@ def test_branched_arm_equals_the_same_arm_trained_from_scratch(tmp_path, tiny_mo
     assert summary["arms"]["heft-2+1"]["branched_from"]["run_dirs"] == {"1": str(prefix.run_dir(1))}
 
 
+def test_report_only_trains_nothing_and_names_what_is_missing(tmp_path, tiny_model_dir, monkeypatch):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trained")
+
+    monkeypatch.setattr(reproduce_module, "run_training", no_training)
+    summary = reproduce(str(path), show_progress=False, train=False)
+    assert list(summary["arms"]) == ["loreft-20"]
+    assert summary["missing"] == ["lora-20/seed-1", "heft-2+1/seed-1", "joint-3/seed-1"]
+    assert "Not finished yet" in (tmp_path / "out-tiny" / "report.md").read_text()
+
+
 def test_a_folder_of_other_settings_is_not_reused(tmp_path, tiny_model_dir):
     path = tiny_reproduce_file(tmp_path, tiny_model_dir)
     reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)

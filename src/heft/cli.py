@@ -1,4 +1,4 @@
-"""`heft` command line: train, eval, predict, export, info, reproduce.
+"""`heft` command line: train, eval, predict, export, info, reproduce, bench.
 
 User mistakes (bad config, missing file, unknown model, bad data) end in one readable line and a
 hint, with exit status 2; everything else is a bug and keeps its traceback.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -104,17 +105,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     task = get_task(cfg.task)
     if args.input:
         rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif args.question and args.passage:
-        rows = [{"question": args.question, "passage": args.passage}]
+    elif args.question:
+        given = {"question": args.question, "passage": args.passage, "choices": args.choices}
+        rows = [{k: v for k, v in given.items() if v is not None}]
     else:
-        raise ValueError("give --question and --passage, or --input FILE.jsonl")
+        raise ValueError("give --question with --passage (BoolQ) or --choices (multiple choice), or --input FILE.jsonl")
     model = load_run(run_dir)
     queries = [task.to_query(row, cfg.data.template) for row in rows]
     encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
     predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
     records = [
-        {**row, "prediction": task.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
-        for row, p in zip(rows, predictions)
+        {**row, "prediction": query.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
+        for row, query, p in zip(rows, queries, predictions)
     ]
     if args.output:
         Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -185,8 +187,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from heft.reproduce import reproduce
 
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
-    summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet)
+    summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet, train=not args.report_only)
     console.print(f"summary: {summary['output_dir']}/summary.json, report: {summary['output_dir']}/report.md")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from heft.bench import run_bench, tables
+
+    record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
+                       args.paths.split(","), args.repeats, args.warmup)
+    for table in tables(record):
+        console.print(table)
+    out = Path(args.json or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    console.print(f"wrote {out}")
     return 0
 
 
@@ -214,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--question")
     p.add_argument("--passage")
-    p.add_argument("--input", help="JSONL file with question and passage per line")
+    p.add_argument("--choices", nargs="+", metavar="CHOICE", help="the answers to choose from (multiple-choice tasks)")
+    p.add_argument("--input", help="JSONL file with the task's fields per line (question and passage, or question and choices)")
     p.add_argument("--output", help="JSONL file for the predictions (default: print)")
     p.set_defaults(func=cmd_predict)
 
@@ -233,7 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir")
     p.add_argument("--only", nargs="+", metavar="ARM", help="train only these arms (the others are read back if finished)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write summary, report and plots from the arms finished so far")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("bench", help="tokens/s, MFU and peak memory of each path against this machine's GEMM peak",
+                       description="Measures this machine's bf16/fp32 GEMM peak at the model's shapes, then tokens/s, MFU "
+                                   "and peak memory of heft's paths and of transformers + peft LoRA, on the same BoolQ "
+                                   "batches (read as `heft train` reads them: HEFT_DATA_DIR or the Hub).")
+    p.add_argument("--model", default="smollm2-135m", help="alias, local folder or hub id (default: smollm2-135m)")
+    p.add_argument("--batches", type=int, default=12, help="timed batches per path (default: 12)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--paths", default="scoring,lora,peft-lora,loreft,joint", help="comma-separated subset of the default (all paths)")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
+    p.add_argument("--json", help="output file (default: runs/bench-<time>.json)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -242,6 +276,8 @@ HINTS = {
     "DataError": "set data.source or HEFT_DATA_DIR to a folder with train/validation files",
     "ModelNotFoundError": "use a hub id, a local model folder, or the alias smollm2-135m",
     "RunFolderError": "pass a folder written by `heft train`",
+    "RunFolderBusy": "wait for that process to end, or write into another folder",
+    "SaveError": "free space or fix the folder's permissions, then rerun the same command: it resumes from the last save",
     "FileExistsError": "choose another output folder",
 }
 
@@ -257,8 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         kind = type(err).__name__
         message = str(err).splitlines()[0] if str(err) else kind
-        hint = HINTS.get(kind)
-        errors.print(f"[red]error:[/] {message}" + (f"\n[dim]hint: {hint}[/]" if hint else ""), highlight=False, markup=True)
+        hint = getattr(err, "hint", None) or HINTS.get(kind)  # a DataError knows the hint for its cause
+        errors.print(f"[red]error:[/] {escape(message)}" + (f"\n[dim]hint: {escape(hint)}[/]" if hint else ""), highlight=False, markup=True)
         return 2
     except KeyboardInterrupt:
         errors.print("[yellow]interrupted[/]: the run folder keeps the last completed epoch; rerun the same command to resume")

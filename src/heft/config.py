@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -76,8 +77,8 @@ class DataConfig:
     or `$HEFT_DATA_DIR/<task>` when that variable is set."""
     train_split: str = "train"
     """Split (or file stem inside a local folder) used for training."""
-    eval_split: str = "validation"
-    """Split used for evaluation."""
+    eval_split: str | None = None
+    """Split used for evaluation; None: the task's (validation for BoolQ, test for ARC and OpenBookQA)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Map from the task's field names to the file's column names, e.g. {question: query}."""
     template: str | None = None
@@ -128,6 +129,13 @@ class RunConfig:
     """Run folder; `{task}`, `{model}` and `{time}` are filled in."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     """The hierarchy, trained in order; each stage freezes everything before it."""
+
+    def __post_init__(self) -> None:
+        if self.data.eval_split is None:  # the task's own evaluation split (test for ARC, validation for BoolQ)
+            from heft.tasks import get_task  # here: the tasks module imports this one
+
+            with contextlib.suppress(ValueError):  # an unknown task is reported by _finish, with its line
+                self.data.eval_split = get_task(self.task).default_eval_split
 
 
 # --------------------------------------------------------------------------- loading & validation
@@ -329,6 +337,13 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
             src.fail("'keep: if_better' needs a dev split", ("stages", i, "keep"),
                      hint="set data.dev_examples (e.g. 200), carved out of the training split")
+    if cfg.data.eval_split is None:  # __post_init__ leaves it unset only for an unknown task
+        from heft.tasks import get_task
+
+        try:
+            get_task(cfg.task)
+        except ValueError as e:
+            src.fail(str(e), ("task",))
     if cfg.data.eval_split == cfg.data.train_split and cfg.max_eval_examples is None:
         src.fail("evaluating on the training split needs max_eval_examples", ("max_eval_examples",),
                  hint="the evaluation examples are held out of training, so their number must be set")

@@ -1,20 +1,22 @@
-"""Evaluation of a (staged) model on a multiple-choice task.
+"""Evaluation of a (staged) model on a multiple-choice task, scored as lm-evaluation-harness does.
 
-`score` compares the log-probabilities of the choices' first tokens at the last prompt position
-(lm-evaluation-harness style), one forward pass per batch with the LM head at that position only.
-`generate` decodes greedily and parses the answer, for parity with generation-based papers.
+First-token tasks (BoolQ) compare the log-probabilities of the choices' first tokens at the last
+prompt position: one forward pass per batch, LM head at that position only. Continuation tasks
+(ARC, OpenBookQA) sum the log-probabilities of each choice's tokens; the choices of a question
+share its prompt, which is run once and whose keys/values every choice reuses.
+`generate_answers` decodes greedily and parses the answer, for parity with generation-based papers.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from heft.pipeline import HeftModel
+from heft.pipeline import HeftModel, last_token_index
 from heft.tasks import EncodedExample, Task
 
 
@@ -22,8 +24,12 @@ from heft.tasks import EncodedExample, Task
 class Prediction:
     label: int
     predicted: int
+    """Argmax of the task's headline score."""
     probs: list[float]
-    """Probabilities of the choices, renormalised over the choices."""
+    """Softmax of the headline scores over the example's choices: for first-token tasks the choices'
+    probabilities renormalised over the choices, for `acc_norm` over per-character log-likelihoods."""
+    predicted_by: dict[str, int] = field(default_factory=dict)
+    """Continuation tasks: the prediction under each score (`acc`, `acc_norm`)."""
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,36 +64,99 @@ def predict(
     progress: bool = True,
     bf16: bool = False,
 ) -> list[Prediction]:
-    """Choice probabilities for every example, in input order."""
-    choice_ids = torch.tensor(task.choice_token_ids(model.tokenizer))
+    """Choice scores for every example, in input order (`batch_size` counts questions)."""
+    by_continuation = task.scoring == "continuation"
+    choice_ids = None if by_continuation else torch.tensor(task.choice_token_ids(model.tokenizer), device=model.device)
     pad_id = model.tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     results: list[Prediction | None] = [None] * len(examples)
     for batch in tqdm(_batches(examples, batch_size), desc="eval", disable=not progress, leave=False):
-        ids, mask = pad_batch([examples[i].input_ids[: examples[i].prompt_len] for i in batch], pad_id, "right")
+        prompts = [examples[i].input_ids[: examples[i].prompt_len] for i in batch]
+        if by_continuation:
+            with autocast(model, bf16):
+                lls = continuation_logprobs(model, prompts, [examples[i].choice_ids for i in batch])
+            for row, i in enumerate(batch):
+                results[i] = _continuation_prediction(examples[i], lls[row], task.headline)
+            continue
+        ids, mask = pad_batch(prompts, pad_id, "right")
         with autocast(model, bf16):
             logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))
-        logprobs = logprobs[:, choice_ids.to(model.device)]
-        probs = torch.softmax(logprobs, dim=-1).cpu()
+        probs = torch.softmax(logprobs[:, choice_ids], dim=-1).cpu()
         for row, i in enumerate(batch):
             results[i] = Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist())
     model.train(was_training)
     return results  # type: ignore[return-value]
 
 
-def metrics(predictions: Sequence[Prediction], num_choices: int) -> dict[str, float | int | list[float]]:
-    """Accuracy, majority-class accuracy, per-class accuracy, mean margin P(gold) − P(best other), and
-    which examples were right ("0"/"1" per example, in input order) for paired comparisons."""
+def _continuation_prediction(example: EncodedExample, lls: list[float], headline: str) -> Prediction:
+    """`acc` ranks choices by log-likelihood, `acc_norm` by log-likelihood per character of the choice."""
+    raw = torch.tensor(lls, dtype=torch.float64)
+    scores = {"acc": raw, "acc_norm": raw / torch.tensor(example.choice_chars, dtype=torch.float64)}
+    predicted_by = {name: int(s.argmax()) for name, s in scores.items()}
+    probs = torch.softmax(scores[headline], dim=-1)
+    return Prediction(example.label, predicted_by[headline], probs.tolist(), predicted_by)
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: HeftModel,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    padding_side: str = "right",
+) -> list[list[float]]:
+    """Log-likelihood of every continuation of every prompt: the sum of its tokens' log-probabilities.
+
+    Each prompt runs once, edited by the model's stages as in training; its keys and values are then
+    copied to every continuation of it, which runs on top without any edit. The last prompt position
+    predicts a continuation's first token, so one-token continuations need no second pass.
+    """
+    pad_id = model.tokenizer.pad_token_id
+    device = model.device
+    ids, mask = (t.to(device) for t in pad_batch(prompts, pad_id, padding_side))
+    hidden, cache = model.encode_prompts(ids, mask)
+    last = last_token_index(mask)
+    first = torch.log_softmax(model.lm_head(hidden[torch.arange(len(prompts), device=device), last]).float(), dim=-1)
+    owner = torch.tensor([q for q, conts in enumerate(continuations) for _ in conts], device=device)
+    rows = [list(c) for conts in continuations for c in conts]
+    if any(not c for c in rows):
+        raise ValueError("an empty continuation has no log-likelihood")
+    totals = first[owner, torch.tensor([c[0] for c in rows], device=device)].double()
+    if any(len(c) > 1 for c in rows):
+        cont_ids, cont_mask = (t.to(device) for t in pad_batch([c[:-1] for c in rows], pad_id, "right"))
+        targets, _ = pad_batch([c[1:] for c in rows], pad_id, "right")
+        cache.reorder_cache(owner)  # row r continues prompt owner[r]
+        steps = torch.arange(cont_ids.shape[1], device=device)
+        position_ids = mask.sum(dim=1)[owner].unsqueeze(1) + steps
+        attention = torch.cat([mask[owner], cont_mask], dim=1)
+        later = model.continue_prompts(cont_ids, attention, position_ids, cache)
+        real = cont_mask.bool()
+        logprobs = torch.log_softmax(model.lm_head(later[real]).float(), dim=-1)
+        picked = logprobs.gather(1, targets.to(device)[real].unsqueeze(1)).squeeze(1).double()
+        totals = totals.index_add(0, real.nonzero()[:, 0], picked)
+    out, start = [], 0
+    for conts in continuations:
+        out.append(totals[start : start + len(conts)].tolist())
+        start += len(conts)
+    return out
+
+
+def metrics(predictions: Sequence[Prediction]) -> dict[str, float | int | str | list[float]]:
+    """Accuracy, majority-class accuracy, per-class accuracy (by gold index), mean margin P(gold) −
+    P(best other), which examples were right ("0"/"1" per example, in input order) for paired
+    comparisons, and the accuracy under each score of continuation tasks (`acc`, `acc_norm`)."""
     n = len(predictions)
     counts = Counter(p.label for p in predictions)
+    num_choices = max(len(p.probs) for p in predictions)
     per_class = [
         sum(p.predicted == c for p in predictions if p.label == c) / counts[c] if counts[c] else float("nan")
         for c in range(num_choices)
     ]
     margins = [p.probs[p.label] - max(q for j, q in enumerate(p.probs) if j != p.label) for p in predictions]
+    by_score = {name: sum(p.predicted_by[name] == p.label for p in predictions) / n for name in predictions[0].predicted_by}
     return {
         "accuracy": sum(p.predicted == p.label for p in predictions) / n,
+        **by_score,
         "majority_accuracy": max(counts.values()) / n,
         "per_class_accuracy": per_class,
         "mean_margin": sum(margins) / n,
@@ -97,8 +166,10 @@ def metrics(predictions: Sequence[Prediction], num_choices: int) -> dict[str, fl
 
 
 def evaluate(model: HeftModel, task: Task, examples: Sequence[EncodedExample], **options) -> dict:
-    """Score-based evaluation: metrics over `examples` (`options` as for `predict`)."""
-    return metrics(predict(model, task, examples, **options), len(task.choices))
+    """Score-based evaluation: metrics over `examples` (`options` as for `predict`). Continuation
+    tasks also report `acc` and `acc_norm`, and which of them is `accuracy` (`headline`)."""
+    result = metrics(predict(model, task, examples, **options))
+    return {**result, "headline": task.headline} if task.scoring == "continuation" else result
 
 
 @torch.no_grad()
@@ -111,6 +182,9 @@ def generate_answers(
     bf16: bool = False,
 ) -> list[tuple[str, int | None]]:
     """Greedy generation from each prompt; returns (text, parsed label or None)."""
+    if task.choices_field is not None:
+        raise ValueError(f"task {task.name!r} has its own choices per question, which generated text is not parsed "
+                         "against; evaluate it with --mode score")
     pad_id = model.tokenizer.pad_token_id
     outputs: list[tuple[str, int | None] | None] = [None] * len(examples)
     for batch in _batches(examples, batch_size):

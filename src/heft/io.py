@@ -7,22 +7,28 @@ Layout of a run folder::
         0-lora/adapter_config.json, adapter_model.safetensors   (peft's own format)
         1-loreft/interventions.safetensors, intervention_config.json
     config.yaml, metrics.jsonl, results.json   (written by the training recipe)
+    .heft.lock, .heft.lock.pid     one writer at a time (`run_folder_lock`)
 
 A save writes a fresh `weights/step-*` folder, then atomically replaces `manifest.json` to point
-at it, then deletes older weight folders: a killed process leaves the previous save loadable.
+at it, then deletes older weight folders: a killed process, or a failed write, leaves the previous
+save loadable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import filelock
 import peft
 import safetensors.torch
 import torch
@@ -45,19 +51,76 @@ TRAINER_STATE = "trainer_state.json"
 """Progress of a resumable save (every epoch, and the end of a run so that arms can branch from it)."""
 
 
+LOCK = ".heft.lock"
+"""Lock file of a run folder (flock: the kernel frees it when its holder exits, even by kill -9)."""
+LOCK_PID = ".heft.lock.pid"
+"""Pid of the process holding the lock, for the message a second writer gets."""
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be loaded as asked (missing, incomplete, or for another base model)."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another process is writing into the run folder."""
+
+
+class SaveError(OSError):
+    """A save that could not be written (no space, no permission, read-only folder); its partial
+    files are gone and the manifest still points at the previous save."""
+
+
+@contextmanager
+def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the lock of `run_dir` (created if missing) for a whole run: two writers in one folder
+    would interleave metrics and checkpoints. Under torchrun or `accelerate launch` only the main
+    process (RANK 0) writes the folder, so only it locks."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(run_dir / LOCK)
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:
+        holder = run_dir / LOCK_PID
+        pid = holder.read_text().strip() if holder.is_file() else "unknown"
+        raise RunFolderBusy(f"{run_dir} is being written by another heft process (pid {pid}); refusing to write into it too") from None
+    try:
+        (run_dir / LOCK_PID).write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        (run_dir / LOCK_PID).unlink(missing_ok=True)
+        lock.release()
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write and fsync (a save publishes its files by a rename, which must not outrun their data);
+    errors name the file, also those of write and fsync, which Python reports without it."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        err.filename = err.filename or str(path)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file, written by Python: a full disk then raises OSError with its errno
+    (safetensors' own writer raises a SafetensorError carrying only text)."""
+    write_file(path, safetensors.torch.save(tensors))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_file(Path(tmp), text.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -112,12 +175,50 @@ def save_run(
 
     With `optimizer` and `trainer_state` the save is also a resumable checkpoint: both go into
     the same weights folder, so weights and optimizer state are always of the same step.
+    A save that fails (full disk, no permission) removes what it wrote at once and raises
+    SaveError; the folder keeps its previous save, so a rerun resumes from it.
     """
     run_dir = Path(run_dir)
     weights_root = run_dir / "weights"
-    weights_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=weights_root, prefix=".tmp-"))
-    stages, files = [], {}
+    tmp = published = None
+    try:
+        weights_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=weights_root, prefix=".tmp-"))
+        stages = _write_weights(model, tmp, optimizer, trainer_state)
+        final = weights_root / (f"step-{step:08d}" if optimizer is not None else "final")
+        while final.exists():  # never overwrite the folder the current manifest may point at
+            final = final.with_name(final.name + "+")
+        files = {str(final.relative_to(run_dir) / path.relative_to(tmp)): sha256_file(path)
+                 for path in sorted(tmp.rglob("*")) if path.is_file()}
+        os.replace(tmp, final)
+        published = final
+        manifest = {
+            "format": FORMAT,
+            "versions": versions(),
+            "base_model": {"id": model.model_id, "sha256": model.weights_sha256, "dtype": str(model.model.dtype).removeprefix("torch.")},
+            "seed": seed,
+            "stages": stages,
+            "weights": str(final.relative_to(run_dir)),
+            "files": files,
+            "checkpoint": optimizer is not None,
+        }
+        write_json(run_dir / MANIFEST, manifest)
+    except BaseException as err:
+        for partial in (tmp, published):  # the manifest still points at the previous save
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise SaveError(_save_failure(err, run_dir, model, optimizer)) from err
+        raise
+    for old in weights_root.iterdir():
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return run_dir
+
+
+def _write_weights(model: HeftModel, tmp: Path, optimizer: torch.optim.Optimizer | None, trainer_state: dict | None) -> list[dict]:
+    """Write the stages' files (and the optimizer state) into `tmp`; returns the manifest's stage entries."""
+    stages = []
     for stage in model.stages:
         folder = tmp / stage.name
         folder.mkdir()
@@ -125,47 +226,42 @@ def save_run(
             stages.append(_stage_entry(stage))
             continue
         if stage.config.uses_lora:
-            stage.peft_config.save_pretrained(folder)
-            safetensors.torch.save_file(model.lora_state_dict(stage), folder / "adapter_model.safetensors")
+            dataclasses.replace(stage.peft_config, base_model_name_or_path=model.model_id).save_pretrained(folder)
+            save_tensors(model.lora_state_dict(stage), folder / "adapter_model.safetensors")
         if stage.reft is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in stage.reft.state_dict().items()}
-            safetensors.torch.save_file(state, folder / "interventions.safetensors")
+            save_tensors(state, folder / "interventions.safetensors")
             reft_meta = {"config": dataclasses.asdict(stage.config.reft), "layers": stage.reft.layers, "hidden_size": model.hidden_size}
-            (folder / "intervention_config.json").write_text(json.dumps(reft_meta, indent=2))
+            write_json(folder / "intervention_config.json", reft_meta)
         stages.append(_stage_entry(stage))
     if optimizer is not None:
         save_optimizer(optimizer, tmp, trainer_state or {})
     elif trainer_state is not None:  # a stage boundary: the next stage starts a new optimizer
         write_json(tmp / TRAINER_STATE, trainer_state)
-    final = weights_root / (f"step-{step:08d}" if optimizer is not None else "final")
-    while final.exists():  # never overwrite the folder the current manifest may point at
-        final = final.with_name(final.name + "+")
-    for path in sorted(tmp.rglob("*")):
-        if path.is_file():
-            files[str(final.relative_to(run_dir) / path.relative_to(tmp))] = sha256_file(path)
-    os.replace(tmp, final)
-    manifest = {
-        "format": FORMAT,
-        "versions": versions(),
-        "base_model": {"id": model.model_id, "sha256": model.weights_sha256, "dtype": str(model.model.dtype).removeprefix("torch.")},
-        "seed": seed,
-        "stages": stages,
-        "weights": str(final.relative_to(run_dir)),
-        "files": files,
-        "checkpoint": optimizer is not None,
-    }
-    write_json(run_dir / MANIFEST, manifest)
-    for old in weights_root.iterdir():
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return run_dir
+    return stages
+
+
+def _save_failure(err: OSError, run_dir: Path, model: HeftModel, optimizer: torch.optim.Optimizer | None) -> str:
+    """One line: where and why a save failed, and for a full disk how much space it needs."""
+    message = f"could not save {run_dir}: {err.strerror or err} ({err.filename or run_dir})"
+    if err.errno == errno.ENOSPC:
+        tensors = [t for s in model.stages if s.config.uses_lora and not s.rolled_back for t in model.lora_state_dict(s).values()]
+        tensors += [t for s in model.stages if s.reft is not None for t in s.reft.state_dict().values()]
+        if optimizer is not None:
+            tensors += [v for slots in optimizer.state.values() for v in slots.values() if torch.is_tensor(v)]
+        size = sum(t.nbytes for t in tensors)
+        message += f"; the save needs about {f'{size / 1e6:,.1f} MB' if size >= 1e5 else f'{size:,} bytes'} free"
+    return message + "; the previous save is kept"
 
 
 def read_manifest(run_dir: str | Path) -> dict:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise RunFolderError(f"{run_dir} is not a heft run folder: {MANIFEST} is missing")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunFolderError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); the folder cannot be loaded") from None
     if manifest.get("format") != FORMAT:
         raise RunFolderError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
     for rel, digest in manifest["files"].items():
@@ -210,6 +306,8 @@ def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: st
         if stage.config.uses_lora:
             model.load_lora_state_dict(stage, safetensors.torch.load_file(folder / "adapter_model.safetensors"))
         if stage.reft is not None:
+            if entry["finished"]:  # R loads as the plain tensor it was saved from, bit for bit
+                stage.reft.freeze_()
             stage.reft.load_state_dict(safetensors.torch.load_file(folder / "interventions.safetensors", device=str(model.device)))
         if entry["finished"]:
             model.finish_stage()
@@ -221,7 +319,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, trainer_state
     """Optimizer state as safetensors (tensors) + JSON (hyperparameters, scheduler, progress)."""
     state = optimizer.state_dict()
     tensors = {f"{idx}.{key}": value.contiguous() for idx, slots in state["state"].items() for key, value in slots.items()}
-    safetensors.torch.save_file(tensors, folder / "optimizer.safetensors")
+    save_tensors(tensors, folder / "optimizer.safetensors")
     write_json(folder / TRAINER_STATE, {"param_groups": state["param_groups"], **trainer_state})
 
 
@@ -267,9 +365,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     for stage in model.stages:
         if stage.reft is not None:
             reft_only = dataclasses.replace(stage.config, method=stage.config.reft.kind, name=stage.name)
-            base.add_stage(reft_only).reft.load_state_dict(stage.reft.state_dict())
-            base.stages[-1].trainable_params = stage.trainable_params
-            base.finish_stage()
+            base.add_stage(reft_only).trainable_params = stage.trainable_params
+            base.finish_stage()  # first, so that R is copied as a plain tensor, bit for bit
+            base.stages[-1].reft.load_state_dict(stage.reft.state_dict())
     save_run(base, tmp, manifest.get("seed"))
     for name in ("config.yaml", "results.json"):
         if (run_dir / name).is_file():

@@ -12,6 +12,7 @@ import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Cache
 
 from heft.config import StageConfig
 from heft.methods.lora import LoraAdapters, to_peft_config
@@ -194,6 +195,26 @@ class HeftModel(nn.Module):
         last = last_token_index(attention_mask)
         final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return torch.log_softmax(self.lm_head(final).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Cache]:
+        """Hidden states and key/value cache of a prompt batch (either padding side), edited by every
+        stage exactly as in training, where the interventions sit on prompt tokens only."""
+        self.positions.prompt_mask, self.positions.generation = attention_mask.bool(), False
+        try:
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        finally:
+            self.positions.prompt_mask = None
+        return out.last_hidden_state, out.cache
+
+    @torch.no_grad()
+    def continue_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                         cache: Cache) -> torch.Tensor:
+        """Hidden states of tokens appended to cached prompts (`attention_mask` spans cache + new
+        tokens). No intervention runs: continuation tokens are never edited, in training either."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, use_cache=True).last_hidden_state
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

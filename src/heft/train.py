@@ -29,9 +29,10 @@ from transformers import get_scheduler
 
 from heft.config import RunConfig, StageConfig, save_config
 from heft.evaluate import autocast, evaluate, pad_batch
-from heft.io import append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, save_run, write_json
+from heft.io import (append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run,
+                     write_json)
 from heft.pipeline import HeftModel
-from heft.tasks import EncodedExample, Task, get_task
+from heft.tasks import EncodedExample, Example, Task, get_task
 from heft.tasks.data import DataError, subsample
 
 log = logging.getLogger("heft")
@@ -91,7 +92,8 @@ EpochCallback = Callable[[HeftModel, int, float, torch.optim.Optimizer], None]
 
 def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
     """AdamW with decay on weight matrices only: not on biases, norms or the raw tensors behind
-    LoReFT's orthogonal parametrization (decaying Householder reflectors breaks orthogonality)."""
+    LoReFT's orthogonal parametrization (decaying its Householder reflectors would pull R towards
+    the first r coordinate axes)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if p.ndim >= 2 and "parametrizations" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "parametrizations" not in n)]
@@ -204,8 +206,22 @@ class Splits:
     info: dict
 
 
+@dataclass
+class RowSplits:
+    """Rendered examples of a run, not yet tokenised: read and validated before the model loads."""
+
+    train: list[Example]
+    evaluation: list[Example]
+    dev: list[Example]
+
+
 def load_data(task: Task, cfg: RunConfig, tokenizer) -> Splits:
-    """Load, subsample and tokenise the splits; report truncation and where the data came from.
+    """Read and tokenise the splits (`read_splits`, then `encode_splits`)."""
+    return encode_splits(task, cfg, read_splits(task, cfg), tokenizer)
+
+
+def read_splits(task: Task, cfg: RunConfig) -> RowSplits:
+    """Read, validate and subsample the splits; needs no tokenizer, so bad data fails fast.
 
     Held-out examples never reach training: the dev split (`data.dev_examples`), and the evaluation
     examples when they come from the training split, are carved out before `max_train_examples`.
@@ -222,10 +238,17 @@ def load_data(task: Task, cfg: RunConfig, tokenizer) -> Splits:
     if cfg.max_train_examples is not None:
         train_rows = subsample(train_rows, cfg.max_train_examples, cfg.seed)
     if not train_rows:
-        raise DataError(f"{task.describe_source(data)}: no training examples left after the held-out splits")
-    train, train_truncated = task.encode(train_rows, tokenizer, cfg.max_length)
-    evaluation, eval_truncated = task.encode(eval_rows, tokenizer, cfg.max_length)
-    dev, _ = task.encode(dev_rows, tokenizer, cfg.max_length)
+        raise DataError(f"{task.describe_source(data)}: no training examples left after the held-out splits",
+                        hint="lower max_eval_examples or data.dev_examples, or add training rows")
+    return RowSplits(train_rows, eval_rows, dev_rows)
+
+
+def encode_splits(task: Task, cfg: RunConfig, rows: RowSplits, tokenizer) -> Splits:
+    """Tokenise the splits; report truncation and where the data came from."""
+    data = cfg.data
+    train, train_truncated = task.encode(rows.train, tokenizer, cfg.max_length)
+    evaluation, eval_truncated = task.encode(rows.evaluation, tokenizer, cfg.max_length)
+    dev, _ = task.encode(rows.dev, tokenizer, cfg.max_length)
     info = {
         "source": task.describe_source(data),
         "train_examples": len(train),
@@ -258,9 +281,14 @@ def mean_loss(model: HeftModel, batches: Sequence[dict[str, torch.Tensor]], bf16
 def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
     """Train every stage of `cfg` into `run_dir`, resuming from its last checkpoint if it has one.
 
+    The folder is locked for the whole call: a second writer gets RunFolderBusy and writes nothing.
     Returns the content of `results.json`.
     """
-    run_dir = Path(run_dir)
+    with run_folder_lock(run_dir):
+        return _run_training(cfg, Path(run_dir), show_progress)
+
+
+def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory()
     # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
@@ -272,6 +300,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
     task = get_task(cfg.task)
     if (run_dir / "results.json").exists():
         raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
+    rows = read_splits(task, cfg)  # before the model: bad data must not wait for a model download
     trainer_state = read_trainer_state(run_dir) if (run_dir / "manifest.json").exists() else None
     if trainer_state is not None:
         progress = Progress(**trainer_state["progress"])
@@ -281,7 +310,7 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
     model.to(accelerator.device)
-    splits = load_data(task, cfg, model.tokenizer)
+    splits = encode_splits(task, cfg, rows, model.tokenizer)
     train_data, eval_data = splits.train, splits.evaluation
     probe = [collate(train_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id)
              for i in range(0, min(cfg.boundary_examples, len(train_data)), cfg.batch_size)]
@@ -313,7 +342,8 @@ def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True
             progress.eval_tokens += sum(e.prompt_len for e in eval_data)
             line.update(eval_accuracy=result["accuracy"], eval_majority_accuracy=result["majority_accuracy"],
                         eval_per_class_accuracy=result["per_class_accuracy"], eval_mean_margin=result["mean_margin"],
-                        eval_correct=result["correct"])
+                        eval_correct=result["correct"],
+                        **{f"eval_{k}": result[k] for k in ("acc", "acc_norm") if k in result})
             log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
         line.update(elapsed_s=round(time.perf_counter() - clock, 2), tokens_seen=progress.train_tokens)
         if is_main:

@@ -17,7 +17,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from heft.io import atomic_write_text, write_json
+from heft.io import atomic_write_text, run_folder_lock, write_json
 from heft.reproduce.plan import Plan, load_plan
 from heft.reproduce.plots import plot
 from heft.reproduce.report import render_report
@@ -30,19 +30,22 @@ log = logging.getLogger("heft")
 
 
 def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str | None = None,
-              show_progress: bool = True) -> dict:
-    """Train every selected arm and seed not yet finished, then write the summary, report and plots.
+              show_progress: bool = True, train: bool = True) -> dict:
+    """Train every selected arm and seed not yet finished (unless `train` is False: report on what is
+    finished), then write the summary, report and plots.
 
     Returns the content of `summary.json`.
     """
     plan = load_plan(config_path, overrides, output_dir)
-    train_plan(plan, show_progress)
-    summary = summarize(plan)
-    summary.update(config=str(config_path), overrides=list(overrides), command=shlex.join(sys.argv))
-    plan.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(plan.output_dir / "summary.json", summary)
-    atomic_write_text(plan.output_dir / "report.md", render_report(summary))
-    plot(summary, plan.output_dir)
+    with run_folder_lock(plan.output_dir):  # a second `heft reproduce` into it gets RunFolderBusy
+        if train:
+            train_plan(plan, show_progress)
+        summary = summarize(plan)
+        summary.update(config=str(config_path), overrides=list(overrides), command=shlex.join(sys.argv))
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(plan.output_dir / "summary.json", summary)
+        atomic_write_text(plan.output_dir / "report.md", render_report(summary))
+        plot(summary, plan.output_dir)
     log.info("wrote %s/summary.json, report.md and plots", plan.output_dir)
     return summary
 

@@ -11,7 +11,7 @@ from matplotlib.ticker import MaxNLocator
 def plot(summary: dict, folder: Path) -> None:
     """Accuracy against cumulative epochs and against training tokens, one line per arm (seed mean)."""
     data, zero, majority = summary["data"], summary["zero_shot_accuracy"], summary["majority_accuracy"]
-    title = (f"BoolQ, {summary['preset']} preset: {summary['model']}, N={data.get('train_examples', '?')} train / "
+    title = (f"{summary['task']}, {summary['preset']} preset: {summary['model']}, N={data.get('train_examples', '?')} train / "
              f"{data.get('eval_examples', '?')} eval, seeds {summary['seeds']}")
     for x_key, label, name in (("epoch", "epochs (cumulative over stages)", "accuracy_vs_epoch.png"),
                                ("train_tokens", "training tokens forwarded (cumulative)", "accuracy_vs_tokens.png")):

@@ -33,7 +33,7 @@ def branch(prefix_dir: Path, run_dir: Path) -> None:
     boundary) and metrics. The arm's own config and results are written by its training."""
     tmp = run_dir.with_name(run_dir.name + ".branching")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(prefix_dir, tmp, ignore=shutil.ignore_patterns("results.json", "config.yaml", ".tmp-*"))
+    shutil.copytree(prefix_dir, tmp, ignore=shutil.ignore_patterns("results.json", "config.yaml", ".tmp-*", ".heft.lock*"))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(run_dir)
 

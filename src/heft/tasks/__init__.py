@@ -7,12 +7,17 @@ import difflib
 from heft.tasks.base import EncodedExample, Example, Task, accuracy
 from heft.tasks.boolq import BoolQ
 from heft.tasks.data import DataError, subsample
+from heft.tasks.multiple_choice import ArcChallenge, ArcEasy, MultipleChoiceTask, OpenBookQA
 
 __all__ = [
+    "ArcChallenge",
+    "ArcEasy",
     "BoolQ",
     "DataError",
     "EncodedExample",
     "Example",
+    "MultipleChoiceTask",
+    "OpenBookQA",
     "Task",
     "accuracy",
     "get_task",
@@ -49,4 +54,5 @@ def list_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-register_task(BoolQ)
+for _task in (BoolQ, ArcEasy, ArcChallenge, OpenBookQA):
+    register_task(_task)

@@ -1,13 +1,15 @@
 """A task is data + prompt + metric (as in lm-evaluation-harness): rows become prompts whose gold
-continuation is one of a few `choices`, scored by the first token of each choice."""
+continuation is one of the example's choices. Two scorings share this interface: `first_token`
+compares the choices' first tokens at the last prompt position (BoolQ's " yes"/" no"), and
+`continuation` sums the log-probabilities of each choice's whole continuation (phrase answers)."""
 
 from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from heft.config import DataConfig
 from heft.tasks.data import DataError, FieldError, parse_rows, read_rows, resolve_source, subsample
@@ -26,6 +28,8 @@ class Example:
     """Raw field values, kept for predictions output and for re-rendering a truncated prompt."""
     template: str | None = None
     """Template the prompt was rendered with (a `data.template` override); None: the task's."""
+    choices: list[str] = field(default_factory=list)
+    """Every continuation of this example, gold one at `label` (the task's fixed `choices`, or the row's)."""
 
 
 @dataclass
@@ -39,6 +43,10 @@ class EncodedExample:
     label: int
     truncated: bool
     """True when the truncate field was shortened to fit `max_length`."""
+    choice_ids: list[list[int]] = field(default_factory=list)
+    """Tokens of every continuation (continuation scoring only; empty for first-token tasks)."""
+    choice_chars: list[int] = field(default_factory=list)
+    """Characters of every choice without its leading delimiter: lm-eval's `acc_norm` divisor."""
 
 
 def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
@@ -58,27 +66,38 @@ class Task:
     """Raw fields of a row, including `label_field`."""
     label_field: str
     template: str
-    """`str.format` template over the text fields (all fields but the label)."""
-    choices: tuple[str, ...]
-    """Continuations; label i is `choices[i]`. Their first tokens must differ."""
+    """`str.format` template over the text fields (all fields but the label and choices)."""
+    choices: tuple[str, ...] = ()
+    """Fixed continuations; label i is `choices[i]`. Empty when each row brings its own (`choices_field`)."""
+    choices_field: str | None = None
+    """Field holding each row's list of answer phrases; None: every row shares `choices`."""
     aliases: Mapping[str, int] = {}
     """Extra words (lower case) accepted as labels in data and generations, e.g. {"true": 1}."""
-    truncate_field: str
-    """Field shortened (from its end) when an example is longer than `max_length`."""
+    truncate_field: str | None = None
+    """Field shortened (from its end) when an example is longer than `max_length`; None: too long is an error."""
     default_source: str
-    """Hub dataset id used when no local data is configured."""
+    """Hub dataset id (or local path) used when no data is configured."""
+    default_eval_split: str = "validation"
+    """Split evaluated when the config leaves `data.eval_split` unset."""
+    scoring: Literal["first_token", "continuation"] = "first_token"
+    """`first_token`: the choices' first-token log-probabilities at the last prompt position (their
+    first tokens must differ); `continuation`: the log-likelihood of each whole continuation."""
+    headline: Literal["acc", "acc_norm"] = "acc"
+    """Which score decides `accuracy` in evaluations (continuation tasks report `acc` and `acc_norm`)."""
+    choice_delimiter: str = ""
+    """Text that starts every continuation (lm-eval's target delimiter); not counted in `acc_norm`'s length."""
     metric = staticmethod(accuracy)
 
     @property
     def text_fields(self) -> tuple[str, ...]:
-        return tuple(f for f in self.fields if f != self.label_field)
+        return tuple(f for f in self.fields if f not in (self.label_field, self.choices_field))
 
     def load_split(
         self, data_cfg: DataConfig, split: str, max_examples: int | None = None, seed: int = 0
     ) -> list[Example]:
         """Read, validate and render a split; `max_examples` takes a stratified subsample."""
         template = self._checked_template(data_cfg.template)
-        source = resolve_source(self.name, data_cfg, self.default_source)
+        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
         rows = read_rows(source, split, self.fields, data_cfg.columns)
         examples = parse_rows(rows, lambda row: self.to_example(row, template))
         if max_examples is not None:
@@ -89,7 +108,7 @@ class Task:
 
     def describe_source(self, data_cfg: DataConfig) -> str:
         """Where `load_split` reads from (absolute local path, or `hub:<id>`), for run records."""
-        source = resolve_source(self.name, data_cfg, self.default_source)
+        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
         path = Path(source).expanduser()
         return str(path.resolve()) if path.exists() else f"hub:{source}"
 
@@ -101,26 +120,38 @@ class Task:
                 raise FieldError(name, f"expected text, got {type(value).__name__} {value!r}")
             if not value.strip():
                 raise FieldError(name, "empty text")
-        label = self.parse_label(row[self.label_field])
+        choices = self.row_choices(row)
+        label = self.parse_label(row[self.label_field], len(choices))
         text = {name: row[name] for name in self.text_fields}
         return Example(
             prompt=(template or self.template).format(**text),
-            target=self.choices[label],
+            target=choices[label],
             label=label,
             fields=dict(row),
             template=template,
+            choices=choices,
         )
+
+    def row_choices(self, row: dict[str, Any]) -> list[str]:
+        """The continuations a row is scored on: the task's fixed `choices` here."""
+        return list(self.choices)
 
     def to_query(self, row: dict[str, Any], template: str | None = None) -> Example:
         """Render a row to predict; its label field may be absent, in which case `label` is -1."""
+        needed = [f for f in self.fields if f != self.label_field]
+        missing = [f for f in needed if f not in row]
+        if missing:
+            raise ValueError(f"a row to predict lacks {missing}; task {self.name!r} needs {needed} "
+                             f"(and optionally {self.label_field!r})")
         if row.get(self.label_field) is not None:
             return self.to_example(row, template)
         example = self.to_example({**row, self.label_field: 0}, template)
         example.label, example.fields = -1, dict(row)
         return example
 
-    def parse_label(self, value: Any) -> int:
-        """Label index from a bool (two-choice tasks), an int index, or a word/number as text."""
+    def parse_label(self, value: Any, num_choices: int | None = None) -> int:
+        """Label index from a bool (two-choice tasks), an int index, or a word/number as text
+        (`num_choices` is the row's count; fixed-choice tasks know theirs)."""
         if isinstance(value, bool) and len(self.choices) == 2:
             return int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.choices):
@@ -143,25 +174,30 @@ class Task:
         self, examples: Sequence[Example], tokenizer: Any, max_length: int
     ) -> tuple[list[EncodedExample], int]:
         """Tokenise prompt (with the tokenizer's special tokens) and target (without) separately and
-        concatenate. Too-long examples lose the end of `truncate_field` only, so the question and
-        the answer slot survive. Returns the encoded examples and how many were truncated."""
+        concatenate; continuation tasks also tokenise every choice, and the prompt must leave room
+        for the longest one (so training and scoring see the same prompt). Too-long examples lose
+        the end of `truncate_field` only, so the question and the answer slot survive. Returns the
+        encoded examples and how many were truncated."""
         if not examples:
             return [], 0
         prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
-        targets = {
-            t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in {ex.target for ex in examples}
-        }
+        by_choice = self.scoring == "continuation"
+        texts = {ex.target for ex in examples} | ({c for ex in examples for c in ex.choices} if by_choice else set())
+        pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts}
+        empty = sorted(t for t, ids in pieces.items() if not ids)
+        if empty:
+            raise ValueError(f"continuation(s) {empty} tokenise to nothing")
         encoded, n_truncated = [], 0
         for i, (ex, prompt_ids) in enumerate(zip(examples, prompts)):
-            target_ids = targets[ex.target]
-            if not target_ids:
-                raise ValueError(f"target {ex.target!r} tokenises to nothing")
-            truncated = len(prompt_ids) + len(target_ids) > max_length
+            target_ids = pieces[ex.target]
+            choice_ids = [pieces[c] for c in ex.choices] if by_choice else []
+            room = max(len(ids) for ids in [target_ids, *choice_ids])
+            truncated = len(prompt_ids) + room > max_length
             if truncated:
-                budget = max_length - len(target_ids)
-                prompt_ids = self._truncated_prompt(ex, i, prompt_ids, tokenizer, budget)
+                prompt_ids = self._truncated_prompt(ex, i, prompt_ids, tokenizer, max_length - room)
                 n_truncated += 1
-            encoded.append(EncodedExample(prompt_ids + target_ids, len(prompt_ids), ex.label, truncated))
+            chars = [len(c) - len(self.choice_delimiter) for c in ex.choices] if by_choice else []
+            encoded.append(EncodedExample(prompt_ids + target_ids, len(prompt_ids), ex.label, truncated, choice_ids, chars))
         return encoded, n_truncated
 
     def choice_token_ids(self, tokenizer: Any) -> list[int]:
@@ -198,6 +234,11 @@ class Task:
         The field is tokenised once; each try drops as many field tokens as the prompt is over
         budget (tokenisation is nearly additive), so one or two re-tokenisations usually suffice.
         """
+        if self.truncate_field is None:
+            raise ValueError(
+                f"example {index} ({ex.prompt[:60]!r}…) needs {len(prompt_ids)} prompt tokens, over the {budget} "
+                "that max_length leaves beside its longest choice; raise max_length"
+            )
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("truncating examples needs a fast tokenizer (for offset mappings)")
         text = ex.fields[self.truncate_field]

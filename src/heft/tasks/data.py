@@ -28,6 +28,11 @@ T = TypeVar("T")
 class DataError(ValueError):
     """Bad or unreachable data; the message says which file, row and field, and what to do."""
 
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+        """What to change for this cause; None: where the data comes from (the CLI's default hint)."""
+
 
 class FieldError(ValueError):
     """Raised by a row parser for one bad value; `parse_rows` adds the file and row to it."""
@@ -48,9 +53,12 @@ class Row:
     values: dict[str, Any]
 
 
-def resolve_source(task_name: str, data_cfg: DataConfig, default_source: str) -> str:
+def resolve_source(
+    task_name: str, data_cfg: DataConfig, default_source: str, default_eval_split: str = "validation"
+) -> str:
     """Pick the data source: `data.source`, else `$HEFT_DATA_DIR/<task>`, else `$HEFT_DATA_DIR`
-    when it directly holds a train or eval split file, else the task's hub id."""
+    when it directly holds a train or eval split file (`default_eval_split` when `data.eval_split`
+    is unset), else the task's default source."""
     if data_cfg.source:
         return data_cfg.source
     env = os.environ.get("HEFT_DATA_DIR")
@@ -59,7 +67,7 @@ def resolve_source(task_name: str, data_cfg: DataConfig, default_source: str) ->
         if (root / task_name).is_dir():
             return str(root / task_name)
         if root.is_dir() and any(
-            _split_candidates(root, split) for split in (data_cfg.train_split, data_cfg.eval_split)
+            _split_candidates(root, split) for split in (data_cfg.train_split, data_cfg.eval_split or default_eval_split)
         ):
             return str(root)
     return default_source
@@ -78,7 +86,8 @@ def read_rows(
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(fields))
     if unknown:
-        raise DataError(f"data.columns maps unknown field(s) {unknown}; the task's fields are {list(fields)}")
+        raise DataError(f"data.columns maps unknown field(s) {unknown}; the task's fields are {list(fields)}",
+                        hint="data.columns maps the task's field names (keys) to the file's column names (values)")
     wanted = {f: columns.get(f, f) for f in fields}
     path = Path(source).expanduser()
     if path.is_dir():
@@ -99,7 +108,8 @@ def parse_rows(rows: Sequence[Row], parse: Callable[[dict[str, Any]], T]) -> lis
         try:
             out.append(parse(row.values))
         except FieldError as e:
-            raise DataError(f"{row.file}: {row.where}: field {e.field!r}: {e}") from None
+            raise DataError(f"{row.file}: {row.where}: field {e.field!r}: {e}",
+                            hint=f"fix or remove {row.where} of {row.file}") from None
     return out
 
 
@@ -177,7 +187,8 @@ def _read_file(path: Path, wanted: dict[str, str]) -> list[Row]:
             _raise_undecodable(path, raw, records, wanted)
         rows = [Row(str(path), where, {f: values[c] for f, c in wanted.items()}) for where, values in records]
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(EXTENSIONS)}")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(EXTENSIONS)}",
+                        hint="convert the file to parquet, JSONL, JSON or CSV")
     if not rows:
         raise DataError(f"{path}: empty file: no data rows")
     return rows
@@ -189,7 +200,8 @@ def _read_parquet(path: Path, wanted: dict[str, str]) -> list[Row]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for empty or corrupt files
-        raise DataError(f"{path}: empty or unreadable parquet file ({e})") from e
+        raise DataError(f"{path}: empty or unreadable parquet file ({e})",
+                        hint="write the file again: it may be truncated, or not parquet") from e
     with parquet:
         _check_columns(str(path), "schema", parquet.schema_arrow.names, wanted)
         table = parquet.read(columns=list(dict.fromkeys(wanted.values())))
@@ -216,11 +228,13 @@ def _csv_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tupl
             where = f"row {row_no} (line {start})"
             if len(cells) != len(header):
                 raise DataError(
-                    f"{path}: {where}: {len(cells)} values but the header has {len(header)} columns"
+                    f"{path}: {where}: {len(cells)} values but the header has {len(header)} columns",
+                    hint=f"fix line {start} of {path}: quote values that hold commas",
                 )
             yield where, dict(zip(header, cells))
     except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from e
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})",
+                        hint=f"fix line {reader.line_num} of {path}") from e
 
 
 def _json_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -230,13 +244,15 @@ def _json_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tup
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})",
+                            hint=f"fix line {e.lineno} of {path}") from e
         numbered = ((f"row {i + 1}", item) for i, item in enumerate(items))
     else:
         numbered = _json_lines(path, text)
     for where, item in numbered:
         if not isinstance(item, dict):
-            raise DataError(f"{path}: {where}: expected a JSON object, got {type(item).__name__}")
+            raise DataError(f"{path}: {where}: expected a JSON object, got {type(item).__name__}",
+                            hint=f"fix {where} of {path}: each row is an object of the task's fields")
         _check_columns(str(path), where, list(item), wanted)
         yield where, item
 
@@ -248,7 +264,8 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         try:
             yield f"line {n}", json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from e
+            raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})",
+                            hint=f"fix line {n} of {path}: JSON Lines hold one object per line") from e
 
 
 def _check_columns(file: str, where: str, present: Sequence[str], wanted: dict[str, str]) -> None:
@@ -257,8 +274,12 @@ def _check_columns(file: str, where: str, present: Sequence[str], wanted: dict[s
             mapped = "" if column == field else f" (mapped by data.columns to column {column!r})"
             raise DataError(
                 f"{file}: {where}: missing column {column!r} for field {field!r}{mapped}; "
-                f"found columns {list(present)}"
+                f"found columns {list(present)}",
+                hint=f"if the file names it otherwise, map it with data.columns.{field}=<column>",
             )
+
+
+_UTF8_HINT = "re-save {path} as UTF-8, e.g. iconv -f <its encoding> -t UTF-8"
 
 
 def _has_surrogates(text: str) -> bool:
@@ -278,7 +299,8 @@ def _raise_undecodable(
                 byte = next(ord(ch) - 0xDC00 for ch in value if "\udc80" <= ch <= "\udcff")
                 raise DataError(
                     f"{path}: {where}: {field} (column {column!r}): not valid UTF-8 (byte 0x{byte:02x}); "
-                    "re-save the file as UTF-8"
+                    "re-save the file as UTF-8",
+                    hint=_UTF8_HINT.format(path=path),
                 )
     try:
         raw.decode("utf-8-sig")
@@ -286,7 +308,8 @@ def _raise_undecodable(
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(
             f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}, outside any value); "
-            "re-save the file as UTF-8"
+            "re-save the file as UTF-8",
+            hint=_UTF8_HINT.format(path=path),
         ) from None
 
 

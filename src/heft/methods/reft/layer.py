@@ -9,27 +9,88 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
+from torch.nn.utils import parametrize
+
+
+class Householder(nn.Module):
+    """R (r × d) with orthonormal rows as r Householder reflections of R^d: O(r·d) state and compute.
+
+    Raw tensor X (r × d): row j holds half the tail of reflector j, v_j = e_j + 2·X[j, j+1:] (the
+    rest of X is unused); R = first r columns of −H_1⋯H_r, transposed. Every X gives an orthonormal
+    R, and no d × d matrix is ever formed (torch's trivialized `orthogonal` keeps a d × d base per
+    module). Halving the tails (of norm ≈ 1 at a random R) makes R move twice as fast as X there,
+    as torch's map does at its start, so learning rates tuned for pyreft's LoReFT carry over.
+    """
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        A = 2 * X.triu(1).mT  # (d, r): reflector tails below an implicit unit diagonal
+        tau = 2 / (1 + A.pow(2).sum(dim=0))
+        return -torch.linalg.householder_product(A, tau).mT
+
+    @torch.no_grad()
+    def right_inverse(self, R: torch.Tensor) -> torch.Tensor:
+        """Reflectors of a Householder QR of Rᵀ whose R factor has a positive diagonal: the exact
+        inverse of `forward` for orthonormal rows (so a saved R loads as the same raw tensor), and
+        Gram–Schmidt orthonormalisation for any other full-rank R."""
+        Q = R.mT.to(torch.float64).clone()
+        r, d = R.shape
+        X = Q.new_zeros(r, d)
+        for j in range(r):
+            v = Q[j:, j].clone()
+            v[0] += v.norm()  # reflects column j onto −|x|·e_j, a negative diagonal, as forward assumes
+            if not v[0] > 0:
+                raise ValueError(f"cannot represent R: row {j} depends linearly on the rows before it, or is exactly −e_{j}")
+            v = v / v[0]
+            X[j, j + 1 :] = v[1:] / 2
+            Q[j:, j:] -= (2 / v.dot(v)) * torch.outer(v, v @ Q[j:, j:])
+        return X.to(R.dtype)
+
+
+RAW_R = "rotate.parametrizations.weight.original"
+"""State-dict key of R's raw reflectors (train.py keeps names with `parametrizations` out of weight decay)."""
+LEGACY_BASE = "rotate.parametrizations.weight.0.base"
+"""The d × d buffer of torch's trivialized orthogonal map, in interventions saved by earlier heft versions."""
+
+
+def legacy_rotation(raw: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """R from the state of torch's `orthogonal(nn.Linear(d, r))` (Householder map with its
+    trivialization, as saved before): R = (base · H(Xᵀ) · diag(sign))ᵀ, torch 2.x's formula."""
+    X = raw.mT
+    A = X.tril(diagonal=-1)
+    tau = 2 / (1 + A.pow(2).sum(dim=-2))
+    Q = torch.linalg.householder_product(A, tau) * X.diagonal().int().unsqueeze(-2)
+    return (base @ Q).mT
 
 
 class LoReFT(nn.Module):
     """Low-rank linear subspace ReFT: ``Φ(h) = h + Rᵀ(W h + b − R h)``.
 
-    R (r × d) keeps orthonormal rows through torch's orthogonal parametrization, so the edit
-    acts inside an r-dimensional subspace and leaves its orthogonal complement untouched.
+    R (r × d) keeps orthonormal rows through a Householder parametrization, so the edit acts
+    inside an r-dimensional subspace and leaves its orthogonal complement untouched. The state
+    dict holds R itself (`rotate.weight`), W and b: r·(2d + 1) numbers, portable and small.
     """
 
     def __init__(self, hidden_size: int, rank: int, dropout: float = 0.0) -> None:
         super().__init__()
         if rank > hidden_size:
             raise ValueError(f"LoReFT rank {rank} exceeds the hidden size {hidden_size}")
-        self.rotate = orthogonal(nn.Linear(hidden_size, rank, bias=False))
+        # R starts as the orthonormalised rows of nn.Linear's random init.
+        self.rotate = parametrize.register_parametrization(nn.Linear(hidden_size, rank, bias=False), "weight", Householder())
         self.source = nn.Linear(hidden_size, rank)
         self.dropout = nn.Dropout(dropout)
+        self.register_state_dict_post_hook(_save_R)
+        self.register_load_state_dict_pre_hook(_load_R)
 
     @property
     def R(self) -> torch.Tensor:
         return self.rotate.weight
+
+    def freeze_rotation_(self) -> None:
+        """Keep R as a plain frozen tensor, its reflectors dropped: a finished stage computes no
+        Householder product per forward, and its saved R loads bit for bit."""
+        if parametrize.is_parametrized(self.rotate):
+            parametrize.remove_parametrizations(self.rotate, "weight")
+            self.rotate.weight.requires_grad_(False)
 
     @torch.no_grad()
     def zero_edit_(self) -> None:
@@ -44,6 +105,22 @@ class LoReFT(nn.Module):
             R = self.R
         # (W h + b − R h) as (W − R) h + b: one GEMM instead of two, and exactly 0 when W = R, b = 0.
         return self.dropout(F.linear(h, self.source.weight - R, self.source.bias) @ R)
+
+
+def _save_R(module: LoReFT, state: dict, prefix: str, local_metadata: dict) -> None:
+    """Store R (`rotate.weight`) instead of its raw reflectors: what defines the edit, readable without heft."""
+    if prefix + RAW_R in state:
+        del state[prefix + RAW_R]
+        state[prefix + "rotate.weight"] = module.R.detach()
+
+
+def _load_R(module: LoReFT, state: dict, prefix: str, *args) -> None:
+    """Accept R (or the raw and d × d base tensors of the old format) whether R is frozen or trainable."""
+    if prefix + LEGACY_BASE in state:
+        state[prefix + "rotate.weight"] = legacy_rotation(state.pop(prefix + RAW_R), state.pop(prefix + LEGACY_BASE))
+    if parametrize.is_parametrized(module.rotate) and prefix + "rotate.weight" in state:
+        raw = module.rotate.parametrizations.weight.original
+        state[prefix + RAW_R] = module.rotate.parametrizations.weight[0].right_inverse(state.pop(prefix + "rotate.weight").to(raw))
 
 
 class DiReFT(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from heft.methods.reft.config import ReftConfig
-from heft.methods.reft.layer import INTERVENTIONS
+from heft.methods.reft.layer import INTERVENTIONS, LoReFT
 
 _POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
 
@@ -103,6 +103,13 @@ class ReftModel(nn.Module):
                 intervention.zero_edit_()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def freeze_(self) -> None:
+        """Freeze every intervention; LoReFT's R becomes a plain tensor (exact on save and load)."""
+        for intervention in self.interventions.values():
+            if isinstance(intervention, LoReFT):
+                intervention.freeze_rotation_()
+        self.requires_grad_(False)
 
     def attach(self, decoder_layers: nn.ModuleList, state: PositionState) -> None:
         """Register one forward hook per intervened layer; they read positions from `state`."""
