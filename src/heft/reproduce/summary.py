@@ -89,7 +89,7 @@ def summarize(plan: Plan) -> dict:
                 data = data or run["data"]
                 if run["zero_shot_accuracy"] is not None:
                     zero_shot.setdefault(seed, run["zero_shot_accuracy"])
-            else:
+            elif arm in plan.selected:  # arms left out with arms_only are not missing
                 missing.append(f"{arm}/seed-{seed}")
         if not runs:
             continue
