@@ -44,7 +44,8 @@ def test_bench_records_every_path_against_the_measured_peak(tmp_path, tiny_model
     assert list(record["paths"]) == list(PATHS)
     for name, r in record["paths"].items():
         assert r["tok_s"] > 0 and r["seconds"] > 0 and r["peak_memory_mb"] is not None
-        assert r["tok_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+        # seconds are stored to 0.1 ms: on a fast machine the tiny model's run lasts a few ms
+        assert r["tok_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3 + 6e-5 / r["seconds"])
         assert r["flops_per_token"] == (2 if name == "scoring" else 4) * n_linear
         assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tok_s"] / (peak * 1e9), rel=2e-3)
         assert (r["trainable_params"] > 0) == (name != "scoring")
