@@ -16,10 +16,10 @@ import resource
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -396,7 +396,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
 
     if cfg.eval_every == "never":
         record(len(cfg.stages) - 1, "final", None, None)
-    metrics = [m for m in read_metrics(metrics_path) if m.get("kind", "eval") == "eval"]
+    metrics = [m for m in history if m.get("kind", "eval") == "eval"]  # history: every line of the file
     final = metrics[-1]
     zero_shot = next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None)
     results = {
@@ -412,7 +412,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
                 "epochs": s.config.epochs,
                 "trainable_params": s.trainable_params,
                 "accuracy": next((m["eval_accuracy"] for m in reversed(metrics) if m["stage_index"] == s.index), None),
-                **boundary_summary(read_metrics(metrics_path), s.index),
+                **boundary_summary(history, s.index),
             }
             for s in model.stages
         ],
