@@ -17,6 +17,7 @@ from heft.io import load_run
 from heft.train import run_training
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce
+from heft.reproduce.run import plan_jobs
 
 from conftest import SHARED_DATA
 from test_train import write_toy_boolq
@@ -258,3 +259,21 @@ def test_smoke_preset_with_the_default_model(tmp_path, monkeypatch):
     start = time.perf_counter()
     again = reproduce(str(CONFIG), ["preset=smoke"], output_dir=str(tmp_path), show_progress=False)
     assert again == summary and time.perf_counter() - start < 30
+
+
+def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path, tiny_model_dir):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    overrides = ["seeds=[1,2]", "arms_only=[lora-20,heft-2+1,loreft-20]"]
+    plan = load_plan(path, overrides)
+    # lora-20 (2 epochs here) and heft-2+1 share their first stage: one job per seed trains both
+    assert sorted((seed, sorted(arms)) for seed, arms in plan_jobs(plan)) == [
+        (1, ["heft-2+1", "lora-20"]), (1, ["loreft-20"]), (2, ["heft-2+1", "lora-20"]), (2, ["loreft-20"])]
+    sequential = reproduce(str(path), overrides, output_dir=str(tmp_path / "one"), show_progress=False)
+    parallel = reproduce(str(path), overrides, output_dir=str(tmp_path / "two"), show_progress=False, jobs=2)
+    assert not parallel["missing"] and parallel["arms"].keys() == sequential["arms"].keys()
+    for arm, summary in sequential["arms"].items():
+        for seed, run in summary["seeds"].items():
+            other = parallel["arms"][arm]["seeds"][seed]
+            for key in ("final_accuracy", "final_correct", "train_tokens", "optimizer_steps", "zero_shot_accuracy"):
+                assert other[key] == run[key], (arm, seed, key)
+    assert (tmp_path / "two" / "_prefix").is_dir() and (tmp_path / "two" / "report.md").is_file()

@@ -184,10 +184,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from heft.reproduce import reproduce
+    from heft.reproduce import ReproduceJobsFailed, reproduce
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, not {args.jobs}")
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
-    summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet, train=not args.report_only)
+    try:
+        summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet,
+                            train=not args.report_only, jobs=args.jobs)
+    except ReproduceJobsFailed as err:
+        errors.print(f"[red]error:[/] {escape(str(err))}\n[dim]the report covers the finished arms; "
+                     "rerun the same command to retry the failed ones[/]", highlight=False, markup=True)
+        return 1
     console.print(f"summary: {summary['output_dir']}/summary.json, report: {summary['output_dir']}/report.md")
     return 0
 
@@ -249,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=smoke seeds=[1,2]")
     p.add_argument("--output-dir")
     p.add_argument("--only", nargs="+", metavar="ARM", help="train only these arms (the others are read back if finished)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write summary, report and plots from the arms finished so far")

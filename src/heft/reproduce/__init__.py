@@ -21,24 +21,32 @@ from heft.io import atomic_write_text, run_folder_lock, write_json
 from heft.reproduce.plan import Plan, load_plan
 from heft.reproduce.plots import plot
 from heft.reproduce.report import render_report
-from heft.reproduce.run import train_plan
+from heft.reproduce.run import train_plan, train_plan_parallel
 from heft.reproduce.summary import summarize
 
-__all__ = ["Plan", "load_plan", "reproduce", "summarize", "render_report", "plot"]
+__all__ = ["Plan", "ReproduceJobsFailed", "load_plan", "reproduce", "summarize", "render_report", "plot"]
 
 log = logging.getLogger("heft")
 
 
+class ReproduceJobsFailed(RuntimeError):
+    """Some parallel jobs failed; the summary and report of the others were written."""
+
+
 def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str | None = None,
-              show_progress: bool = True, train: bool = True) -> dict:
+              show_progress: bool = True, train: bool = True, jobs: int = 1) -> dict:
     """Train every selected arm and seed not yet finished (unless `train` is False: report on what is
-    finished), then write the summary, report and plots.
+    finished), then write the summary, report and plots. With `jobs` > 1 the arms and seeds train
+    in that many worker processes at once (`train_plan_parallel`).
 
     Returns the content of `summary.json`.
     """
     plan = load_plan(config_path, overrides, output_dir)
+    failed: list[str] = []
     with run_folder_lock(plan.output_dir):  # a second `heft reproduce` into it gets RunFolderBusy
-        if train:
+        if train and jobs > 1:
+            failed = train_plan_parallel(plan, jobs, config_path, overrides, output_dir)
+        elif train:
             train_plan(plan, show_progress)
         summary = summarize(plan)
         summary.update(config=str(config_path), overrides=list(overrides), command=shlex.join(sys.argv))
@@ -47,6 +55,8 @@ def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str |
         atomic_write_text(plan.output_dir / "report.md", render_report(summary))
         plot(summary, plan.output_dir)
     log.info("wrote %s/summary.json, report.md and plots", plan.output_dir)
+    if failed:
+        raise ReproduceJobsFailed(f"{len(failed)} job(s) failed: " + "; ".join(failed))
     return summary
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from heft.config import ConfigError, RunConfig, config_to_dict, load_config
-from heft.reproduce.plan import Plan
+from heft.reproduce.plan import Plan, load_plan
 from heft.train import run_training
 
 log = logging.getLogger("heft")
@@ -24,8 +29,6 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
         differ = ", ".join(k for k in wanted if saved.get(k) != wanted[k])
         raise ConfigError(f"{run_dir} holds a run with different settings ({differ}); "
                           "choose another output_dir or delete that folder")
-
-
 
 
 def branch(prefix_dir: Path, run_dir: Path) -> None:
@@ -58,3 +61,73 @@ def train_plan(plan: Plan, show_progress: bool = True) -> None:
                 log.info("%s seed %d: branched from %s after %d stage(s)", arm, seed, prefix_dir, prefix.stages)
             log.info("%s seed %d: training into %s", arm, seed, run_dir)
             run_training(cfg, run_dir, show_progress)
+
+
+def plan_jobs(plan: Plan) -> list[tuple[int, list[str]]]:
+    """The plan cut into independent jobs: per seed, the arms that share one prefix go together (the
+    prefix is trained once, by that job), every other arm alone. Longest first (epochs × stages as
+    planned), so that a pool of workers ends as early as it can."""
+    jobs = []
+    for seed in plan.seeds:
+        groups: dict[str, list[str]] = {}
+        for arm in plan.selected:
+            key = plan.prefixes[arm].name if arm in plan.prefixes else f"arm:{arm}"
+            groups.setdefault(key, []).append(arm)
+        jobs += [(seed, arms) for arms in groups.values()]
+
+    def cost(job: tuple[int, list[str]]) -> float:
+        seed, arms = job
+        shared = plan.prefixes[arms[0]].stages if len(arms) > 1 else 0
+        stages = [plan.configs[arm][seed].stages for arm in arms]
+        return sum(s.epochs for s in stages[0][:shared]) + sum(s.epochs for st in stages for s in st[shared:])
+
+    return sorted(jobs, key=cost, reverse=True)
+
+
+def _train_job(config_path: str, overrides: Sequence[str], output_dir: str | None, seed: int, arms: list[str],
+               threads: int | None) -> tuple[int, list[str], float]:
+    """One worker's job: the full plan (so prefixes and zero-shot duties are those of a sequential
+    run), restricted to one seed and a group of arms."""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    plan = load_plan(config_path, overrides, output_dir)
+    plan.seeds, plan.selected = [seed], list(arms)
+    start = time.perf_counter()
+    train_plan(plan, show_progress=False)
+    return seed, arms, time.perf_counter() - start
+
+
+def train_plan_parallel(plan: Plan, jobs: int, config_path: str, overrides: Sequence[str],
+                        output_dir: str | None) -> list[str]:
+    """Train the plan's jobs (`plan_jobs`) in `jobs` worker processes side by side on this machine's
+    device: a small model leaves a GPU mostly idle in one process (its steps are bound by kernel
+    launches), so several processes share it well. Each run folder is still written by one process.
+
+    Returns one line per failed job; the others run to the end regardless.
+    """
+    import torch
+
+    todo = plan_jobs(plan)
+    threads = None if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // jobs)
+    failed: list[str] = []
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)) or 1, mp_context=context) as pool:
+        running: dict[Future, tuple[int, list[str]]] = {
+            pool.submit(_train_job, str(config_path), list(overrides), None if output_dir is None else str(output_dir),
+                        seed, arms, threads): (seed, arms) for seed, arms in todo}
+        done_count = 0
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                seed, arms = running.pop(future)
+                done_count += 1
+                try:
+                    _, _, seconds = future.result()
+                    log.info("job %d/%d done: seed %d, %s (%.0f s)", done_count, len(todo), seed, ", ".join(arms), seconds)
+                except Exception as err:  # noqa: BLE001 - reported with the job, the others go on
+                    failed.append(f"seed {seed}, {', '.join(arms)}: {type(err).__name__}: {err}")
+                    log.error("job %d/%d failed: %s", done_count, len(todo), failed[-1])
+    return failed
