@@ -302,3 +302,27 @@ def test_reft_file_holds_only_r_w_and_b_and_old_format_still_loads(tmp_path, tin
     with torch.no_grad():
         loaded = load_run(run)
         assert (reference - loaded.lm_head(loaded(**batch).hidden_states)).abs().max() <= 1e-5
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients():
+    """Checkpointed layers (LoRA inside them, ReFT hooks outside) give the same loss and gradients,
+    dropout included: the recompute replays the same masks."""
+    data = toy_data(16)
+    joint = StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.1), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.1))
+    grads = []
+    for checkpointing in (False, True):
+        model = make_heft()
+        model.add_stage(joint, seed=0)
+        if checkpointing:
+            model.enable_activation_checkpointing()
+        model.train()
+        torch.manual_seed(3)
+        loss = model(**batch_of(data)).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, a), (loss_b, b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers and all(m.gradient_checkpointing for m in layers)

@@ -116,6 +116,9 @@ class RunConfig:
     """Gradient clipping threshold; None disables clipping."""
     bf16: bool = False
     """Autocast forward passes to bfloat16 (weights stay in `dtype`)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: about a third more
+    compute for a fraction of the activation memory (batches of 64 × 512 on a GPU)."""
     eval_batch_size: int = 16
     """Examples per evaluation batch."""
     eval_every: str = "epoch"

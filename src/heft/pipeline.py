@@ -131,6 +131,13 @@ class HeftModel(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations:
+        about one more forward of compute for a fraction of the memory (what large GPU batches need).
+        Non-reentrant checkpointing restores the RNG, so dropout masks and gradients are unchanged;
+        ReFT's hooks stay outside the checkpoint (transformers checkpoints `forward`, not `__call__`)."""
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     def merge_adapters(self) -> None:
         """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
         if any(s.config.uses_lora and not s.merged for s in self.stages):

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import random
+import os
+import platform
 import resource
 import time
 import warnings
@@ -179,6 +181,16 @@ def reset_peak_memory() -> None:
             pass
 
 
+def device_info() -> dict[str, str | int]:
+    """What trained the run, so a summary assembled elsewhere (GPU runs reported on a CPU machine)
+    still says where its numbers come from."""
+    if torch.cuda.is_available():
+        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+                "torch": torch.__version__}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": os.cpu_count() or 1,
+            "torch": torch.__version__}
+
+
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated, or peak resident set size of this process on CPU."""
     if torch.cuda.is_available():
@@ -310,6 +322,8 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
     model.to(accelerator.device)
+    if cfg.activation_checkpointing:
+        model.enable_activation_checkpointing()
     splits = encode_splits(task, cfg, rows, model.tokenizer)
     train_data, eval_data = splits.train, splits.evaluation
     probe = [collate(train_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id)
@@ -421,6 +435,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         "eval_tokens": progress.eval_tokens,
         "optimizer_steps": progress.optimizer_steps,
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "device": device_info(),
         "data": splits.info,
         "run_dir": str(run_dir),
     }

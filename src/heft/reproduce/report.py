@@ -95,8 +95,8 @@ def render_report(summary: dict) -> str:
     out = [f"# {summary['task']}: {summary.get('config', 'reproduce')}, {summary['preset']} preset", "",
            f"Model `{summary['model']}`, {data.get('train_examples', '?')} training / {m} evaluation examples "
            f"from {data.get('eval_split', 'validation')} "
-           f"(max length {data['max_length']}), seeds {summary['seeds']}, on {summary['machine']['device']}"
-           f"{' (' + summary['machine']['gpu'] + ')' if summary['machine']['gpu'] else ''}. Accuracy in %, final epoch; "
+           f"(max length {data['max_length']}), seeds {summary['seeds']}, trained on "
+           f"{', '.join(summary.get('trained_on') or ['not recorded'])}. Accuracy in %, final epoch; "
            "± is the standard deviation over seeds.", ""]
     if summary["missing"]:
         out += [f"**Not finished yet:** {', '.join(summary['missing'])}.", ""]

@@ -61,8 +61,15 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
                              for s in results["stages"]],
         "wall_time_s": results["wall_time_s"],
         "peak_memory_mb": results["peak_memory_mb"],
+        "device": results.get("device"),
         "data": results["data"],
     }
+
+
+def _device_label(device: dict | None) -> str:
+    if not device:
+        return "not recorded"  # runs from before results.json named their device
+    return f"{device['type']} ({device['name']})" if device.get("name") else device["type"]
 
 
 def compare_arms(arms: dict, a: str, b: str) -> dict | None:
@@ -124,6 +131,7 @@ def summarize(plan: Plan) -> dict:
         "majority_accuracy": _stats(list(majority.values())) if majority else None,
         "zero_shot_accuracy": _stats(list(zero_shot.values())) if zero_shot else None,
         "arms": arms, "missing": missing,
+        "trained_on": sorted({_device_label(r.get("device")) for a in arms.values() for r in a["seeds"].values()}),
         "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
         "total_train_wall_time_s": round(sum(r["wall_time_s"] for a in arms.values() for r in a["seeds"].values()), 2),
         "paper": {"model": "Llama-2-7B", "source": "arXiv 2509.09801",
