@@ -34,13 +34,18 @@ def _run_dir_config(run_dir: Path):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from heft.config import load_config
+    from heft.evaluate import process_state
     from heft.train import run_training
 
     cfg = load_config(args.config, args.overrides)
     out = args.output_dir or cfg.output_dir.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
     cfg.output_dir = out
-    console.print(f"[bold]heft train[/] {args.config} → {out}")
+    is_main = process_state().is_main_process  # under torchrun / `accelerate launch` only the main process reports
+    if is_main:
+        console.print(f"[bold]heft train[/] {args.config} → {out}")
     results = run_training(cfg, out, show_progress=not args.quiet)
+    if not is_main:
+        return 0
     table = Table(title=f"{cfg.task}: {results['data']['eval_examples']} eval examples; loss on the first "
                         f"{cfg.boundary_examples} training examples (eval mode)")
     for column in ("after", "trainable params", "loss at start → end", "accuracy at start → end"):
@@ -79,25 +84,37 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     return cfg, task, encoded
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from heft.evaluate import evaluate, generate_answers, generation_metrics
+def _load_for_eval(run_dir: Path):
+    """The run's model, and whether this process reports. Under torchrun / `accelerate launch` every
+    process scores a share of the examples on its own device; only the main process prints or writes."""
+    from heft.evaluate import process_state
     from heft.io import load_run
 
-    run_dir = Path(args.run_dir)
+    state = process_state()
     model = load_run(run_dir)
+    if state.num_processes > 1:
+        model.to(state.device)
+    return model, state.is_main_process
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from heft.evaluate import evaluate, generate_answers, generation_metrics
+
+    run_dir = Path(args.run_dir)
+    model, is_main = _load_for_eval(run_dir)
     cfg, task, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
     if args.mode == "generate":
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
         result = generation_metrics(answers, encoded)
     else:
         result = evaluate(model, task, encoded, batch_size=args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
-    print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
+    if is_main:
+        print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from heft.evaluate import predict
-    from heft.io import load_run
     from heft.tasks import get_task
 
     run_dir = Path(args.run_dir)
@@ -110,10 +127,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows = [{k: v for k, v in given.items() if v is not None}]
     else:
         raise ValueError("give --question with --passage (BoolQ) or --choices (multiple choice), or --input FILE.jsonl")
-    model = load_run(run_dir)
+    model, is_main = _load_for_eval(run_dir)
     queries = [task.to_query(row, cfg.data.template) for row in rows]
     encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
     predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
+    if not is_main:
+        return 0
     records = [
         {**row, "prediction": query.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
         for row, query, p in zip(rows, queries, predictions)
