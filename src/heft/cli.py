@@ -214,15 +214,56 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from heft.bench import run_bench, tables
 
+    if args.check:
+        return _bench_check(args)
     record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
                        args.paths.split(","), args.repeats, args.warmup)
     for table in tables(record):
         console.print(table)
-    out = Path(args.json or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _write_bench(record, args.json, "bench")
+    return 0
+
+
+def _write_bench(record: dict, path: str | None, prefix: str) -> None:
+    out = Path(path or f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {out}")
-    return 0
+
+
+def _bench_check(args: argparse.Namespace) -> int:
+    """Rerun the baseline's measurement, then compare ratios; exit 1 when a path slowed, 3 when
+    the baseline comes from another machine (nothing is run then, unless --force)."""
+    import torch
+
+    from heft import bench
+    from heft.bench_check import (NOT_COMPARABLE, baseline_settings, check_table, compare, data_differences, exit_status,
+                                  machine_differences)
+
+    path = Path(args.check)
+    baseline = json.loads(path.read_text(encoding="utf-8"))
+    settings = baseline_settings(baseline, str(path))
+    device = torch.device(settings["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reasons = [f"device: {settings['device']!r} in the baseline, no GPU here"]
+    else:
+        reasons = machine_differences(baseline, {"machine": bench.machine_info(device)})
+    if reasons and not args.force:
+        errors.print(f"[yellow]not comparable[/]: {escape(str(path))} was measured on another machine:\n  "
+                     + "\n  ".join(map(escape, reasons)) + "\n[dim]ratios are compared on the same machine only; "
+                     "--force runs and shows them anyway[/]")
+        return NOT_COMPARABLE
+    record = bench.run_bench(**settings)
+    reasons += data_differences(baseline, record)
+    for table in bench.tables(record):
+        console.print(table)
+    changes = compare(baseline, record, args.tolerance / 100)
+    console.print(check_table(changes, args.tolerance / 100, reasons, path.name))
+    _write_bench(record, args.json, "bench-check")
+    status = exit_status(changes, reasons)
+    if status == 1:
+        errors.print("[red]slower[/]: " + ", ".join(f"{c.name} {c.metric} {100 * c.change:+.1f} %" for c in changes if c.slower))
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
     p.add_argument("--json", help="output file (default: runs/bench-<time>.json)")
+    p.add_argument("--check", metavar="BASELINE.json",
+                   help="rerun with the settings of a committed record (the options above are ignored) and compare each "
+                        "path's MFU and heft LoRA ÷ peft LoRA with it; exit 1 when one fell by more than --tolerance, "
+                        "3 when the baseline comes from another machine")
+    p.add_argument("--tolerance", type=float, default=10.0, metavar="PCT", help="allowed fall of a ratio in %% (default: 10)")
+    p.add_argument("--force", action="store_true", help="with --check: run and compare even on another machine (exit 3)")
     p.set_defaults(func=cmd_bench)
     return parser
 
