@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import heft
-from heft.train import run_training
 from heft.config import config_from_dict
+from heft.train import run_training
 
 from conftest import make_heft
 from dp_eval_script import evaluate_sets, train_config
