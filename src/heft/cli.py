@@ -34,13 +34,18 @@ def _run_dir_config(run_dir: Path):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from heft.config import load_config
+    from heft.evaluate import process_state
     from heft.train import run_training
 
     cfg = load_config(args.config, args.overrides)
     out = args.output_dir or cfg.output_dir.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
     cfg.output_dir = out
-    console.print(f"[bold]heft train[/] {args.config} → {out}")
+    is_main = process_state().is_main_process  # under torchrun / `accelerate launch` only the main process reports
+    if is_main:
+        console.print(f"[bold]heft train[/] {args.config} → {out}")
     results = run_training(cfg, out, show_progress=not args.quiet)
+    if not is_main:
+        return 0
     table = Table(title=f"{cfg.task}: {results['data']['eval_examples']} eval examples; loss on the first "
                         f"{cfg.boundary_examples} training examples (eval mode)")
     for column in ("after", "trainable params", "loss at start → end", "accuracy at start → end"):
@@ -79,25 +84,37 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     return cfg, task, encoded
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from heft.evaluate import evaluate, generate_answers, generation_metrics
+def _load_for_eval(run_dir: Path):
+    """The run's model, and whether this process reports. Under torchrun / `accelerate launch` every
+    process scores a share of the examples on its own device; only the main process prints or writes."""
+    from heft.evaluate import process_state
     from heft.io import load_run
 
-    run_dir = Path(args.run_dir)
+    state = process_state()
     model = load_run(run_dir)
+    if state.num_processes > 1:
+        model.to(state.device)
+    return model, state.is_main_process
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from heft.evaluate import evaluate, generate_answers, generation_metrics
+
+    run_dir = Path(args.run_dir)
+    model, is_main = _load_for_eval(run_dir)
     cfg, task, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
     if args.mode == "generate":
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
         result = generation_metrics(answers, encoded)
     else:
         result = evaluate(model, task, encoded, batch_size=args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
-    print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
+    if is_main:
+        print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from heft.evaluate import predict
-    from heft.io import load_run
     from heft.tasks import get_task
 
     run_dir = Path(args.run_dir)
@@ -110,10 +127,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows = [{k: v for k, v in given.items() if v is not None}]
     else:
         raise ValueError("give --question with --passage (BoolQ) or --choices (multiple choice), or --input FILE.jsonl")
-    model = load_run(run_dir)
+    model, is_main = _load_for_eval(run_dir)
     queries = [task.to_query(row, cfg.data.template) for row in rows]
     encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
     predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
+    if not is_main:
+        return 0
     records = [
         {**row, "prediction": query.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
         for row, query, p in zip(rows, queries, predictions)
@@ -203,15 +222,56 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from heft.bench import run_bench, tables
 
+    if args.check:
+        return _bench_check(args)
     record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
                        args.paths.split(","), args.repeats, args.warmup)
     for table in tables(record):
         console.print(table)
-    out = Path(args.json or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _write_bench(record, args.json, "bench")
+    return 0
+
+
+def _write_bench(record: dict, path: str | None, prefix: str) -> None:
+    out = Path(path or f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {out}")
-    return 0
+
+
+def _bench_check(args: argparse.Namespace) -> int:
+    """Rerun the baseline's measurement, then compare ratios; exit 1 when a path slowed, 3 when
+    the baseline comes from another machine (nothing is run then, unless --force)."""
+    import torch
+
+    from heft import bench
+    from heft.bench_check import (NOT_COMPARABLE, baseline_settings, check_table, compare, data_differences, exit_status,
+                                  machine_differences)
+
+    path = Path(args.check)
+    baseline = json.loads(path.read_text(encoding="utf-8"))
+    settings = baseline_settings(baseline, str(path))
+    device = torch.device(settings["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reasons = [f"device: {settings['device']!r} in the baseline, no GPU here"]
+    else:
+        reasons = machine_differences(baseline, {"machine": bench.machine_info(device)})
+    if reasons and not args.force:
+        errors.print(f"[yellow]not comparable[/]: {escape(str(path))} was measured on another machine:\n  "
+                     + "\n  ".join(map(escape, reasons)) + "\n[dim]ratios are compared on the same machine only; "
+                     "--force runs and shows them anyway[/]")
+        return NOT_COMPARABLE
+    record = bench.run_bench(**settings)
+    reasons += data_differences(baseline, record)
+    for table in bench.tables(record):
+        console.print(table)
+    changes = compare(baseline, record, args.tolerance / 100)
+    console.print(check_table(changes, args.tolerance / 100, reasons, path.name))
+    _write_bench(record, args.json, "bench-check")
+    status = exit_status(changes, reasons)
+    if status == 1:
+        errors.print("[red]slower[/]: " + ", ".join(f"{c.name} {c.metric} {100 * c.change:+.1f} %" for c in changes if c.slower))
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
     p.add_argument("--json", help="output file (default: runs/bench-<time>.json)")
+    p.add_argument("--check", metavar="BASELINE.json",
+                   help="rerun with the settings of a committed record (the options above are ignored) and compare each "
+                        "path's MFU and heft LoRA ÷ peft LoRA with it; exit 1 when one fell by more than --tolerance, "
+                        "3 when the baseline comes from another machine")
+    p.add_argument("--tolerance", type=float, default=10.0, metavar="PCT", help="allowed fall of a ratio in %% (default: 10)")
+    p.add_argument("--force", action="store_true", help="with --check: run and compare even on another machine (exit 3)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -5,15 +5,22 @@ prompt position: one forward pass per batch, LM head at that position only. Cont
 (ARC, OpenBookQA) sum the log-probabilities of each choice's tokens; the choices of a question
 share its prompt, which is run once and whose keys/values every choice reuses.
 `generate_answers` decodes greedily and parses the answer, for parity with generation-based papers.
+
+Under `torchrun` or `accelerate launch` every process scores a share of the batches and the results
+are gathered onto all processes in input order: each batch is the one a single process would form,
+so the predictions are those of a single-process evaluation. Every process must make the call.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from heft.pipeline import HeftModel, last_token_index
@@ -50,6 +57,38 @@ def _batches(examples: Sequence[EncodedExample], batch_size: int) -> list[list[i
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+R = TypeVar("R")
+
+
+def process_state() -> PartialState:
+    """accelerate's view of the launch (processes, rank, device). Training's `Accelerator` set it up
+    already; standalone evaluation creates it with the same CPU rule, so that `torchrun` on a host
+    without a GPU gives a gloo process group rather than N unrelated processes."""
+    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def sharded(batches: Sequence[list[int]], size: int, score: Callable[[list[int]], list[R]],
+            desc: str = "eval", progress: bool = True) -> list[R]:
+    """`score` applied to every batch of example indices; the result of example i at position i.
+
+    With several processes each takes every N-th batch (batches are sorted by length, so the shares
+    cost about the same), and the per-example results are gathered onto every process.
+    """
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    mine = list(batches)[rank::world] if world > 1 else list(batches)
+    results: list[R | None] = [None] * size
+    pairs = []
+    for batch in tqdm(mine, desc=desc, disable=not progress or not state.is_main_process, leave=False):
+        pairs += zip(batch, score(batch))
+    for i, result in gather_object(pairs) if world > 1 else pairs:
+        results[i] = result
+    missing = sum(r is None for r in results)
+    if missing:
+        raise RuntimeError(f"{missing} of {size} examples got no result")
+    return results  # type: ignore[return-value]
+
+
 def autocast(model: HeftModel, bf16: bool) -> torch.autocast:
     """The autocast context training used, so evaluation from a run folder scores identically."""
     return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -70,23 +109,23 @@ def predict(
     pad_id = model.tokenizer.pad_token_id
     was_training = model.training
     model.eval()
-    results: list[Prediction | None] = [None] * len(examples)
-    for batch in tqdm(_batches(examples, batch_size), desc="eval", disable=not progress, leave=False):
+
+    def score(batch: list[int]) -> list[Prediction]:
         prompts = [examples[i].input_ids[: examples[i].prompt_len] for i in batch]
         if by_continuation:
             with autocast(model, bf16):
                 lls = continuation_logprobs(model, prompts, [examples[i].choice_ids for i in batch])
-            for row, i in enumerate(batch):
-                results[i] = _continuation_prediction(examples[i], lls[row], task.headline)
-            continue
+            return [_continuation_prediction(examples[i], lls[row], task.headline) for row, i in enumerate(batch)]
         ids, mask = pad_batch(prompts, pad_id, "right")
         with autocast(model, bf16):
             logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))
         probs = torch.softmax(logprobs[:, choice_ids], dim=-1).cpu()
-        for row, i in enumerate(batch):
-            results[i] = Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist())
-    model.train(was_training)
-    return results  # type: ignore[return-value]
+        return [Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist()) for row, i in enumerate(batch)]
+
+    try:
+        return sharded(_batches(examples, batch_size), len(examples), score, progress=progress)
+    finally:
+        model.train(was_training)
 
 
 def _continuation_prediction(example: EncodedExample, lls: list[float], headline: str) -> Prediction:
@@ -186,15 +225,15 @@ def generate_answers(
         raise ValueError(f"task {task.name!r} has its own choices per question, which generated text is not parsed "
                          "against; evaluate it with --mode score")
     pad_id = model.tokenizer.pad_token_id
-    outputs: list[tuple[str, int | None] | None] = [None] * len(examples)
-    for batch in _batches(examples, batch_size):
+
+    def answer(batch: list[int]) -> list[tuple[str, int | None]]:
         ids, mask = pad_batch([examples[i].input_ids[: examples[i].prompt_len] for i in batch], pad_id, "left")
         with autocast(model, bf16):
             generated = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
-        for row, i in enumerate(batch):
-            text = model.tokenizer.decode(generated[row, ids.shape[1] :], skip_special_tokens=True)
-            outputs[i] = (text, task.parse_generation(text))
-    return outputs  # type: ignore[return-value]
+        texts = [model.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in generated]
+        return [(text, task.parse_generation(text)) for text in texts]
+
+    return sharded(_batches(examples, batch_size), len(examples), answer, desc="generate", progress=False)
 
 
 def generation_metrics(outputs: Sequence[tuple[str, int | None]], examples: Sequence[EncodedExample]) -> dict:
