@@ -9,6 +9,7 @@ same batches. A benchmark, not a test: numbers are recorded, nothing is asserted
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -163,6 +164,8 @@ class Workload:
     tokens: Callable[[int], int]
     flops_per_token: float
     trainable_params: int
+    close: Callable[[], None] = lambda: None
+    """Leave what the path entered for its whole run (heft's bf16 copies of the frozen weights)."""
 
 
 def _train_step(forward: Callable[[dict], torch.Tensor], params: list[nn.Parameter], batches: Sequence[dict]) -> Callable[[int], None]:
@@ -196,19 +199,24 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
         return Workload(_train_step(forward, params, batches), train_tokens.__getitem__, 4.0 * n_linear, sum(p.numel() for p in params))
 
     heft_model = HeftModel.from_pretrained(model_id).to(device)
+    # The bf16 copies of the frozen weights are made once per path, as `evaluate` makes them once per
+    # evaluation set and `heft train` once per epoch (here: after the model and stage are built).
+    held = contextlib.ExitStack()
     if path == "scoring":
         task = get_task("boolq")
+        held.enter_context(heft_model.frozen_weights_bf16())
         return Workload(lambda i: predict(heft_model, task, examples[i], batch_size=len(examples[i]), progress=False, bf16=True),
-                        lambda i: sum(e.prompt_len for e in examples[i]), 2.0 * n_linear, 0)
+                        lambda i: sum(e.prompt_len for e in examples[i]), 2.0 * n_linear, 0, held.close)
     stage = heft_model.add_stage(stage_config(path), seed=seed)
     heft_model.train()
+    held.enter_context(heft_model.frozen_weights_bf16())
 
     def heft_forward(batch: dict) -> torch.Tensor:
         with autocast(heft_model, True):
             return heft_model(**batch).loss
 
     return Workload(_train_step(heft_forward, heft_model.trainable_parameters(), batches), train_tokens.__getitem__,
-                    4.0 * n_linear, stage.trainable_params)
+                    4.0 * n_linear, stage.trainable_params, held.close)
 
 
 def measure(work: Workload, num_batches: int, warmup: int, device: torch.device, peak_gflops: float) -> dict:
@@ -312,6 +320,7 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
         torch.manual_seed(seed)
         work = _workload(path, model, examples, collated, dev, n_linear, seed)
         results[path] = measure(work, len(collated), warmup, dev, gemm["bfloat16"]["gflops"])
+        work.close()
         del work
         gc.collect()
         if dev.type == "cuda":
@@ -327,7 +336,8 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
         "data": {"source": splits.info["source"], "batches": len(collated), "batch_size": batch_size, "max_length": max_length,
                  "tokens": sum(int(b["attention_mask"].sum()) for b in collated),
                  "padded_tokens": sum(b["input_ids"].numel() for b in collated)},
-        "settings": {"bf16_autocast": True, "weights_dtype": "float32", "warmup_steps": warmup, "gemm_repeats": repeats,
+        "settings": {"bf16_autocast": True, "weights_dtype": "float32",
+                     "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)", "warmup_steps": warmup, "gemm_repeats": repeats,
                      "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"}},
         "flops_convention": FLOPS_CONVENTION,
         "memory_measure": "CUDA max allocated (weights included)" if dev.type == "cuda"

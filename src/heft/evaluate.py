@@ -71,20 +71,21 @@ def predict(
     was_training = model.training
     model.eval()
     results: list[Prediction | None] = [None] * len(examples)
-    for batch in tqdm(_batches(examples, batch_size), desc="eval", disable=not progress, leave=False):
-        prompts = [examples[i].input_ids[: examples[i].prompt_len] for i in batch]
-        if by_continuation:
+    with model.frozen_weights_bf16(bf16):  # cast the frozen weights once for the whole set, not at every forward
+        for batch in tqdm(_batches(examples, batch_size), desc="eval", disable=not progress, leave=False):
+            prompts = [examples[i].input_ids[: examples[i].prompt_len] for i in batch]
+            if by_continuation:
+                with autocast(model, bf16):
+                    lls = continuation_logprobs(model, prompts, [examples[i].choice_ids for i in batch])
+                for row, i in enumerate(batch):
+                    results[i] = _continuation_prediction(examples[i], lls[row], task.headline)
+                continue
+            ids, mask = pad_batch(prompts, pad_id, "right")
             with autocast(model, bf16):
-                lls = continuation_logprobs(model, prompts, [examples[i].choice_ids for i in batch])
+                logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))
+            probs = torch.softmax(logprobs[:, choice_ids], dim=-1).cpu()
             for row, i in enumerate(batch):
-                results[i] = _continuation_prediction(examples[i], lls[row], task.headline)
-            continue
-        ids, mask = pad_batch(prompts, pad_id, "right")
-        with autocast(model, bf16):
-            logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))
-        probs = torch.softmax(logprobs[:, choice_ids], dim=-1).cpu()
-        for row, i in enumerate(batch):
-            results[i] = Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist())
+                results[i] = Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist())
     model.train(was_training)
     return results  # type: ignore[return-value]
 
