@@ -275,7 +275,9 @@ def stage_config_from_dict(data: dict) -> StageConfig:
     """Rebuild a StageConfig from the manifest's own serialisation."""
     # Folders written before `reft.init` existed were trained with pyreft's random initialisation.
     reft = ReftConfig(**{"init": "random", **data["reft"]})
-    return StageConfig(**{**data, "lora": LoraConfig(**data["lora"]), "reft": reft})
+    # ... and before `lora.fast_dropout` existed, with peft's nn.Dropout (a resumed stage keeps its masks).
+    lora = LoraConfig(**{"fast_dropout": False, **data["lora"]})
+    return StageConfig(**{**data, "lora": lora, "reft": reft})
 
 
 def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: str | None = None) -> HeftModel:
