@@ -60,3 +60,23 @@ def test_paths_are_validated_and_run_in_a_fixed_order():
     assert parse_paths("peft-lora, lora") == ["lora", "peft-lora"]
     with pytest.raises(ValueError, match="unknown --paths"):
         parse_paths("lora,dora")
+
+
+def test_cpu_clock_for_a_shared_machine_is_recorded_and_checked(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    from heft.bench import run_bench
+
+    write_boolq(tmp_path / "data" / "boolq")
+    monkeypatch.setenv("HEFT_DATA_DIR", str(tmp_path / "data"))
+    threads = torch.get_num_threads()
+    try:
+        record = run_bench(str(tiny_model_dir), batches=2, batch_size=4, max_length=24, device="cpu", paths=["lora"],
+                           repeats=2, threads=1, clock="cpu")
+        assert torch.get_num_threads() == 1 and record["machine"]["torch_threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert record["settings"]["clock"] == "cpu" and record["command"].endswith("--threads 1 --clock cpu")
+    assert record["paths"]["lora"]["tok_s"] > 0
+    with pytest.raises(ValueError, match="--clock"):
+        run_bench(str(tiny_model_dir), device="cpu", clock="gpu")

@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.check:
         return _bench_check(args)
     record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
-                       args.paths.split(","), args.repeats, args.warmup)
+                       args.paths.split(","), args.repeats, args.warmup, threads=args.threads, clock=args.clock)
     for table in tables(record):
         console.print(table)
     _write_bench(record, args.json, "bench")
@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default="scoring,lora,peft-lora,loreft,joint", help="comma-separated subset of the default (all paths)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time on a machine shared with other jobs (use with --threads 1)")
     p.add_argument("--json", help="output file (default: runs/bench-<time>.json)")
     p.add_argument("--check", metavar="BASELINE.json",
                    help="rerun with the settings of a committed record (the options above are ignored) and compare each "

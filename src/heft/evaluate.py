@@ -123,7 +123,8 @@ def predict(
         return [Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist()) for row, i in enumerate(batch)]
 
     try:
-        return sharded(_batches(examples, batch_size), len(examples), score, progress=progress)
+        with model.frozen_weights_bf16(bf16):  # cast the frozen weights once for the whole set, not at every forward
+            return sharded(_batches(examples, batch_size), len(examples), score, progress=progress)
     finally:
         model.train(was_training)
 

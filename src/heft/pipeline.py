@@ -6,6 +6,8 @@ weights (by default) so later stages run at base-model cost; ReFT stages stay as
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import peft
@@ -73,6 +75,7 @@ class HeftModel(nn.Module):
         self.hidden_size = hidden_size(self.model)
         self.model.base_model.register_forward_pre_hook(self._count_forward)
         self.requires_grad_(False)
+        self._head_bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:
@@ -90,7 +93,7 @@ class HeftModel(nn.Module):
         params: list[nn.Parameter] = []
         if config.uses_lora:
             stage.peft_config = to_peft_config(config.lora, self.model)
-            params += self._lora.add(self.model, stage.adapter_name, stage.peft_config)
+            params += self._lora.add(self.model, stage.adapter_name, stage.peft_config, config.lora.fast_dropout)
         if config.uses_reft:
             reft = ReftModel(config.reft, self.hidden_size, len(self._layers)).to(self.device)
             reft.attach(self._layers, self.positions)
@@ -158,6 +161,44 @@ class HeftModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @contextlib.contextmanager
+    def frozen_weights_bf16(self, enabled: bool = True) -> Iterator[None]:
+        """Hold bf16 copies of the frozen float32 linear weights (decoder blocks and LM head) while
+        the block runs, for forwards under bf16 autocast.
+
+        Autocast casts a frozen float32 weight to bf16 at every forward (it caches only weights that
+        require grad), which costs a read and a write of every weight per micro-batch. Casting once
+        here computes exactly the same: autocast's cast and this one round identically, and the
+        GEMMs then see the same bf16 tensors. The float32 tensors are kept and put back on exit, so
+        merging, saving and exporting never see the copies; trainable parameters (LoRA A/B, ReFT)
+        and optimizer state stay float32. DoRA's base weights are left alone (peft computes their
+        column norms outside autocast). Inside the block, forwards must run under bf16 autocast.
+        Re-entering while active does nothing.
+        """
+        if not enabled or self._head_bf16 is not None:
+            yield
+            return
+        skip = {id(m.get_base_layer()) for m in self.model.modules()
+                if isinstance(m, peft.tuners.lora.LoraLayer) and getattr(m, "lora_variant", None)}
+        swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+        head = self.model.get_output_embeddings()
+        try:
+            for layer in decoder_layers(self.model):
+                for name, module in layer.named_modules():
+                    if not isinstance(module, nn.Linear) or "lora_" in name or id(module) in skip:
+                        continue
+                    for param in (module.weight, module.bias):
+                        if param is not None and param.dtype == torch.float32 and not param.requires_grad:
+                            swapped.append((param, param.data))
+                            param.data = param.data.to(torch.bfloat16)
+            self._head_bf16 = (head.weight.detach().to(torch.bfloat16),
+                               None if getattr(head, "bias", None) is None else head.bias.detach().to(torch.bfloat16))
+            yield
+        finally:
+            for param, original in swapped:
+                param.data = original
+            self._head_bf16 = None
+
     def _count_forward(self, module: nn.Module, args: tuple) -> None:
         self.positions.forward_calls += 1
 
@@ -193,6 +234,10 @@ class HeftModel(nn.Module):
         return HeftOutput(loss, hidden, int(selected.sum()))
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        if (self._head_bf16 is not None and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == torch.bfloat16):  # what autocast computes, without the cast
+            return F.linear(hidden.to(torch.bfloat16), *self._head_bf16)
         return self.model.get_output_embeddings()(hidden)
 
     @torch.no_grad()

@@ -147,21 +147,24 @@ def train_stage(
         wrapped.train()
         loss_sum, loss_count, tokens, start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}", disable=not show_progress)
-        for batch in bar:
-            with accelerator.accumulate(wrapped):
-                with autocast(model, cfg.bf16):
-                    loss = wrapped(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if cfg.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.trainable_parameters(), cfg.max_grad_norm)
-                    progress.optimizer_steps += 1
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-            tokens += int(batch["attention_mask"].sum())
-            bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
+        # results); the float32 weights are back before on_epoch_end evaluates and saves.
+        with model.frozen_weights_bf16(cfg.bf16):
+            for batch in bar:
+                with accelerator.accumulate(wrapped):
+                    with autocast(model, cfg.bf16):
+                        loss = wrapped(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if cfg.max_grad_norm is not None:
+                            accelerator.clip_grad_norm_(model.trainable_parameters(), cfg.max_grad_norm)
+                        progress.optimizer_steps += 1
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                tokens += int(batch["attention_mask"].sum())
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         bar.close()
         totals = accelerator.reduce(torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device), "sum")
         progress.train_tokens += int(totals[0])

@@ -15,6 +15,11 @@ class LoraConfig:
     """Scaling numerator: the update is multiplied by alpha / r."""
     dropout: float = 0.05
     """Dropout applied to the adapter input during training."""
+    fast_dropout: bool = False
+    """Opt-in CPU speed-up: draw the dropout masks from 16 random bits per element (p rounded to a
+    multiple of 2^-16, kept values rescaled to keep the expectation), about 2.5x cheaper than torch's
+    serial per-element Bernoulli sampler, which took a sixth of a CPU LoRA step. Other masks than
+    peft's nn.Dropout (the default), so results differ within noise. No effect on GPU."""
     target_modules: str | list[str] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]) or peft's shortcut `all-linear`."""
     layers_to_transform: list[int] | None = None
