@@ -187,7 +187,7 @@ def _train_step(forward: Callable[[dict], torch.Tensor], params: list[nn.Paramet
 
 
 def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExample]], batches: Sequence[dict],
-              device: torch.device, n_linear: int, seed: int) -> Workload:
+              device: torch.device, n_linear: int, seed: int, activation_checkpointing: bool = False) -> Workload:
     """A fresh model per path, so that no path inherits another's adapters, optimizer or memory."""
     train_tokens = [int(b["attention_mask"].sum()) for b in batches]
     if path == "peft-lora":  # the usual route: full-vocabulary logits at every position, loss by transformers
@@ -195,6 +195,8 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             model = peft.get_peft_model(base, to_peft_config(stage_config(path).lora, base))
+        if activation_checkpointing:
+            model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
         def forward(batch: dict) -> torch.Tensor:
@@ -214,6 +216,8 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
         return Workload(lambda i: predict(heft_model, task, examples[i], batch_size=len(examples[i]), progress=False, bf16=True),
                         lambda i: sum(e.prompt_len for e in examples[i]), 2.0 * n_linear, 0, held.close)
     stage = heft_model.add_stage(stage_config(path), seed=seed)
+    if activation_checkpointing:
+        heft_model.enable_activation_checkpointing()
     heft_model.train()
     held.enter_context(heft_model.frozen_weights_bf16())
 
@@ -288,13 +292,15 @@ def versions() -> dict:
 
 
 def command_line(model: str, batches: int, batch_size: int, max_length: int, device: str, paths: Sequence[str],
-                 repeats: int, warmup: int, threads: int | None = None, clock: str = "wall") -> str:
+                 repeats: int, warmup: int, threads: int | None = None, clock: str = "wall",
+                 activation_checkpointing: bool = False) -> str:
     """The command that reruns this benchmark with every option spelled out (and the data folder)."""
     args = ["heft", "bench", "--model", model, "--batches", str(batches), "--batch-size", str(batch_size),
             "--max-length", str(max_length), "--device", device, "--paths", ",".join(paths),
             "--repeats", str(repeats), "--warmup", str(warmup)]
     args += ["--threads", str(threads)] if threads else []
     args += ["--clock", clock] if clock != "wall" else []
+    args += ["--activation-checkpointing"] if activation_checkpointing else []
     data_dir = os.environ.get("HEFT_DATA_DIR")
     return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
 
@@ -302,9 +308,15 @@ def command_line(model: str, batches: int, batch_size: int, max_length: int, dev
 # ------------------------------------------------------------------------------------------ main
 def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 8, max_length: int = 256,
               device: str | None = None, paths: Sequence[str] = PATHS, repeats: int = 10, warmup: int = 1,
-              seed: int = 42, threads: int | None = None, clock: str = "wall") -> dict:
+              seed: int = 42, threads: int | None = None, clock: str = "wall",
+              activation_checkpointing: bool = False) -> dict:
     """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
-    `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS."""
+    `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
+    the training paths recompute each layer in the backward pass (memory against time).
+
+    On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
+    pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first
+    (on one H200, heft's LoRA path, measured first, read 0.36× the peft path measured right after it)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if clock not in CLOCKS or (clock == "cpu" and dev.type != "cpu"):
         raise ValueError(f"--clock {clock!r}: choose wall, or cpu on a CPU device")
@@ -332,11 +344,12 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
     log.info("bench: %d batches of %d on %s; GEMM peaks at M = %d", len(collated), batch_size, dev, m)
     gemm = {name: gemm_peak(shapes, m, dtype, dev, repeats, timer) for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
     results = {}
+    path_warmup = max(warmup, len(collated)) if dev.type == "cuda" else warmup
     for path in paths:
         log.info("bench: %s", path)
         torch.manual_seed(seed)
-        work = _workload(path, model, examples, collated, dev, n_linear, seed)
-        results[path] = measure(work, len(collated), warmup, dev, gemm["bfloat16"]["gflops"], timer)
+        work = _workload(path, model, examples, collated, dev, n_linear, seed, activation_checkpointing)
+        results[path] = measure(work, len(collated), path_warmup, dev, gemm["bfloat16"]["gflops"], timer)
         work.close()
         del work
         gc.collect()
@@ -345,7 +358,8 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
     ratio = (round(results["lora"]["tok_s"] / results["peft-lora"]["tok_s"], 3)
              if {"lora", "peft-lora"} <= results.keys() else None)
     return {
-        "command": command_line(model, batches, batch_size, max_length, str(dev), paths, repeats, warmup, threads, clock),
+        "command": command_line(model, batches, batch_size, max_length, str(dev), paths, repeats, warmup, threads, clock,
+                                activation_checkpointing),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(dev),
         "versions": versions(),
@@ -354,7 +368,8 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
                  "tokens": sum(int(b["attention_mask"].sum()) for b in collated),
                  "padded_tokens": sum(b["input_ids"].numel() for b in collated)},
         "settings": {"bf16_autocast": True, "weights_dtype": "float32",
-                     "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)", "warmup_steps": warmup, "gemm_repeats": repeats, "clock": clock,
+                     "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)", "warmup_steps": warmup, "warmup_steps_run": path_warmup,
+                     "activation_checkpointing": activation_checkpointing, "gemm_repeats": repeats, "clock": clock,
                      "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"}},
         "flops_convention": FLOPS_CONVENTION,
         "memory_measure": "CUDA max allocated (weights included)" if dev.type == "cuda"

@@ -30,7 +30,8 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
         data, settings = record["data"], record["settings"]
         return {"model": record["model"]["id"], "batches": data["batches"], "batch_size": data["batch_size"],
                 "max_length": data["max_length"], "device": record["machine"]["device"], "paths": list(record["paths"]),
-                "repeats": settings["gemm_repeats"], "warmup": settings["warmup_steps"]}
+                "repeats": settings["gemm_repeats"], "warmup": settings["warmup_steps"],
+                "activation_checkpointing": settings.get("activation_checkpointing", False)}
     except (KeyError, TypeError) as err:
         raise ValueError(f"{name} is not a JSON record written by `heft bench` (no {err})") from None
 

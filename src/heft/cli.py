@@ -225,7 +225,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.check:
         return _bench_check(args)
     record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
-                       args.paths.split(","), args.repeats, args.warmup, threads=args.threads, clock=args.clock)
+                       args.paths.split(","), args.repeats, args.warmup, threads=args.threads, clock=args.clock,
+                       activation_checkpointing=args.activation_checkpointing)
     for table in tables(record):
         console.print(table)
     _write_bench(record, args.json, "bench")
@@ -336,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default="scoring,lora,peft-lora,loreft,joint", help="comma-separated subset of the default (all paths)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="training paths recompute each layer in the backward pass (less memory, more compute)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or this process's CPU time on a machine shared with other jobs (use with --threads 1)")
