@@ -88,7 +88,8 @@ def _train_job(config_path: str, overrides: Sequence[str], output_dir: str | Non
                threads: int | None) -> tuple[int, list[str], float]:
     """One worker's job: the full plan (so prefixes and zero-shot duties are those of a sequential
     run), restricted to one seed and a group of arms."""
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s")
+    # force: a worker runs several jobs in turn, and each names its own in the log lines
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s", force=True)
     if threads:
         import torch
 
