@@ -285,3 +285,12 @@ def test_reproduce_configs_run_the_boolq_arms_on_the_full_task(name: str) -> Non
         assert [(s.method, s.epochs, s.lr, s.reft.init) for s in cfg.stages] == [
             (s.method, s.epochs, s.lr, s.reft.init) for s in boolq.configs[arm][1].stages]
     assert load_plan(REPO / "configs" / f"reproduce_{name}.yaml", ["preset=smoke"]).configs["lora-20"][1].max_train_examples == 16
+
+
+def test_evaluation_tokens_count_prompts_once_and_every_continuation() -> None:
+    from heft.evaluate import scored_tokens
+    from heft.tasks import EncodedExample
+
+    mc = EncodedExample(input_ids=[5, 6, 7, 8], prompt_len=3, label=0, truncated=False, choice_ids=[[8], [9, 10], [11, 12, 13]])
+    single = EncodedExample(input_ids=[5, 6, 7], prompt_len=2, label=1, truncated=False)
+    assert scored_tokens([mc]) == 3 + 1 + 2 + 3 and scored_tokens([single]) == 2 and scored_tokens([mc, single]) == 11

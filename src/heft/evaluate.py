@@ -95,6 +95,11 @@ def autocast(model: HeftModel, bf16: bool) -> torch.autocast:
 
 
 @torch.no_grad()
+def scored_tokens(examples: Sequence[EncodedExample]) -> int:
+    """Tokens one evaluation runs: each prompt once, plus every choice's continuation (multiple choice)."""
+    return sum(e.prompt_len + sum(len(ids) for ids in e.choice_ids) for e in examples)
+
+
 def predict(
     model: HeftModel,
     task: Task,

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from heft.config import RunConfig, StageConfig, save_config
-from heft.evaluate import autocast, evaluate, pad_batch
+from heft.evaluate import autocast, evaluate, pad_batch, scored_tokens
 from heft.io import (append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run,
                      write_json)
 from heft.pipeline import HeftModel
@@ -356,7 +356,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
             line.update({k: v for k, v in evaluated.items() if k.startswith("eval_")})
         elif kind == "eval" if measure is None else measure:
             result = evaluate(model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
-            progress.eval_tokens += sum(e.prompt_len for e in eval_data)
+            progress.eval_tokens += scored_tokens(eval_data)
             line.update(eval_accuracy=result["accuracy"], eval_majority_accuracy=result["majority_accuracy"],
                         eval_per_class_accuracy=result["per_class_accuracy"], eval_mean_margin=result["mean_margin"],
                         eval_correct=result["correct"],
