@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import os
 import platform
+import random
 import resource
 import time
 import warnings

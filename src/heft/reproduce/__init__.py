@@ -45,7 +45,7 @@ def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str |
     failed: list[str] = []
     with run_folder_lock(plan.output_dir):  # a second `heft reproduce` into it gets RunFolderBusy
         if train and jobs > 1:
-            failed = train_plan_parallel(plan, jobs, config_path, overrides, output_dir)
+            failed = train_plan_parallel(plan, jobs)
         elif train:
             train_plan(plan, show_progress)
         summary = summarize(plan)

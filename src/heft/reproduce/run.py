@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from heft.config import ConfigError, RunConfig, config_to_dict, load_config
-from heft.reproduce.plan import Plan, load_plan
+from heft.reproduce.plan import Plan
 from heft.train import run_training
 
 log = logging.getLogger("heft")
@@ -84,25 +84,21 @@ def plan_jobs(plan: Plan) -> list[tuple[int, list[str]]]:
     return sorted(jobs, key=cost, reverse=True)
 
 
-def _train_job(config_path: str, overrides: Sequence[str], output_dir: str | None, seed: int, arms: list[str],
-               threads: int | None) -> tuple[int, list[str], float]:
+def _train_job(plan: Plan, seed: int, arms: list[str], threads: int | None) -> float:
     """One worker's job: the full plan (so prefixes and zero-shot duties are those of a sequential
-    run), restricted to one seed and a group of arms."""
+    run), restricted to one seed and a group of arms. Returns its wall time in seconds."""
     # force: a worker runs several jobs in turn, and each names its own in the log lines
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s", force=True)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    plan = load_plan(config_path, overrides, output_dir)
-    plan.seeds, plan.selected = [seed], list(arms)
     start = time.perf_counter()
-    train_plan(plan, show_progress=False)
-    return seed, arms, time.perf_counter() - start
+    train_plan(dataclasses.replace(plan, seeds=[seed], selected=list(arms)), show_progress=False)
+    return time.perf_counter() - start
 
 
-def train_plan_parallel(plan: Plan, jobs: int, config_path: str, overrides: Sequence[str],
-                        output_dir: str | None) -> list[str]:
+def train_plan_parallel(plan: Plan, jobs: int) -> list[str]:
     """Train the plan's jobs (`plan_jobs`) in `jobs` worker processes side by side on this machine's
     device: a small model leaves a GPU mostly idle in one process (its steps are bound by kernel
     launches), so several processes share it well. Each run folder is still written by one process.
@@ -117,18 +113,13 @@ def train_plan_parallel(plan: Plan, jobs: int, config_path: str, overrides: Sequ
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)) or 1, mp_context=context) as pool:
         running: dict[Future, tuple[int, list[str]]] = {
-            pool.submit(_train_job, str(config_path), list(overrides), None if output_dir is None else str(output_dir),
-                        seed, arms, threads): (seed, arms) for seed, arms in todo}
-        done_count = 0
-        while running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                seed, arms = running.pop(future)
-                done_count += 1
-                try:
-                    _, _, seconds = future.result()
-                    log.info("job %d/%d done: seed %d, %s (%.0f s)", done_count, len(todo), seed, ", ".join(arms), seconds)
-                except Exception as err:  # noqa: BLE001 - reported with the job, the others go on
-                    failed.append(f"seed {seed}, {', '.join(arms)}: {type(err).__name__}: {err}")
-                    log.error("job %d/%d failed: %s", done_count, len(todo), failed[-1])
+            pool.submit(_train_job, plan, seed, arms, threads): (seed, arms) for seed, arms in todo}
+        for done_count in range(1, len(todo) + 1):
+            future = next(iter(wait(running, return_when=FIRST_COMPLETED).done))
+            seed, arms = running.pop(future)
+            try:
+                log.info("job %d/%d done: seed %d, %s (%.0f s)", done_count, len(todo), seed, ", ".join(arms), future.result())
+            except Exception as err:  # noqa: BLE001 - reported with the job, the others go on
+                failed.append(f"seed {seed}, {', '.join(arms)}: {type(err).__name__}: {err}")
+                log.error("job %d/%d failed: %s", done_count, len(todo), failed[-1])
     return failed
