@@ -94,12 +94,12 @@ def autocast(model: HeftModel, bf16: bool) -> torch.autocast:
     return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-@torch.no_grad()
 def scored_tokens(examples: Sequence[EncodedExample]) -> int:
     """Tokens one evaluation runs: each prompt once, plus every choice's continuation (multiple choice)."""
     return sum(e.prompt_len + sum(len(ids) for ids in e.choice_ids) for e in examples)
 
 
+@torch.no_grad()
 def predict(
     model: HeftModel,
     task: Task,
