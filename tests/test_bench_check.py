@@ -66,7 +66,11 @@ def test_another_machine_or_other_batches_are_not_comparable():
 def test_settings_come_from_the_baseline_and_the_committed_json_has_them():
     assert baseline_settings(BASE) == {"model": "smollm2-135m", "batches": 12, "batch_size": 8, "max_length": 256,
                                        "device": "cpu", "paths": ["scoring", "lora", "peft-lora", "loreft"],
-                                       "repeats": 10, "warmup": 1, "activation_checkpointing": False}
+                                       "repeats": 10, "warmup": 1, "activation_checkpointing": False,
+                                       "compile_mode": None, "clock": "wall", "threads": 2}
+    one_thread = {**BASE, "machine": {**MACHINE, "torch_threads": 1}, "settings": {**BASE["settings"], "clock": "cpu"}}
+    assert baseline_settings(one_thread) == {**baseline_settings(BASE), "clock": "cpu", "threads": 1}, \
+        "a baseline timed on one thread's CPU clock is rerun so"
     from pathlib import Path
 
     for committed in (Path(__file__).resolve().parents[1] / "docs" / "results" / "bench").glob("*.json"):

@@ -326,3 +326,34 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     assert layers and all(m.gradient_checkpointing for m in layers)
+
+
+def test_compiled_layers_keep_loss_gradients_and_state_dict():
+    """torch.compile of the decoder layers (LoRA inside, ReFT hooks outside) computes the eager
+    loss and gradients without dropout, also across sequence lengths; on exit the layers are eager
+    again and the state-dict keys never change."""
+    data = toy_data(16)
+    joint = StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0))
+    results = []
+    for mode in (None, "default"):
+        model = make_heft()
+        model.add_stage(joint, seed=0)
+        keys = list(model.state_dict())
+        model.train()
+        with model.compiled_layers(mode):
+            compiled = [type(layer.forward).__name__ for layer in model._layers]
+            losses = []
+            for width in (8, 5):  # a second sequence length: dynamic shapes, same graph
+                batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch_of(data).items()}
+                loss = model(**batch).loss
+                loss.backward()
+                losses.append(loss.detach())
+        results.append((torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert list(model.state_dict()) == keys
+        assert all("forward" not in vars(layer) for layer in model._layers)
+        if mode is not None:
+            assert all(name != "method" for name in compiled)  # a compiled wrapper was installed per layer
+    (loss_a, a), (loss_b, b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5) and a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name

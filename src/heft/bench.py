@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
-from heft.config import RunConfig, StageConfig
+from heft.config import COMPILE_MODES, RunConfig, StageConfig
 from heft.evaluate import autocast, predict
 from heft.methods.lora import LoraConfig, to_peft_config
 from heft.methods.reft import ReftConfig
@@ -187,8 +187,10 @@ def _train_step(forward: Callable[[dict], torch.Tensor], params: list[nn.Paramet
 
 
 def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExample]], batches: Sequence[dict],
-              device: torch.device, n_linear: int, seed: int, activation_checkpointing: bool = False) -> Workload:
-    """A fresh model per path, so that no path inherits another's adapters, optimizer or memory."""
+              device: torch.device, n_linear: int, seed: int, activation_checkpointing: bool = False,
+              compile_mode: str | None = None) -> Workload:
+    """A fresh model per path, so that no path inherits another's adapters, optimizer or memory.
+    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager)."""
     train_tokens = [int(b["attention_mask"].sum()) for b in batches]
     if path == "peft-lora":  # the usual route: full-vocabulary logits at every position, loss by transformers
         base = load_model(model_id).model.to(device)
@@ -220,6 +222,7 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
         heft_model.enable_activation_checkpointing()
     heft_model.train()
     held.enter_context(heft_model.frozen_weights_bf16())
+    held.enter_context(heft_model.compiled_layers(compile_mode))
 
     def heft_forward(batch: dict) -> torch.Tensor:
         with autocast(heft_model, True):
@@ -233,9 +236,11 @@ def measure(work: Workload, num_batches: int, warmup: int, device: torch.device,
             clock: Callable[[], float] = time.perf_counter) -> dict:
     """Time every batch once after `warmup` untimed steps; the memory window covers both."""
     baseline = _memory_window(device)
+    start = clock()
     for i in range(warmup):
         work.step(i % num_batches)
     _sync(device)
+    warmup_seconds = clock() - start
     start = clock()
     for i in range(num_batches):
         work.step(i)
@@ -246,6 +251,7 @@ def measure(work: Workload, num_batches: int, warmup: int, device: torch.device,
     return {
         "tokens": tokens,
         "seconds": round(seconds, 4),
+        "warmup_seconds": round(warmup_seconds, 4),
         "tok_s": round(tok_s, 2),
         "flops_per_token": work.flops_per_token,
         "mfu": _significant(work.flops_per_token * tok_s / (peak_gflops * 1e9)),
@@ -293,7 +299,7 @@ def versions() -> dict:
 
 def command_line(model: str, batches: int, batch_size: int, max_length: int, device: str, paths: Sequence[str],
                  repeats: int, warmup: int, threads: int | None = None, clock: str = "wall",
-                 activation_checkpointing: bool = False) -> str:
+                 activation_checkpointing: bool = False, compile_mode: str | None = None) -> str:
     """The command that reruns this benchmark with every option spelled out (and the data folder)."""
     args = ["heft", "bench", "--model", model, "--batches", str(batches), "--batch-size", str(batch_size),
             "--max-length", str(max_length), "--device", device, "--paths", ",".join(paths),
@@ -301,6 +307,7 @@ def command_line(model: str, batches: int, batch_size: int, max_length: int, dev
     args += ["--threads", str(threads)] if threads else []
     args += ["--clock", clock] if clock != "wall" else []
     args += ["--activation-checkpointing"] if activation_checkpointing else []
+    args += ["--compile", compile_mode] if compile_mode else []
     data_dir = os.environ.get("HEFT_DATA_DIR")
     return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
 
@@ -309,10 +316,11 @@ def command_line(model: str, batches: int, batch_size: int, max_length: int, dev
 def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 8, max_length: int = 256,
               device: str | None = None, paths: Sequence[str] = PATHS, repeats: int = 10, warmup: int = 1,
               seed: int = 42, threads: int | None = None, clock: str = "wall",
-              activation_checkpointing: bool = False) -> dict:
+              activation_checkpointing: bool = False, compile_mode: str | None = None) -> dict:
     """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
     `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
-    the training paths recompute each layer in the backward pass (memory against time).
+    the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
+    heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation).
 
     On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
     pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first
@@ -326,6 +334,8 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
         torch.set_num_threads(threads)
     timer = CLOCKS[clock]
     paths = parse_paths(",".join(paths))
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if min(batches, batch_size, max_length, repeats) < 1 or warmup < 0:
         raise ValueError("--batches, --batch-size, --max-length and --repeats must be ≥ 1, --warmup ≥ 0")
     probe = HeftModel.from_pretrained(model)
@@ -348,7 +358,7 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
     for path in paths:
         log.info("bench: %s", path)
         torch.manual_seed(seed)
-        work = _workload(path, model, examples, collated, dev, n_linear, seed, activation_checkpointing)
+        work = _workload(path, model, examples, collated, dev, n_linear, seed, activation_checkpointing, compile_mode)
         results[path] = measure(work, len(collated), path_warmup, dev, gemm["bfloat16"]["gflops"], timer)
         work.close()
         del work
@@ -359,7 +369,7 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
              if {"lora", "peft-lora"} <= results.keys() else None)
     return {
         "command": command_line(model, batches, batch_size, max_length, str(dev), paths, repeats, warmup, threads, clock,
-                                activation_checkpointing),
+                                activation_checkpointing, compile_mode),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(dev),
         "versions": versions(),
@@ -369,7 +379,7 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
                  "padded_tokens": sum(b["input_ids"].numel() for b in collated)},
         "settings": {"bf16_autocast": True, "weights_dtype": "float32",
                      "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)", "warmup_steps": warmup, "warmup_steps_run": path_warmup,
-                     "activation_checkpointing": activation_checkpointing, "gemm_repeats": repeats, "clock": clock,
+                     "activation_checkpointing": activation_checkpointing, "compile": compile_mode, "gemm_repeats": repeats, "clock": clock,
                      "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"}},
         "flops_convention": FLOPS_CONVENTION,
         "memory_measure": "CUDA max allocated (weights included)" if dev.type == "cuda"
@@ -393,10 +403,11 @@ def tables(record: dict) -> list[Table]:
     paths = Table(title=f"{data['batches']} BoolQ batches × {data['batch_size']} (max_length {data['max_length']}, "
                         f"{data['tokens']:,} tokens), bf16 autocast, {record['machine']['device']}",
                   caption=record["flops_convention"] + "; memory: " + record["memory_measure"])
-    for column in ("path", "tok/s", "MFU", "peak memory MB", "seconds", "tokens", "vs peft-lora"):
+    for column in ("path", "tok/s", "MFU", "peak MB", "warm-up s", "tokens", "vs peft-lora"):
         paths.add_column(column, justify="left" if column == "path" else "right")
     for name, r in record["paths"].items():
         ratio = f"{record['heft_lora_vs_peft_lora']:.2f}×" if name == "lora" and record["heft_lora_vs_peft_lora"] else ""
         memory = "—" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,.0f}"
-        paths.add_row(name, f"{r['tok_s']:,.0f}", f"{100 * r['mfu']:.1f} %", memory, f"{r['seconds']:.2f}", f"{r['tokens']:,}", ratio)
+        paths.add_row(name, f"{r['tok_s']:,.0f}", f"{100 * r['mfu']:.1f} %", memory,
+                      f"{r['warmup_seconds']:.2f}" if "warmup_seconds" in r else "—", f"{r['tokens']:,}", ratio)
     return [gemm, paths]

@@ -31,7 +31,9 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
         return {"model": record["model"]["id"], "batches": data["batches"], "batch_size": data["batch_size"],
                 "max_length": data["max_length"], "device": record["machine"]["device"], "paths": list(record["paths"]),
                 "repeats": settings["gemm_repeats"], "warmup": settings["warmup_steps"],
-                "activation_checkpointing": settings.get("activation_checkpointing", False)}
+                "activation_checkpointing": settings.get("activation_checkpointing", False),
+                "compile_mode": settings.get("compile"), "clock": settings.get("clock", "wall"),
+                "threads": record["machine"].get("torch_threads")}
     except (KeyError, TypeError) as err:
         raise ValueError(f"{name} is not a JSON record written by `heft bench` (no {err})") from None
 

@@ -226,7 +226,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_check(args)
     record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
                        args.paths.split(","), args.repeats, args.warmup, threads=args.threads, clock=args.clock,
-                       activation_checkpointing=args.activation_checkpointing)
+                       activation_checkpointing=args.activation_checkpointing, compile_mode=args.compile)
     for table in tables(record):
         console.print(table)
     _write_bench(record, args.json, "bench")
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="training paths recompute each layer in the backward pass (less memory, more compute)")
+    p.add_argument("--compile", metavar="MODE", help="torch.compile heft's training paths in this mode (default, "
+                   "reduce-overhead or max-autotune-no-cudagraphs), as `compile:` in a run config; warm-up s then "
+                   "includes the compilation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time, or this process's CPU time on a machine shared with other jobs (use with --threads 1)")

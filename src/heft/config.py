@@ -25,6 +25,7 @@ from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig
 
 METHODS = ("lora", "dora", "loreft", "direft", "joint")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -119,6 +120,10 @@ class RunConfig:
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: about a third more
     compute for a fraction of the activation memory (batches of 64 × 512 on a GPU)."""
+    compile: str | None = None
+    """`torch.compile` the decoder layers for training (evaluation stays eager): default,
+    reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; None trains eagerly. The first
+    steps pay the compilation (tens of seconds); dropout masks differ from eager ones."""
     eval_batch_size: int = 16
     """Examples per evaluation batch."""
     eval_every: str = "epoch"
@@ -164,6 +169,7 @@ _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
 _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (RunConfig, "dtype"): _one_of("float32", "bfloat16"),
     (RunConfig, "eval_every"): _one_of("epoch", "stage", "never"),
+    (RunConfig, "compile"): _one_of(*COMPILE_MODES),
     **{(RunConfig, k): _POSITIVE for k in ("max_length", "batch_size", "grad_accum", "eval_batch_size",
                                            "max_train_examples", "max_eval_examples", "max_grad_norm")},
     (RunConfig, "stages"): (bool, "at least one stage"),

@@ -141,6 +141,30 @@ class HeftModel(nn.Module):
         ReFT's hooks stay outside the checkpoint (transformers checkpoints `forward`, not `__call__`)."""
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+    @contextlib.contextmanager
+    def compiled_layers(self, mode: str | None) -> Iterator[None]:
+        """Run every decoder layer's `forward` through `torch.compile` while the block runs (`None`: eager).
+
+        Per layer, because ReFT's interventions are forward hooks on the layers: they stay eager
+        outside the compiled code, as does transformers' activation checkpointing, which wraps the
+        call. The layers run the same code, so they share one compiled graph (their weights are its
+        inputs), and shapes are dynamic, so new sequence lengths do not recompile. Modules,
+        parameters and state-dict keys are untouched; the eager `forward` is back on exit. A new
+        stage's adapters or a dtype change (the bf16 copies) recompile once.
+        """
+        if mode is None:
+            yield
+            return
+        layers = decoder_layers(self.model)
+        options = {} if mode == "default" else {"mode": mode}
+        try:
+            for layer in layers:
+                layer.forward = torch.compile(type(layer).forward.__get__(layer), dynamic=True, **options)
+            yield
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+
     def merge_adapters(self) -> None:
         """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
         if any(s.config.uses_lora and not s.merged for s in self.stages):

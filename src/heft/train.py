@@ -149,7 +149,7 @@ def train_stage(
         bar = tqdm(loader, desc=f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}", disable=not show_progress)
         # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
         # results); the float32 weights are back before on_epoch_end evaluates and saves.
-        with model.frozen_weights_bf16(cfg.bf16):
+        with model.frozen_weights_bf16(cfg.bf16), model.compiled_layers(cfg.compile):
             for batch in bar:
                 with accelerator.accumulate(wrapped):
                     with autocast(model, cfg.bf16):

@@ -17,17 +17,21 @@ python3 -c "from heft.models import load_model; load_model('smollm2-135m')" > /d
 echo "converted at $(( $(date +%s) - T0 )) s"
 COMMON=${COMMON:-preset=full seeds=[1,2]}
 THREE=${THREE:-arms_only=[heft-2+1,heft-2+1-identity,lora-3,loreft-3,joint-3,heft-1+2]}
-TWENTY=${TWENTY:-arms_only=[lora-20,loreft-20]}
+TWENTY=${TWENTY-arms_only=[lora-20,loreft-20]}  # set empty to skip the 20-epoch arms
+TASKS=${TASKS:-arc_easy openbookqa}
 run() { python3 -m heft reproduce configs/reproduce_$1.yaml $COMMON "$3" --output-dir /tmp/gpu/runs/$1 --jobs $2 -q; }
 mkdir -p /tmp/gpu/runs
-( run arc_easy ${JOBS_ARC:-6} "$THREE"; echo "arc 3-epoch arms done at $(( $(date +%s) - T0 )) s"; run arc_easy 4 "$TWENTY" ) > /tmp/gpu/runs/arc_easy.log 2>&1 &
-( run openbookqa ${JOBS_OBQA:-8} "$THREE"; echo "obqa 3-epoch arms done at $(( $(date +%s) - T0 )) s"; run openbookqa 4 "$TWENTY" ) > /tmp/gpu/runs/openbookqa.log 2>&1 &
+for t in $TASKS; do
+  jobs_var=JOBS_$t; jobs_n=${!jobs_var:-6}
+  ( run $t $jobs_n "$THREE"; echo "$t 3-epoch arms done at $(( $(date +%s) - T0 )) s"
+    [ -z "$TWENTY" ] || run $t 4 "$TWENTY" ) > /tmp/gpu/runs/$t.log 2>&1 &
+done
 while [ $(( $(date +%s) - T0 )) -lt $DEADLINE ] && [ -n "$(jobs -r)" ]; do sleep 3; done
 echo "stopping at $(( $(date +%s) - T0 )) s; still running: $(jobs -r | wc -l)"
 kill -9 $(jobs -p) 2>/dev/null  # the subshells first, or they start their next `heft reproduce`
 pkill -9 -f "heft reproduce"; pkill -9 -f "multiprocessing"; sleep 1
 nvidia-smi --query-gpu=name --format=csv,noheader > /tmp/gpu/runs/gpu.txt 2>&1
-for t in arc_easy openbookqa; do
+for t in $TASKS; do
   python3 -m heft reproduce configs/reproduce_$t.yaml $COMMON --output-dir /tmp/gpu/runs/$t --report-only -q 2>&1 | tail -3
 done
 cd /tmp/gpu && find runs -name '*.log' -o -name '*.txt' -o -name summary.json -o -name report.md -o -name '*.png' \
