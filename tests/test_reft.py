@@ -107,6 +107,41 @@ def test_interventions_saved_by_the_old_parametrization_still_load():
         assert torch.allclose(module(h), expected, atol=1e-5)
 
 
+def test_rotation_equals_householder_product_with_a_cheap_backward():
+    """R in compact WY form is the product of the r reflections that torch's householder_product
+    computes, with the same gradients, in far fewer ops (each one a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from heft.methods.reft.layer import Householder
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def reference(X: torch.Tensor) -> torch.Tensor:
+        A = 2 * X.triu(1).mT
+        return -torch.linalg.householder_product(A, 2 / (1 + A.pow(2).sum(dim=0))).mT
+
+    torch.manual_seed(0)
+    upstream = torch.randn(4, 96, dtype=torch.float64)
+    results = []
+    for rotation in (reference, Householder()):
+        X = (torch.randn(4, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.5).requires_grad_()
+        with CountOps() as ops:
+            R = rotation(X)
+            (R * upstream).sum().backward()
+        results.append((R.detach(), X.grad, ops.count))
+    (R_ref, grad_ref, ops_ref), (R, grad, ops_count) = results
+    assert torch.allclose(R, R_ref, atol=1e-12) and torch.allclose(grad, grad_ref, atol=1e-12)
+    assert torch.allclose(R @ R.mT, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    assert ops_count < ops_ref / 2, (ops_count, ops_ref)
+
+
 def test_parse_positions_and_layers():
     assert parse_positions("f7+l7") == (7, 7)
     assert parse_positions("l1") == (0, 1)
