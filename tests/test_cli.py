@@ -156,3 +156,29 @@ def test_data_parallel_two_cpu_processes(tmp_path, tiny_model_dir):
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert results["train_tokens"] == last["tokens_seen"] > 0, "tokens are summed over both processes"
     load_run(run)
+
+
+def test_eval_runs_on_the_launch_device_and_ranks_share_the_run_folder(monkeypatch):
+    """`heft eval`/`predict` put the model on accelerate's device (a GPU when there is one, also in
+    one process); `heft train` under a launcher takes the main process's time-stamped folder."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    import heft.evaluate
+    import heft.io
+    from heft.cli import _load_for_eval, _output_dir
+
+    moved = []
+    fake_model = SimpleNamespace(to=lambda device: moved.append(device) or "model on device")
+    state = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0), is_main_process=True)
+    monkeypatch.setattr(heft.evaluate, "process_state", lambda: state)
+    monkeypatch.setattr(heft.io, "load_run", lambda run_dir: fake_model)
+    assert _load_for_eval(Path("run")) == ("model on device", True) and moved == [torch.device("cuda", 0)]
+
+    cfg = SimpleNamespace(task="boolq", model="models/tiny")
+    assert _output_dir("given", "runs/{task}-{time}", cfg) == "given"
+    assert _output_dir(None, "runs/{task}-{model}", cfg) == "runs/boolq-tiny"
+    state.num_processes = 2
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process: ["runs/main-process-name"])
+    assert _output_dir(None, "runs/{task}-{time}", cfg) == "runs/main-process-name"

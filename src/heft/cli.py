@@ -32,14 +32,29 @@ def _run_dir_config(run_dir: Path):
     return load_config(path)
 
 
+def _output_dir(given: str | None, template: str, cfg) -> str:
+    """The run folder: `--output-dir`, else the config's template filled in. Under a launcher every
+    process takes the main process's name: processes that start in different seconds would
+    otherwise time-stamp different folders."""
+    from heft.evaluate import process_state
+
+    if given:
+        return given
+    out = template.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
+    if process_state().num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        out = broadcast_object_list([out], from_process=0)[0]
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from heft.config import load_config
     from heft.evaluate import process_state
     from heft.train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    out = args.output_dir or cfg.output_dir.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
-    cfg.output_dir = out
+    out = cfg.output_dir = _output_dir(args.output_dir, cfg.output_dir, cfg)
     is_main = process_state().is_main_process  # under torchrun / `accelerate launch` only the main process reports
     if is_main:
         console.print(f"[bold]heft train[/] {args.config} → {out}")
@@ -85,16 +100,14 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
 
 
 def _load_for_eval(run_dir: Path):
-    """The run's model, and whether this process reports. Under torchrun / `accelerate launch` every
-    process scores a share of the examples on its own device; only the main process prints or writes."""
+    """The run's model on this process's device, and whether this process reports. Under torchrun /
+    `accelerate launch` every process scores a share of the examples on its own device; only the
+    main process prints or writes."""
     from heft.evaluate import process_state
     from heft.io import load_run
 
     state = process_state()
-    model = load_run(run_dir)
-    if state.num_processes > 1:
-        model.to(state.device)
-    return model, state.is_main_process
+    return load_run(run_dir).to(state.device), state.is_main_process  # a GPU when there is one
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
