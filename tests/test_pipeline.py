@@ -357,3 +357,27 @@ def test_compiled_layers_keep_loss_gradients_and_state_dict():
     assert torch.allclose(loss_a, loss_b, atol=1e-5) and a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_short_cpu_sequences_use_the_math_attention_kernel(monkeypatch):
+    """Up to SHORT_CPU_SEQUENCE positions, training on the CPU runs SDPA's math kernel (faster
+    there, as accurate); longer sequences and scoring keep the default choice. The loss is the same."""
+    import heft.pipeline
+
+    model = make_heft()
+    model.add_stage(StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0)), seed=0)
+    flash_allowed = []
+    model._layers[0].self_attn.register_forward_pre_hook(lambda module, args: flash_allowed.append(torch.backends.cuda.flash_sdp_enabled()))
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for width in (20, heft.pipeline.SHORT_CPU_SEQUENCE + 1):
+        ids = torch.randint(7, 40, (2, width), generator=generator)
+        labels = ids.masked_fill(torch.arange(width) < width - 3, -100)
+        losses.append(model(ids, labels=labels).loss)
+    with torch.no_grad():  # scoring: flash stays faster without a backward
+        model(ids[:, :20])
+    assert flash_allowed == [False, True, True]
+    monkeypatch.setattr(heft.pipeline, "SHORT_CPU_SEQUENCE", 0)
+    ids = torch.randint(7, 40, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(model(ids, labels=ids.masked_fill(torch.arange(20) < 17, -100)).loss, losses[0], atol=1e-5)
+    assert flash_allowed[-1] is True

@@ -14,12 +14,32 @@ import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache
 
 from heft.config import StageConfig
 from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
+
+
+SHORT_CPU_SEQUENCE = 128
+"""Up to this many positions, training on the CPU runs SDPA's math kernel instead of its flash
+kernel (see `attention_kernel`)."""
+
+
+def attention_kernel(device: torch.device, width: int) -> contextlib.AbstractContextManager:
+    """SDPA's math kernel for short sequences trained on the CPU, the default choice otherwise.
+
+    The CPU flash kernel's backward has a high fixed cost: at the multiple-choice tasks' lengths
+    (16 × 64) a LoRA step ran 1.11× and a LoReFT step 1.18× faster with the math kernel, which
+    is as accurate in bf16 (same error against a float64 reference). Without gradients (scoring)
+    flash stays faster, as it is for training from about 150 positions on
+    (`docs/results/bench/README.md`, `profile-cpu.md`).
+    """
+    if device.type == "cpu" and width <= SHORT_CPU_SEQUENCE and torch.is_grad_enabled():
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -244,9 +264,10 @@ class HeftModel(nn.Module):
         self.positions.prompt_mask, self.positions.generation = prompt_mask, False
         try:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            hidden = self.model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+            with attention_kernel(input_ids.device, input_ids.shape[1]):
+                hidden = self.model.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                ).last_hidden_state
         finally:
             self.positions.prompt_mask = None
         if labels is None:
@@ -278,8 +299,9 @@ class HeftModel(nn.Module):
         stage exactly as in training, where the interventions sit on prompt tokens only."""
         self.positions.prompt_mask, self.positions.generation = attention_mask.bool(), False
         try:
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            with attention_kernel(input_ids.device, input_ids.shape[1]):
+                out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                            position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
         finally:
             self.positions.prompt_mask = None
         return out.last_hidden_state, out.cache
@@ -289,8 +311,9 @@ class HeftModel(nn.Module):
                          cache: Cache) -> torch.Tensor:
         """Hidden states of tokens appended to cached prompts (`attention_mask` spans cache + new
         tokens). No intervention runs: continuation tokens are never edited, in training either."""
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     cache=cache, use_cache=True).last_hidden_state
+        with attention_kernel(input_ids.device, attention_mask.shape[1]):
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         cache=cache, use_cache=True).last_hidden_state
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
