@@ -32,8 +32,8 @@ def attention_kernel(device: torch.device, width: int) -> contextlib.AbstractCon
     """SDPA's math kernel for short sequences trained on the CPU, the default choice otherwise.
 
     The CPU flash kernel's backward has a high fixed cost: at the multiple-choice tasks' lengths
-    (16 × 64) a LoRA step ran 1.11× and a LoReFT step 1.18× faster with the math kernel, which
-    is as accurate in bf16 (same error against a float64 reference). Without gradients (scoring)
+    (16 × 64, one thread) a LoReFT step ran 1.18× faster with the math kernel and a LoRA step
+    1.04–1.11×, and the math kernel is as accurate in bf16 (same error against a float64 reference). Without gradients (scoring)
     flash stays faster, as it is for training from about 150 positions on
     (`docs/results/bench/README.md`, `profile-cpu.md`).
     """
