@@ -28,16 +28,18 @@ SHORT_CPU_SEQUENCE = 128
 kernel (see `attention_kernel`)."""
 
 
-def attention_kernel(device: torch.device, width: int) -> contextlib.AbstractContextManager:
+def attention_kernel(device: torch.device, width: int, recomputed: bool = False) -> contextlib.AbstractContextManager:
     """SDPA's math kernel for short sequences trained on the CPU, the default choice otherwise.
 
     The CPU flash kernel's backward has a high fixed cost: at the multiple-choice tasks' lengths
     (16 × 64, one thread) a LoReFT step ran 1.18× faster with the math kernel and a LoRA step
     1.04–1.11×, and the math kernel is as accurate in bf16 (same error against a float64 reference). Without gradients (scoring)
     flash stays faster, as it is for training from about 150 positions on
-    (`docs/results/bench/README.md`, `profile-cpu.md`).
+    (`docs/results/bench/README.md`, `profile-cpu.md`). Not with activation checkpointing
+    (`recomputed`): its recompute in the backward pass runs outside this context, and must take
+    the kernel the forward took.
     """
-    if device.type == "cpu" and width <= SHORT_CPU_SEQUENCE and torch.is_grad_enabled():
+    if device.type == "cpu" and width <= SHORT_CPU_SEQUENCE and torch.is_grad_enabled() and not recomputed:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 
@@ -96,6 +98,7 @@ class HeftModel(nn.Module):
         self.model.base_model.register_forward_pre_hook(self._count_forward)
         self.requires_grad_(False)
         self._head_bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._checkpointing = False
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:
@@ -160,6 +163,7 @@ class HeftModel(nn.Module):
         Non-reentrant checkpointing restores the RNG, so dropout masks and gradients are unchanged;
         ReFT's hooks stay outside the checkpoint (transformers checkpoints `forward`, not `__call__`)."""
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpointing = True
 
     @contextlib.contextmanager
     def compiled_layers(self, mode: str | None) -> Iterator[None]:
@@ -264,7 +268,7 @@ class HeftModel(nn.Module):
         self.positions.prompt_mask, self.positions.generation = prompt_mask, False
         try:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            with attention_kernel(input_ids.device, input_ids.shape[1]):
+            with attention_kernel(input_ids.device, input_ids.shape[1], self._checkpointing):
                 hidden = self.model.base_model(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
                 ).last_hidden_state
@@ -299,9 +303,8 @@ class HeftModel(nn.Module):
         stage exactly as in training, where the interventions sit on prompt tokens only."""
         self.positions.prompt_mask, self.positions.generation = attention_mask.bool(), False
         try:
-            with attention_kernel(input_ids.device, input_ids.shape[1]):
-                out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
         finally:
             self.positions.prompt_mask = None
         return out.last_hidden_state, out.cache
@@ -311,9 +314,8 @@ class HeftModel(nn.Module):
                          cache: Cache) -> torch.Tensor:
         """Hidden states of tokens appended to cached prompts (`attention_mask` spans cache + new
         tokens). No intervention runs: continuation tokens are never edited, in training either."""
-        with attention_kernel(input_ids.device, attention_mask.shape[1]):
-            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                         cache=cache, use_cache=True).last_hidden_state
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     cache=cache, use_cache=True).last_hidden_state
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
