@@ -106,3 +106,22 @@ def test_cli_exit_status_without_timing_anything(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text())["paths"]["lora"]["mfu"] == 0.20
     assert main(["bench", "--check", str(baseline), "--json", str(out), "--tolerance", "30"]) == 0
     assert main(["bench", "--check", str(tmp_path / "missing.json")]) == 2
+
+
+def test_a_one_thread_baseline_is_rerun_on_one_thread(tmp_path, monkeypatch):
+    """The baseline's torch thread count is set before the machines are compared, so a record
+    taken with `--threads 1` is comparable on the machine that made it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(bench, "machine_info", lambda device: {**MACHINE, "torch_threads": torch.get_num_threads()})
+    monkeypatch.setattr(bench, "run_bench", lambda **settings: record({"lora": 0.27}))
+    monkeypatch.setattr(bench, "tables", lambda record: [])
+    baseline = tmp_path / "one-thread.json"
+    baseline.write_text(json.dumps(record({"lora": 0.27}, torch_threads=1)))
+    try:
+        torch.set_num_threads(2)
+        assert main(["bench", "--check", str(baseline), "--json", str(tmp_path / "now.json")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

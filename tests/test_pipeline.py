@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from heft.io import RunFolderError, load_run, save_run, sha256_file
 from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
+import heft.pipeline
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample
 from heft.train import Progress, collate, train_stage
@@ -328,19 +331,29 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     assert layers and all(m.gradient_checkpointing for m in layers)
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_layers_keep_loss_gradients_and_state_dict():
-    """torch.compile of the decoder layers (LoRA inside, ReFT hooks outside) computes the eager
-    loss and gradients without dropout, also across sequence lengths; on exit the layers are eager
-    again and the state-dict keys never change."""
+    """torch.compile of the decoder layers (LoRA inside, ReFT hooks outside, activation checkpointing
+    traced inside) computes the eager loss and gradients without dropout, also across sequence
+    lengths, without falling back to eager; on exit the layers are eager again and the state-dict
+    keys never change."""
+    from torch._dynamo.utils import counters
+
     data = toy_data(16)
     joint = StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0))
     results = []
-    for mode in (None, "default"):
+    for mode, checkpointing in ((None, False), ("default", False), ("default", True)):
         model = make_heft()
         model.add_stage(joint, seed=0)
+        if checkpointing:
+            model.enable_activation_checkpointing()
         keys = list(model.state_dict())
         model.train()
+        counters.clear()
         with model.compiled_layers(mode):
+            assert model._compiled == (mode is not None)  # the attention kernel stays the default one
+            if mode is not None:  # room for several stages' and arms' graphs before dynamo gives up on them
+                assert torch._dynamo.config.recompile_limit == heft.pipeline.COMPILED_GRAPHS_LIMIT > 8
             compiled = [type(layer.forward).__name__ for layer in model._layers]
             losses = []
             for width in (8, 5):  # a second sequence length: dynamic shapes, same graph
@@ -353,17 +366,17 @@ def test_compiled_layers_keep_loss_gradients_and_state_dict():
         assert all("forward" not in vars(layer) for layer in model._layers)
         if mode is not None:
             assert all(name != "method" for name in compiled)  # a compiled wrapper was installed per layer
-    (loss_a, a), (loss_b, b) = results
-    assert torch.allclose(loss_a, loss_b, atol=1e-5) and a.keys() == b.keys() and len(a) > 0
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+            assert counters["stats"]["unique_graphs"] > 0, dict(counters)
+    (loss_a, a), *compiled_runs = results
+    for loss_b, b in compiled_runs:
+        assert torch.allclose(loss_a, loss_b, atol=1e-5) and a.keys() == b.keys() and len(a) > 0
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_short_cpu_sequences_use_the_math_attention_kernel(monkeypatch):
     """Up to SHORT_CPU_SEQUENCE positions, training on the CPU runs SDPA's math kernel (faster
     there, as accurate); longer sequences and scoring keep the default choice. The loss is the same."""
-    import heft.pipeline
-
     model = make_heft()
     model.add_stage(StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0)), seed=0)
     flash_allowed = []
@@ -377,6 +390,7 @@ def test_short_cpu_sequences_use_the_math_attention_kernel(monkeypatch):
     with torch.no_grad():  # scoring: flash stays faster without a backward
         model(ids[:, :20])
     assert flash_allowed == [False, True, True]
+    assert isinstance(heft.pipeline.attention_kernel(torch.device("cpu"), 20, keep_default=True), contextlib.nullcontext)
     monkeypatch.setattr(heft.pipeline, "SHORT_CPU_SEQUENCE", 0)
     ids = torch.randint(7, 40, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model(ids, labels=ids.masked_fill(torch.arange(20) < 17, -100)).loss, losses[0], atol=1e-5)

@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import heft.pipeline
 from heft import bench
 from heft.config import RunConfig
 from heft.evaluate import autocast
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="forward op sources to list per path")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    heft.pipeline.SHORT_CPU_SEQUENCE = 0  # the attention kernel a GPU runs (flash), not the CPU's math one
     for path in args.paths.split(","):
         model = narrow(args.model)
         cfg = RunConfig(model=args.model, task="boolq", max_length=args.max_length, max_train_examples=args.batch_size,

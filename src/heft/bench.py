@@ -320,7 +320,8 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
     """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
     `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
     the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
-    heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation).
+    heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation;
+    with the CPU clock only what this process spends on it, not its compiler processes).
 
     On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
     pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first

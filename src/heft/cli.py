@@ -266,6 +266,8 @@ def _bench_check(args: argparse.Namespace) -> int:
     baseline = json.loads(path.read_text(encoding="utf-8"))
     settings = baseline_settings(baseline, str(path))
     device = torch.device(settings["device"])
+    if settings["threads"]:  # before the machine is compared: a one-thread baseline is rerun on one thread
+        torch.set_num_threads(settings["threads"])
     if device.type == "cuda" and not torch.cuda.is_available():
         reasons = [f"device: {settings['device']!r} in the baseline, no GPU here"]
     else:

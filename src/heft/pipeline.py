@@ -28,20 +28,26 @@ SHORT_CPU_SEQUENCE = 128
 kernel (see `attention_kernel`)."""
 
 
-def attention_kernel(device: torch.device, width: int, recomputed: bool = False) -> contextlib.AbstractContextManager:
+def attention_kernel(device: torch.device, width: int, keep_default: bool = False) -> contextlib.AbstractContextManager:
     """SDPA's math kernel for short sequences trained on the CPU, the default choice otherwise.
 
     The CPU flash kernel's backward has a high fixed cost: at the multiple-choice tasks' lengths
     (16 × 64, one thread) a LoReFT step ran 1.18× faster with the math kernel and a LoRA step
     1.04–1.11×, and the math kernel is as accurate in bf16 (same error against a float64 reference). Without gradients (scoring)
     flash stays faster, as it is for training from about 150 positions on
-    (`docs/results/bench/README.md`, `profile-cpu.md`). Not with activation checkpointing
-    (`recomputed`): its recompute in the backward pass runs outside this context, and must take
-    the kernel the forward took.
+    (`docs/results/bench/README.md`, `profile-cpu.md`). `keep_default` under activation
+    checkpointing, whose recompute in the backward pass runs outside this context and must take
+    the kernel the forward took, and with compiled layers, whose graphs keep the kernel they were
+    traced with whatever the width.
     """
-    if device.type == "cpu" and width <= SHORT_CPU_SEQUENCE and torch.is_grad_enabled() and not recomputed:
+    if device.type == "cpu" and width <= SHORT_CPU_SEQUENCE and torch.is_grad_enabled() and not keep_default:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
+
+
+COMPILED_GRAPHS_LIMIT = 64
+"""Compiled versions of the decoder layers' code kept at once (torch's default, 8, is reached by a
+few stages or arms in one process, after which the layers silently run eagerly)."""
 
 
 @dataclass
@@ -99,6 +105,7 @@ class HeftModel(nn.Module):
         self.requires_grad_(False)
         self._head_bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._checkpointing = False
+        self._compiled = False
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:
@@ -170,24 +177,33 @@ class HeftModel(nn.Module):
         """Run every decoder layer's `forward` through `torch.compile` while the block runs (`None`: eager).
 
         Per layer, because ReFT's interventions are forward hooks on the layers: they stay eager
-        outside the compiled code, as does transformers' activation checkpointing, which wraps the
-        call. The layers run the same code, so they share one compiled graph (their weights are its
-        inputs), and shapes are dynamic, so new sequence lengths do not recompile. Modules,
-        parameters and state-dict keys are untouched; the eager `forward` is back on exit. A new
-        stage's adapters or a dtype change (the bf16 copies) recompile once.
+        outside the compiled code. (transformers' activation checkpointing replaces the layers'
+        `forward`, so it is traced inside.) The layers run the same code, so they share compiled
+        graphs, their weights being inputs; shapes are dynamic, so new sequence lengths do not
+        recompile. A new stage's adapters, the first layer's input (no gradient) and a dtype change
+        (the bf16 copies) add graphs; all of them count against one limit per code object, raised
+        here so that several stages and arms in one process stay compiled. Modules, parameters and
+        state-dict keys are untouched; the layers' own `forward` is back on exit.
         """
         if mode is None:
             yield
             return
         layers = decoder_layers(self.model)
         options = {} if mode == "default" else {"mode": mode}
+        saved = [layer.__dict__.get("forward") for layer in layers]
         try:
-            for layer in layers:
-                layer.forward = torch.compile(type(layer).forward.__get__(layer), dynamic=True, **options)
-            yield
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT):
+                for layer, own in zip(layers, saved):
+                    layer.forward = torch.compile(own or type(layer).forward.__get__(layer), dynamic=True, **options)
+                self._compiled = True
+                yield
         finally:
-            for layer in layers:
-                layer.__dict__.pop("forward", None)
+            self._compiled = False
+            for layer, own in zip(layers, saved):
+                if own is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = own
 
     def merge_adapters(self) -> None:
         """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
@@ -268,7 +284,7 @@ class HeftModel(nn.Module):
         self.positions.prompt_mask, self.positions.generation = prompt_mask, False
         try:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            with attention_kernel(input_ids.device, input_ids.shape[1], self._checkpointing):
+            with attention_kernel(input_ids.device, input_ids.shape[1], self._checkpointing or self._compiled):
                 hidden = self.model.base_model(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
                 ).last_hidden_state
