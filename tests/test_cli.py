@@ -176,9 +176,10 @@ def test_eval_runs_on_the_launch_device_and_ranks_share_the_run_folder(monkeypat
     monkeypatch.setattr(heft.io, "load_run", lambda run_dir: fake_model)
     assert _load_for_eval(Path("run")) == ("model on device", True) and moved == [torch.device("cuda", 0)]
 
-    cfg = SimpleNamespace(task="boolq", model="models/tiny")
-    assert _output_dir("given", "runs/{task}-{time}", cfg) == "given"
-    assert _output_dir(None, "runs/{task}-{model}", cfg) == "runs/boolq-tiny"
+    cfg = SimpleNamespace(task="boolq", model="models/tiny", output_dir="runs/{task}-{model}")
+    assert _output_dir("given", cfg) == "given"
+    assert _output_dir(None, cfg) == "runs/boolq-tiny"
     state.num_processes = 2
+    cfg.output_dir = "runs/{task}-{time}"
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process: ["runs/main-process-name"])
-    assert _output_dir(None, "runs/{task}-{time}", cfg) == "runs/main-process-name"
+    assert _output_dir(None, cfg) == "runs/main-process-name"

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import traceback
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import heft.pipeline
 from heft import bench
@@ -46,14 +47,13 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def narrow(model_id: str, hidden: int = 64) -> HeftModel:
-    """`model_id`'s architecture and tokenizer with hidden size `hidden` (random weights)."""
-    loaded = load_model(model_id)
-    config = AutoConfig.from_pretrained(loaded.model.name_or_path) if loaded.model.name_or_path else loaded.model.config
+def narrow(loaded: LoadedModel, hidden: int = 64) -> HeftModel:
+    """A fresh model of `loaded`'s architecture and tokenizer with hidden size `hidden` (random weights)."""
+    config = copy.deepcopy(loaded.model.config)
     config.hidden_size, config.intermediate_size, config.head_dim = hidden, 2 * hidden, hidden // 4
     config.num_attention_heads, config.num_key_value_heads = 4, 2
     torch.manual_seed(0)
-    return HeftModel(LoadedModel(AutoModelForCausalLM.from_config(config), loaded.tokenizer, model_id, loaded.weights_sha256, []))
+    return HeftModel(LoadedModel(AutoModelForCausalLM.from_config(config), loaded.tokenizer, loaded.model_id, loaded.weights_sha256, []))
 
 
 def main() -> None:
@@ -66,11 +66,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     heft.pipeline.SHORT_CPU_SEQUENCE = 0  # the attention kernel a GPU runs (flash), not the CPU's math one
+    loaded = load_model(args.model)
+    cfg = RunConfig(model=args.model, task="boolq", max_length=args.max_length, max_train_examples=args.batch_size,
+                    max_eval_examples=args.batch_size, seed=42)
+    batch = collate(load_data(get_task("boolq"), cfg, loaded.tokenizer).train[: args.batch_size], loaded.tokenizer.pad_token_id)
     for path in args.paths.split(","):
-        model = narrow(args.model)
-        cfg = RunConfig(model=args.model, task="boolq", max_length=args.max_length, max_train_examples=args.batch_size,
-                        max_eval_examples=args.batch_size, seed=42)
-        batch = collate(load_data(get_task("boolq"), cfg, model.tokenizer).train[: args.batch_size], model.tokenizer.pad_token_id)
+        model = narrow(loaded)
         model.add_stage(bench.stage_config(path), seed=0)
         model.train()
         with model.frozen_weights_bf16():

@@ -32,7 +32,7 @@ def _run_dir_config(run_dir: Path):
     return load_config(path)
 
 
-def _output_dir(given: str | None, template: str, cfg) -> str:
+def _output_dir(given: str | None, cfg) -> str:
     """The run folder: `--output-dir`, else the config's template filled in. Under a launcher every
     process takes the main process's name: processes that start in different seconds would
     otherwise time-stamp different folders."""
@@ -40,7 +40,7 @@ def _output_dir(given: str | None, template: str, cfg) -> str:
 
     if given:
         return given
-    out = template.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
+    out = cfg.output_dir.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
     if process_state().num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from heft.train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    out = cfg.output_dir = _output_dir(args.output_dir, cfg.output_dir, cfg)
+    out = cfg.output_dir = _output_dir(args.output_dir, cfg)
     is_main = process_state().is_main_process  # under torchrun / `accelerate launch` only the main process reports
     if is_main:
         console.print(f"[bold]heft train[/] {args.config} → {out}")

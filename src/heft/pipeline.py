@@ -33,9 +33,9 @@ def attention_kernel(device: torch.device, width: int, keep_default: bool = Fals
 
     The CPU flash kernel's backward has a high fixed cost: at the multiple-choice tasks' lengths
     (16 × 64, one thread) a LoReFT step ran 1.18× faster with the math kernel and a LoRA step
-    1.04–1.11×, and the math kernel is as accurate in bf16 (same error against a float64 reference). Without gradients (scoring)
-    flash stays faster, as it is for training from about 150 positions on
-    (`docs/results/bench/README.md`, `profile-cpu.md`). `keep_default` under activation
+    1.04–1.11×, and the math kernel is as accurate in bf16 (same error against a float64
+    reference). Without gradients (scoring) flash stays faster, as it is for training from about
+    150 positions on (`docs/results/bench/README.md`, `profile-cpu.md`). `keep_default` under activation
     checkpointing, whose recompute in the backward pass runs outside this context and must take
     the kernel the forward took, and with compiled layers, whose graphs keep the kernel they were
     traced with whatever the width.
