@@ -183,3 +183,17 @@ def test_eval_runs_on_the_launch_device_and_ranks_share_the_run_folder(monkeypat
     cfg.output_dir = "runs/{task}-{time}"
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process: ["runs/main-process-name"])
     assert _output_dir(None, cfg) == "runs/main-process-name"
+
+
+def test_quiet_hides_the_libraries_progress_bars_too(tmp_path, tiny_model_dir, capfd):
+    from transformers.utils import logging as transformers_logging
+
+    data = write_toy_boolq(tmp_path / "data", 8, 8)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
+    try:
+        assert main(["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(tmp_path / "run"), "-q"]) == 0
+        assert "Loading weights" not in capfd.readouterr().err
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()

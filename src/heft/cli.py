@@ -386,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("heft").setLevel(logging.INFO)
+    if getattr(args, "quiet", False):
+        from heft.models import hide_library_progress_bars
+
+        hide_library_progress_bars()
     try:
         return args.func(args)
     except USER_ERRORS as err:

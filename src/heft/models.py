@@ -106,6 +106,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     )
 
 
+def hide_library_progress_bars() -> None:
+    """Quiet means no bars at all: transformers draws its own while loading weights."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a local HF folder or a hub id.
 

@@ -12,6 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 
 from heft.config import ConfigError, RunConfig, config_to_dict, load_config
+from heft.models import hide_library_progress_bars
 from heft.reproduce.plan import Plan
 from heft.train import run_training
 
@@ -89,6 +90,7 @@ def _train_job(plan: Plan, seed: int, arms: list[str], threads: int | None) -> f
     run), restricted to one seed and a group of arms. Returns its wall time in seconds."""
     # force: a worker runs several jobs in turn, and each names its own in the log lines
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s", force=True)
+    hide_library_progress_bars()  # workers train without bars (show_progress=False below)
     if threads:
         import torch
 
