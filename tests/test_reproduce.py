@@ -17,6 +17,7 @@ from heft.io import load_run
 from heft.train import run_training
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce
+from heft.reproduce.report import render_report
 from heft.reproduce.run import plan_jobs
 
 from conftest import SHARED_DATA
@@ -156,6 +157,10 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
         assert text in report
     for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # on another task the paper's numbers are named as BoolQ's, not as this task's
+    elsewhere = render_report({**summary, "task": "arc_easy"})
+    assert "9,427" not in elsewhere and "reports BoolQ only" in elsewhere and "BoolQ margin of HEFT over loreft-20" in elsewhere
+    assert "9,427" in report and "BoolQ margin" not in report
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished arm was trained again")

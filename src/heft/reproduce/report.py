@@ -132,13 +132,15 @@ def render_report(summary: dict) -> str:
     out += ["## Reading", ""]
     for c in summary.get("comparisons", []):
         out.append("- " + _comparison(c))
+    on_boolq = summary["task"] == "boolq"  # the paper reports BoolQ only
     if m and arms:
         for b in ("lora-20", "loreft-20"):
             if b in arms and "heft-2+1" in arms:
                 gap = (PAPER["heft-2+1"][1] - PAPER[b][1]) / 100
                 c = next((c for c in summary.get("comparisons", []) if (c["a"], c["b"]) == ("heft-2+1", b)), None)
                 width = f"{100 * (c['high'] - c['low']) / 2:.2f}" if c else "?"
-                out.append(f"- The paper's margin of HEFT over {b} ({100 * gap:+.2f} points) against the half-width "
+                out.append(f"- The paper's {'' if on_boolq else 'BoolQ '}margin of HEFT over {b} ({100 * gap:+.2f} "
+                           f"points{'' if on_boolq else ', a scale from another task'}) against the half-width "
                            f"of our paired interval ({width} points): a gap of the paper's size "
                            f"{'can' if c and abs(gap) > (c['high'] - c['low']) / 2 else 'cannot'} be resolved here.")
         if summary["majority_accuracy"]:
@@ -146,10 +148,13 @@ def render_report(summary: dict) -> str:
             above = [n for n, a in arms.items() if (p_arm := a["final_accuracy"]["mean"]) - q > 2 * _se(p_arm, m)]
             out.append(f"- {len(above)} of {len(arms)} arms end more than two binomial standard errors above the "
                        f"majority class ({100 * q:.2f} %){': ' + ', '.join(above) if above else ''}.")
-    out += ["", "What these numbers do not show:",
-            f"- The paper's setting: it used Llama-2-7B (7B parameters) on all 9,427 training examples; this run used "
-            f"{summary['model']} on {data.get('train_examples', '?')} training examples, so the scale of model (and maybe "
-            "data) differs and the paper's ranking need not carry over.",
+    setting = (f"- The paper's setting: it used Llama-2-7B (7B parameters) on all 9,427 training examples; this run "
+               f"used {summary['model']} on {data.get('train_examples', '?')} training examples, so the scale of model "
+               "(and maybe data) differs and the paper's ranking need not carry over." if on_boolq else
+               f"- The paper's setting: it reports BoolQ only, with Llama-2-7B (7B parameters); this run used "
+               f"{summary['model']} on {summary['task']}, so neither the model nor the task is the paper's and its "
+               "ranking need not carry over.")
+    out += ["", "What these numbers do not show:", setting,
             "- Tuned hyperparameters: every arm uses fixed settings from the config; none was tuned here.",
             "- 'Best' picks an epoch on the evaluation set itself, so it is optimistic; 'final' is the fair number."]
     if len(summary["seeds"]) == 1:
