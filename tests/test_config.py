@@ -125,7 +125,8 @@ def test_bad_values_name_file_line_field(tmp_path: Path, old: str, new: str, fie
     ("stages.0.reft.positions=x7", "f<k>, l<k> or f<k>+l<k>"),
     ("stages.0.warmup_ratio=1", "[0, 1)"),
     ("dtype=float16", "one of float32, bfloat16"),
-    ("eval_every=step", "one of epoch, stage, never"),
+    ("eval_every=step", "one of epoch, stage, never, or a number of epochs > 0"),
+    ("eval_every=0", "a number of epochs > 0"),
     ("stages.0.schedule=poly", "one of linear, cosine, constant"),
     ("stages=[]", "at least one stage"),
 ])

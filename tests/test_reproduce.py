@@ -18,6 +18,7 @@ from heft.train import run_training
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce
 from heft.reproduce.report import render_report
+from heft.reproduce.summary import _mean_curve
 from heft.reproduce.run import plan_jobs
 
 from conftest import SHARED_DATA
@@ -238,6 +239,21 @@ def test_a_folder_of_other_settings_is_not_reused(tmp_path, tiny_model_dir):
     reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)
     with pytest.raises(ConfigError, match="different settings .*max_length"):
         reproduce(str(path), ["arms_only=[loreft-20]", "base.max_length=24"], show_progress=False)
+
+
+def test_evaluating_less_often_reuses_the_folder(tmp_path, tiny_model_dir):
+    path = tiny_reproduce_file(tmp_path, tiny_model_dir)
+    first = reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)
+    again = reproduce(str(path), ["arms_only=[loreft-20]", "eval_every=1"], show_progress=False)
+    assert again["arms"]["loreft-20"] == first["arms"]["loreft-20"], "when to evaluate does not change training"
+
+
+def test_seed_means_cover_the_epochs_every_seed_evaluated():
+    def curve(*points):
+        return [{"epoch": e, "accuracy": a, "train_tokens": 10 * e} for e, a in points]
+
+    mean = _mean_curve([curve((1, 0.5), (2, 0.6), (4, 0.7)), curve((2, 0.4), (4, 0.9))])
+    assert [(c["epoch"], c["accuracy"]["mean"]) for c in mean] == [(2, pytest.approx(0.5)), (4, pytest.approx(0.8))]
 
 
 # ---------------------------------------------------------------------------- real model, smoke

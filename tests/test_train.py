@@ -80,6 +80,22 @@ def test_run_folder_holds_metrics_results_and_loadable_model(tmp_path, tiny_mode
     load_run(run)  # loads and checks hashes
 
 
+def test_evaluating_every_n_epochs_leaves_training_unchanged(tmp_path, tiny_model_dir):
+    data = write_toy_boolq(tmp_path / "data", 16, 8)
+    three = [{"method": "lora", "epochs": 3, "lr": 2e-2, "lora": {"r": 4}},
+             {"method": "loreft", "epochs": 3, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1", "dropout": 0.1}}]
+    runs = {}
+    for every in ("epoch", 2):
+        cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / str(every), stages=three, eval_every=every))
+        runs[every] = run_training(cfg, tmp_path / str(every), show_progress=False)
+    evaluated = [(i, e) for kind, i, e in line_keys(tmp_path / "2") if kind == "eval"]
+    assert evaluated == [(-1, None), (0, 2), (0, 3), (1, 2), (1, 3)]  # every 2nd epoch and each stage's end
+    assert runs[2]["final_accuracy"] == runs["epoch"]["final_accuracy"]
+    a, b = load_run(tmp_path / "epoch"), load_run(tmp_path / "2")
+    for (name, x), (_, y) in zip(a.reft.state_dict().items(), b.reft.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_interrupted_run_resumes_from_last_epoch_and_matches(tmp_path, tiny_model_dir, monkeypatch):
     data = write_toy_boolq(tmp_path / "data")
     reference = run_training(config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "a")), tmp_path / "a", show_progress=False)

@@ -126,8 +126,9 @@ class RunConfig:
     steps pay the compilation (tens of seconds); dropout masks differ from eager ones."""
     eval_batch_size: int = 16
     """Examples per evaluation batch."""
-    eval_every: str = "epoch"
-    """When to evaluate during training: epoch, stage or never."""
+    eval_every: str | int = "epoch"
+    """When to evaluate during training: epoch, stage, never, or N: every N-th epoch of each stage and
+    where it ends (long runs on a slow machine, where evaluation would cost as much as training)."""
     eval_zero_shot: bool = True
     """Evaluate the untrained model before the first stage."""
     boundary_examples: int = 64
@@ -168,7 +169,8 @@ _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
 # Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them.
 _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (RunConfig, "dtype"): _one_of("float32", "bfloat16"),
-    (RunConfig, "eval_every"): _one_of("epoch", "stage", "never"),
+    (RunConfig, "eval_every"): (lambda v: v in ("epoch", "stage", "never") or (isinstance(v, int) and v > 0),
+                                "one of epoch, stage, never, or a number of epochs > 0"),
     (RunConfig, "compile"): _one_of(*COMPILE_MODES),
     **{(RunConfig, k): _POSITIVE for k in ("max_length", "batch_size", "grad_accum", "eval_batch_size",
                                            "max_train_examples", "max_eval_examples", "max_grad_norm")},

@@ -397,7 +397,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
                 m.roll_back_stage()
             elif last:
                 m.finish_stage()
-            if cfg.eval_every == "epoch" or (cfg.eval_every == "stage" and last):
+            if evaluates_after(cfg.eval_every, epoch + 1, last):
                 record(index, stage.name, epoch + 1, train_loss)
             if last:
                 record(index, stage.name, epoch + 1, train_loss, kind="stage_end",
@@ -447,6 +447,13 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         save_run(model, run_dir, cfg.seed, progress.optimizer_steps, trainer_state={"progress": asdict(progress)})
         write_json(run_dir / "results.json", results)
     return results
+
+
+def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
+    """Whether `eval_every` asks for an evaluation after `epoch` (1-based within its stage)."""
+    if eval_every == "never":
+        return False
+    return eval_every == "epoch" or last or (isinstance(eval_every, int) and epoch % eval_every == 0)
 
 
 def record_stage_start(record: Callable[..., dict], history: list[dict], model: HeftModel, name: str, index: int,

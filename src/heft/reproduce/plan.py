@@ -175,7 +175,9 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
                "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""))
     selected = [arm for arm in arms if only is None or arm in only]
     eval_every = resolved["eval_every"]
-    _check(eval_every in ("epoch", "stage"), eval_every, ("eval_every",), src, "epoch or stage")
+    _check(eval_every in ("epoch", "stage") or (isinstance(eval_every, int) and not isinstance(eval_every, bool)
+                                                and eval_every > 0),
+           eval_every, ("eval_every",), src, "epoch, stage or a number of epochs > 0")
     out = Path(output_dir if output_dir is not None else str(resolved["output_dir"]).replace("{preset}", preset))
     configs: dict[str, dict[int, RunConfig]] = {}
     for arm, spec in arms.items():

@@ -72,6 +72,18 @@ def _device_label(device: dict | None) -> str:
     return f"{device['type']} ({device['name']})" if device.get("name") else device["type"]
 
 
+def _mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """Mean ± std over seeds at each epoch that every seed evaluated (seeds of a run resumed with
+    another `eval_every` may have evaluated different epochs)."""
+    by_epoch: dict[int, list[dict]] = {}
+    for curve in curves:
+        for point in curve:
+            by_epoch.setdefault(point["epoch"], []).append(point)
+    return [{"epoch": epoch, "accuracy": _stats([p["accuracy"] for p in points]),
+             "train_tokens": statistics.fmean(p["train_tokens"] for p in points)}
+            for epoch, points in sorted(by_epoch.items()) if len(points) == len(curves)]
+
+
 def compare_arms(arms: dict, a: str, b: str) -> dict | None:
     """Paired comparison of the final evaluations of `a` and `b` over the seeds both finished."""
     if a not in arms or b not in arms:
@@ -108,9 +120,7 @@ def summarize(plan: Plan) -> dict:
             "final_accuracy": _stats([r["final_accuracy"] for r in runs.values()]),
             "best_accuracy": _stats([r["best_accuracy"] for r in runs.values()]),
             "best_epochs": [r["best_epoch"] for r in runs.values()],
-            "curve": [{"epoch": points[0]["epoch"], "accuracy": _stats([p["accuracy"] for p in points]),
-                       "train_tokens": statistics.fmean(p["train_tokens"] for p in points)}
-                      for points in zip(*(r["curve"] for r in runs.values()))],
+            "curve": _mean_curve([r["curve"] for r in runs.values()]),
             **{k: statistics.fmean(r[k] for r in runs.values())
                for k in ("train_tokens", "eval_tokens", "optimizer_steps", "wall_time_s", "peak_memory_mb")},
             "trainable_params": next(iter(runs.values()))["trainable_params"],
