@@ -17,7 +17,7 @@ from heft.io import load_run
 from heft.train import run_training
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce
-from heft.reproduce.report import render_report
+from heft.reproduce.report import milestones, render_report
 from heft.reproduce.summary import _mean_curve
 from heft.reproduce.run import plan_jobs
 
@@ -246,6 +246,17 @@ def test_evaluating_less_often_reuses_the_folder(tmp_path, tiny_model_dir):
     first = reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)
     again = reproduce(str(path), ["arms_only=[loreft-20]", "eval_every=1"], show_progress=False)
     assert again["arms"]["loreft-20"] == first["arms"]["loreft-20"], "when to evaluate does not change training"
+
+
+@pytest.mark.parametrize("evaluated, columns", [
+    (list(range(1, 21)), [3, 5, 10, 20]),  # every epoch: the paper's HEFT budget, then milestones
+    ([4, 8, 12, 16, 20], [4, 8, 12, 16, 20]),  # eval_every=4: what was evaluated
+    ([1, 2], [1, 2]),
+    (list(range(2, 21, 2)), [4, 8, 12, 16, 20]),  # ten evaluations thinned to at most six
+    ([], []),
+])
+def test_longer_arms_table_shows_epochs_that_were_evaluated(evaluated, columns):
+    assert milestones(evaluated) == columns
 
 
 def test_seed_means_cover_the_epochs_every_seed_evaluated():

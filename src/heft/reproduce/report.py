@@ -84,6 +84,17 @@ def _boundaries_table(arms: dict) -> list[str]:
     return out + [""]
 
 
+def milestones(evaluated: list[int]) -> list[int]:
+    """Columns of the longer arms' table: epochs 3 (the paper's HEFT budget), 5, 10 and 20 where
+    every longer arm evaluated them all, else the epochs they all evaluated, thinned to six."""
+    if not evaluated:
+        return []
+    preferred = [e for e in (3, 5, 10, 20) if e <= evaluated[-1]]
+    if preferred and set(preferred) <= set(evaluated):
+        return preferred
+    return evaluated[::-1][::math.ceil(len(evaluated) / 6)][::-1]
+
+
 def render_report(summary: dict) -> str:
     """Markdown: the paper's rows beside ours, the equal-budget table, curves, a templated reading."""
     arms, m, data = summary["arms"], summary["data"].get("eval_examples", 0), summary["data"]
@@ -119,8 +130,7 @@ def render_report(summary: dict) -> str:
         out.append(f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
                    f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} |")
     if longer:
-        run = max(c["epoch"] for a in longer for c in arms[a]["curve"])
-        marks = [e for e in (3, 5, 10, 20) if e <= run] or list(range(1, run + 1))
+        marks = milestones(sorted(set.intersection(*({c["epoch"] for c in arms[a]["curve"]} for a in longer))))
         out += ["", "## Longer arms along the way", "", "| arm | " + " | ".join(f"epoch {e}" for e in marks) + " |",
                 "|---|" + "---|" * len(marks)]
         for arm in longer:
