@@ -144,6 +144,10 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     for c in summary["comparisons"]:
         a, b = (summary["arms"][x]["seeds"]["1"]["final_accuracy"] for x in (c["a"], c["b"]))
         assert c["difference"] == pytest.approx(a - b) and c["low"] <= c["difference"] <= c["high"]
+    [gain] = summary["last_stage_gains"]  # the one multi-stage arm, against its own LoRA stage's end
+    lora_end = next(c["accuracy"] for c in run["curve"] if c["epoch"] == 2)
+    assert (gain["a"], gain["b"]) == ("heft-2+1", "its lora stage")
+    assert gain["difference"] == pytest.approx(run["final_accuracy"] - lora_end)
     boundary = run["boundaries"][1]
     assert boundary["loss_at_start"] == pytest.approx(run["boundaries"][0]["loss_at_end"], abs=1e-6)
     assert 0 <= summary["zero_shot_accuracy"]["mean"] <= 1 and summary["zero_shot_accuracy"]["std"] is None
@@ -154,6 +158,7 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
 
     report = (out / "report.md").read_text()
     for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "Paired comparisons", "McNemar",
+                 "What the last stage adds", "heft-2+1 − its lora stage",
                  "Stage boundaries", "majority class", f"trained on {summary['trained_on'][0]}"):
         assert text in report
     for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):

@@ -47,8 +47,11 @@ def _comparison(c: dict) -> str:
             f"examples of {c['examples']}, {c['seeds']} seed{'s' if c['seeds'] > 1 else ''}{spread}): {_verdict(c)}.")
 
 
-def _comparisons_table(comparisons: list[dict]) -> list[str]:
-    out = ["## Paired comparisons (final evaluations, example by example)", "",
+def _comparisons_table(comparisons: list[dict], title: str = "Paired comparisons (final evaluations, example by example)",
+                       baseline: str = "") -> list[str]:
+    if not comparisons:
+        return []
+    out = [f"## {title}", "", baseline +
            "Difference in accuracy points; 95 % percentile-bootstrap interval over examples (resampled within each "
            "seed); McNemar's exact test on the examples exactly one arm got right.", "",
            "| arm | baseline | difference | 95 % CI | per seed | a right, b wrong / b right, a wrong | McNemar p | verdict |",
@@ -138,9 +141,13 @@ def render_report(summary: dict) -> str:
             out.append(f"| {arm} | " + " | ".join(_pct(acc.get(e)) for e in marks) + " |")
     out += ["", "## Baselines", "", f"- Majority class: {_pct(summary['majority_accuracy'])} %",
             f"- Zero-shot (untrained model): {_pct(summary['zero_shot_accuracy'])} %", ""]
-    out += _comparisons_table(summary.get("comparisons", [])) + _boundaries_table(arms)
-    out += ["## Reading", ""]
-    for c in summary.get("comparisons", []):
+    gains = summary.get("last_stage_gains", [])
+    out += _comparisons_table(summary.get("comparisons", []))
+    out += _comparisons_table(gains, "What the last stage adds (example by example)",
+                              "Each multi-stage arm's final evaluation against that of the model its last stage "
+                              "received (the end of the stage before it), on the same examples and seeds. ")
+    out += _boundaries_table(arms) + ["## Reading", ""]
+    for c in summary.get("comparisons", []) + gains:
         out.append("- " + _comparison(c))
     on_boolq = summary["task"] == "boolq"  # the paper reports BoolQ only
     if m and arms:

@@ -53,6 +53,7 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
         "train_tokens": results["train_tokens"],
         "eval_tokens": results["eval_tokens"],
         "final_correct": next(m for m in reversed(every) if m.get("kind", "eval") == "eval").get("eval_correct"),
+        "received_correct": _received_correct(lines, cfg),
         "boundaries": [{k: s.get(k) for k in ("name", "loss_at_start", "loss_at_end", "accuracy_at_start", "accuracy")}
                        for s in results["stages"]],
         "evaluations": sum("eval_accuracy" in m and not m.get("eval_reused_from") for m in every),
@@ -82,6 +83,28 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict]:
     return [{"epoch": epoch, "accuracy": _stats([p["accuracy"] for p in points]),
              "train_tokens": statistics.fmean(p["train_tokens"] for p in points)}
             for epoch, points in sorted(by_epoch.items()) if len(points) == len(curves)]
+
+
+def _received_correct(lines: dict, cfg: RunConfig) -> list[int] | str | None:
+    """Per example, whether the model that the last stage received (the end of the stage before it)
+    was right: the baseline against which that stage refines. None for one-stage runs."""
+    if len(cfg.stages) < 2:
+        return None
+    previous = len(cfg.stages) - 2
+    line = lines.get((previous, math.ceil(cfg.stages[previous].epochs)))
+    return line.get("eval_correct") if line else None
+
+
+def last_stage_gain(arms: dict, arm: str) -> dict | None:
+    """Paired comparison of `arm`'s final evaluation with that of the model its last stage received:
+    does the refinement stage improve on what the stages before it learned?"""
+    runs = arms[arm]["seeds"]
+    if not runs or any(r.get("received_correct") is None or r["final_correct"] is None for r in runs.values()):
+        return None
+    received = f"its {arms[arm]['methods'][-2]} stage"
+    return {"a": arm, "b": received, "seed_list": [int(s) for s in runs],
+            **paired_comparison([r["final_correct"] for r in runs.values()],
+                                [r["received_correct"] for r in runs.values()]).to_dict()}
 
 
 def compare_arms(arms: dict, a: str, b: str) -> dict | None:
@@ -143,6 +166,7 @@ def summarize(plan: Plan) -> dict:
         "arms": arms, "missing": missing,
         "trained_on": sorted({_device_label(r.get("device")) for a in arms.values() for r in a["seeds"].values()}),
         "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
+        "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
         "total_train_wall_time_s": round(sum(r["wall_time_s"] for a in arms.values() for r in a["seeds"].values()), 2),
         "paper": {"model": "Llama-2-7B", "source": "arXiv 2509.09801",
                   "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()}},
