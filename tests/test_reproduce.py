@@ -13,7 +13,7 @@ import yaml
 
 import heft.reproduce.run as reproduce_module
 import heft.train as train_module
-from heft.io import load_run
+from heft.io import RunFolderBusy, load_run, run_folder_lock
 from heft.train import run_training
 from heft.config import ConfigError
 from heft.reproduce import load_plan, reproduce
@@ -233,10 +233,14 @@ def test_report_only_trains_nothing_and_names_what_is_missing(tmp_path, tiny_mod
         raise AssertionError("--report-only trained")
 
     monkeypatch.setattr(reproduce_module, "run_training", no_training)
-    summary = reproduce(str(path), show_progress=False, train=False)
+    with run_folder_lock(tmp_path / "out-tiny"):  # as while another process trains into it
+        summary = reproduce(str(path), show_progress=False, train=False)
+        with pytest.raises(RunFolderBusy):  # training beside it is refused
+            reproduce(str(path), show_progress=False)
     assert list(summary["arms"]) == ["loreft-20"]
     assert summary["missing"] == ["lora-20/seed-1", "heft-2+1/seed-1", "joint-3/seed-1"]
     assert "Not finished yet" in (tmp_path / "out-tiny" / "report.md").read_text()
+    assert not list((tmp_path / "out-tiny").glob(".*.png.*")), "plots are written whole, no temporary left"
 
 
 def test_a_folder_of_other_settings_is_not_reused(tmp_path, tiny_model_dir):

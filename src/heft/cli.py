@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write summary, report and plots from the arms finished so far")
+                   help="train nothing: write summary, report and plots from the arms finished so far "
+                        "(also while another process trains into the folder)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="tokens/s, MFU and peak memory of each path against this machine's GEMM peak",

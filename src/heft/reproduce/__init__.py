@@ -12,6 +12,7 @@ once per seed, by the first arm that runs in a call, and read from whichever arm
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import sys
@@ -43,7 +44,10 @@ def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str |
     """
     plan = load_plan(config_path, overrides, output_dir)
     failed: list[str] = []
-    with run_folder_lock(plan.output_dir):  # a second `heft reproduce` into it gets RunFolderBusy
+    # Training locks the folder: a second `heft reproduce` into it gets RunFolderBusy. A report alone
+    # only reads finished runs and replaces the summary, report and plots whole, so it may run
+    # beside training into the same folder (a progress report on long runs).
+    with run_folder_lock(plan.output_dir) if train else contextlib.nullcontext():
         if train and jobs > 1:
             failed = train_plan_parallel(plan, jobs)
         elif train:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from heft.io import atomic_write_bytes
 
 
 def plot(summary: dict, folder: Path) -> None:
@@ -32,4 +35,6 @@ def plot(summary: dict, folder: Path) -> None:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-        fig.savefig(folder / name, dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=120)
+        atomic_write_bytes(folder / name, png.getvalue())  # a report beside training may replace it
