@@ -162,6 +162,11 @@ def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
 
 
 _POSITIVE = (lambda v: v > 0, "a value > 0")
+
+
+def is_eval_interval(value: Any) -> bool:
+    """An `eval_every` that evaluates during training: epoch, stage or a number of epochs > 0."""
+    return value in ("epoch", "stage") or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 _FRACTION = (lambda v: 0 <= v < 1, "a value in [0, 1)")
 _POSITIONS = re.compile(r"f[1-9]\d*|l[1-9]\d*|f[1-9]\d*\+l[1-9]\d*")
 _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
@@ -169,7 +174,7 @@ _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
 # Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them.
 _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (RunConfig, "dtype"): _one_of("float32", "bfloat16"),
-    (RunConfig, "eval_every"): (lambda v: v in ("epoch", "stage", "never") or (isinstance(v, int) and v > 0),
+    (RunConfig, "eval_every"): (lambda v: v == "never" or is_eval_interval(v),
                                 "one of epoch, stage, never, or a number of epochs > 0"),
     (RunConfig, "compile"): _one_of(*COMPILE_MODES),
     **{(RunConfig, k): _POSITIVE for k in ("max_length", "batch_size", "grad_accum", "eval_batch_size",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heft.config import RunConfig, Source, apply_override, config_from_dict, config_to_dict, read_yaml
+from heft.config import RunConfig, Source, apply_override, config_from_dict, config_to_dict, is_eval_interval, read_yaml
 
 TOP_KEYS = ("preset", "base", "seeds", "presets", "arms", "arms_only", "output_dir", "eval_every", "compare")
 PRESET_KEYS = ("base", "seeds", "epochs")
@@ -175,9 +175,7 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
                "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""))
     selected = [arm for arm in arms if only is None or arm in only]
     eval_every = resolved["eval_every"]
-    _check(eval_every in ("epoch", "stage") or (isinstance(eval_every, int) and not isinstance(eval_every, bool)
-                                                and eval_every > 0),
-           eval_every, ("eval_every",), src, "epoch, stage or a number of epochs > 0")
+    _check(is_eval_interval(eval_every), eval_every, ("eval_every",), src, "epoch, stage or a number of epochs > 0")
     out = Path(output_dir if output_dir is not None else str(resolved["output_dir"]).replace("{preset}", preset))
     configs: dict[str, dict[int, RunConfig]] = {}
     for arm, spec in arms.items():

@@ -48,10 +48,10 @@ def _comparison(c: dict) -> str:
 
 
 def _comparisons_table(comparisons: list[dict], title: str = "Paired comparisons (final evaluations, example by example)",
-                       baseline: str = "") -> list[str]:
+                       intro: str = "") -> list[str]:
     if not comparisons:
         return []
-    out = [f"## {title}", "", baseline +
+    out = [f"## {title}", "", intro +
            "Difference in accuracy points; 95 % percentile-bootstrap interval over examples (resampled within each "
            "seed); McNemar's exact test on the examples exactly one arm got right.", "",
            "| arm | baseline | difference | 95 % CI | per seed | a right, b wrong / b right, a wrong | McNemar p | verdict |",
