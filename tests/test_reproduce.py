@@ -154,12 +154,14 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     assert summary["data"]["train_examples"] == 48 and summary["data"]["eval_examples"] == 24
     assert summary["versions"]["heft"] and summary["machine"]["cpu_count"] and summary["command"]
     assert results["device"]["type"] == "cpu" and summary["trained_on"] == [f"cpu ({results['device']['name']})"]
+    assert all(a["trained_on"] == summary["trained_on"] for a in summary["arms"].values())
     assert json.loads((out / "summary.json").read_text()) == summary
 
     report = (out / "report.md").read_text()
     for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "Paired comparisons", "McNemar",
                  "What the last stage adds", "heft-2+1 − its lora stage",
-                 "Stage boundaries", "majority class", f"trained on {summary['trained_on'][0]}"):
+                 "Stage boundaries", "majority class", f"trained on {summary['trained_on'][0]}",
+                 f"| {summary['trained_on'][0]} |"):
         assert text in report
     for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -38,7 +38,7 @@ from heft.methods.reft import ReftConfig
 from heft.models import decoder_layers, load_model
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, get_task
-from heft.train import collate, length_grouped_batches, load_data
+from heft.train import collate, cpu_model_name, length_grouped_batches, load_data
 
 log = logging.getLogger("heft")
 
@@ -264,10 +264,9 @@ def measure(work: Workload, num_batches: int, warmup: int, device: torch.device,
 def machine_info(device: torch.device) -> dict:
     """What decides the peak: CPU model and features, cores, torch threads, GPU."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model_name = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), None)
     flags = set(next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), []))
     return {
-        "cpu": model_name or platform.processor() or platform.machine(),
+        "cpu": cpu_model_name(),
         "cpu_flags": [f for f in CPU_FLAGS if f in flags],
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

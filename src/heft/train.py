@@ -190,8 +190,16 @@ def device_info() -> dict[str, str | int]:
     if torch.cuda.is_available():
         return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                 "torch": torch.__version__}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "count": os.cpu_count() or 1,
-            "torch": torch.__version__}
+    return {"type": "cpu", "name": cpu_model_name(), "count": os.cpu_count() or 1, "torch": torch.__version__}
+
+
+def cpu_model_name() -> str:
+    """"AMD EPYC ..." or "Intel Xeon ...", from /proc/cpuinfo where there is one: machines of one
+    architecture differ several-fold in bf16 speed (AMX or not), so timings name the model."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return name or platform.processor() or platform.machine()
 
 
 def peak_memory_mb() -> float:

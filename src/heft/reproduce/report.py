@@ -126,12 +126,13 @@ def render_report(summary: dict) -> str:
                    f"(epoch {', '.join(map(str, a['best_epochs']))}) |")
     out += ["", f"## Equal budget: {budget:g} epochs as defined", "",
             "| arm | stages (epochs run) | final | best | train tokens | optimizer steps | trainable params per stage "
-            "| wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+            "| wall time (s) | trained on |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in equal:
         a = arms[arm]
         params = " + ".join(f"{p['trainable_params']:,}" for p in a["trainable_params"])
         out.append(f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
-                   f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} |")
+                   f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} "
+                   f"| {', '.join(a['trained_on'])} |")
     if longer:
         marks = milestones(sorted(set.intersection(*({c["epoch"] for c in arms[a]["curve"]} for a in longer))))
         out += ["", "## Longer arms along the way", "", "| arm | " + " | ".join(f"epoch {e}" for e in marks) + " |",

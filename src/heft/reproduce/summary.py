@@ -14,7 +14,7 @@ import torch
 
 from heft.config import RunConfig
 from heft.io import versions
-from heft.train import read_metrics
+from heft.train import cpu_model_name, read_metrics
 from heft.reproduce.plan import Plan
 from heft.stats import paired_comparison
 
@@ -147,6 +147,7 @@ def summarize(plan: Plan) -> dict:
             **{k: statistics.fmean(r[k] for r in runs.values())
                for k in ("train_tokens", "eval_tokens", "optimizer_steps", "wall_time_s", "peak_memory_mb")},
             "trainable_params": next(iter(runs.values()))["trainable_params"],
+            "trained_on": sorted({_device_label(r.get("device")) for r in runs.values()}),
             "branched_from": ({"prefix": plan.prefixes[arm].name, "stages": plan.prefixes[arm].stages,
                                "run_dirs": {str(s): str(plan.prefixes[arm].run_dir(s)) for s in runs}}
                               if arm in plan.prefixes else None),
@@ -164,7 +165,7 @@ def summarize(plan: Plan) -> dict:
         "majority_accuracy": _stats(list(majority.values())) if majority else None,
         "zero_shot_accuracy": _stats(list(zero_shot.values())) if zero_shot else None,
         "arms": arms, "missing": missing,
-        "trained_on": sorted({_device_label(r.get("device")) for a in arms.values() for r in a["seeds"].values()}),
+        "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
         "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
         "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
         "total_train_wall_time_s": round(sum(r["wall_time_s"] for a in arms.values() for r in a["seeds"].values()), 2),
@@ -172,7 +173,7 @@ def summarize(plan: Plan) -> dict:
                   "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()}},
         "versions": versions(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "processor": cpu_model_name(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": "cuda" if gpu else "cpu",
                     "gpu": torch.cuda.get_device_name(0) if gpu else None},
     }
