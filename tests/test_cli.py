@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 
+from heft.api import score
 from heft.cli import main
 from heft.io import load_run
+from heft.tasks import get_task
 
 from conftest import SHARED_DATA
 from test_train import toy_config, write_toy_boolq
@@ -39,7 +41,12 @@ def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys)
 
     assert main(["predict", str(trained_run), "--question", "is the cat red", "--passage", "true the cat is red"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert answer["prediction"] in {"yes", "no"} and 0.5 <= answer["probability"] <= 1
+    # the same answer by another path: the Python API's first-token scores of the task's own prompt
+    query = get_task("boolq").to_query({"question": "is the cat red", "passage": "true the cat is red"})
+    bf16 = yaml.safe_load((trained_run / "config.yaml").read_text())["bf16"]
+    probs = score(load_run(trained_run), [query.prompt], query.choices, bf16=bf16).softmax(-1)[0]
+    assert answer["prediction"] == query.choices[int(probs.argmax())].strip()
+    assert answer["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
 
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"question": "is it blue", "passage": "false it is red"}\n{"question": "a", "passage": "true a"}\n')

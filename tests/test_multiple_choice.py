@@ -111,14 +111,18 @@ def test_acc_and_acc_norm_follow_lm_eval(heft_model: HeftModel) -> None:
     assert [e.choice_chars for e in encoded] == [[len(c) for c in r["choices"]] for r in rows]
     result = evaluate(heft_model, task, encoded, batch_size=2, progress=False)
     lls = continuation_logprobs(heft_model, [e.input_ids[: e.prompt_len] for e in encoded], [e.choice_ids for e in encoded])
-    acc = [max(range(len(s)), key=s.__getitem__) == e.label for s, e in zip(lls, encoded)]
-    norm = [max(range(len(s)), key=lambda j: s[j] / e.choice_chars[j]) == e.label for s, e in zip(lls, encoded)]
+    by_sum = [max(range(len(s)), key=s.__getitem__) for s in lls]
+    by_norm = [max(range(len(s)), key=lambda j: s[j] / e.choice_chars[j]) for s, e in zip(lls, encoded)]
+    assert by_sum != by_norm  # the two metrics pick differently somewhere, so swapping them would show
+    acc = [j == e.label for j, e in zip(by_sum, encoded)]
+    norm = [j == e.label for j, e in zip(by_norm, encoded)]
     assert result["acc"] == sum(acc) / 3 and result["acc_norm"] == sum(norm) / 3
     assert result["headline"] == "acc_norm" and result["accuracy"] == result["acc_norm"]
     assert result["correct"] == "".join("1" if c else "0" for c in norm) and result["n"] == 3
     assert {"majority_accuracy", "per_class_accuracy", "mean_margin"} <= result.keys()
-    for p in predict(heft_model, task, encoded, progress=False):
-        assert sum(p.probs) == pytest.approx(1) and p.predicted == p.predicted_by["acc_norm"]
+    for p, j_sum, j_norm in zip(predict(heft_model, task, encoded, progress=False), by_sum, by_norm, strict=True):
+        assert sum(p.probs) == pytest.approx(1) and p.predicted == p.predicted_by["acc_norm"] == j_norm
+        assert p.predicted_by["acc"] == j_sum
 
 
 def test_encode_targets_gold_continuation_and_refuses_too_long(tokenizer) -> None:

@@ -163,17 +163,30 @@ def test_dora_and_layers_to_transform_through_peft():
 def test_gradient_accumulation_matches_a_larger_batch():
     data = toy_data(16)
     stage = StageConfig(method="loreft", epochs=1, lr=1e-2, reft=ReftConfig(rank=2, positions="l1"))
-    weights = []
+    weights, grads = [], []
     for batch_size, accum in [(16, 1), (8, 2)]:
         model = make_heft("llama")
         model.add_stage(stage, seed=0)
-        cfg = RunConfig(batch_size=batch_size, grad_accum=accum, max_grad_norm=None, stages=[stage])
+        # a clipping threshold no gradient reaches, so that the clip call sees the gradient that is applied:
+        # AdamW's first step is about lr * sign(grad), blind to a wrong scale (a sum instead of a mean)
+        cfg = RunConfig(batch_size=batch_size, grad_accum=accum, max_grad_norm=1e9, stages=[stage])
+        accelerator = Accelerator(gradient_accumulation_steps=accum)
+        clip = accelerator.clip_grad_norm_
+
+        def record_then_clip(parameters, max_norm):
+            parameters = list(parameters)
+            grads.append(torch.cat([p.grad.flatten() for p in parameters]))
+            return clip(parameters, max_norm)
+
+        accelerator.clip_grad_norm_ = record_then_clip
         progress = Progress()
-        train_stage(model, stage, data, cfg, Accelerator(gradient_accumulation_steps=accum), progress, lambda *a: None, show_progress=False)
+        train_stage(model, stage, data, cfg, accelerator, progress, lambda *a: None, show_progress=False)
         assert progress.optimizer_steps == 1
         weights.append(torch.cat([p.detach().flatten() for p in model.reft.parameters()]))
     # one optimizer step over the same 16 examples; accumulated micro-batch means differ from the
     # full-batch mean only by the per-micro-batch token normalisation (1 target token each here)
+    assert len(grads) == 2 and grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
 
 

@@ -45,6 +45,11 @@ def test_seeds_are_pooled_and_resampled_within_each_seed():
     assert result.seed_std == pytest.approx(math.sqrt(0.005))
     assert (result.examples, result.seeds, result.a_only, result.b_only) == (150, 2, 10, 0)
 
+    # a always right on seed 1, b always right on seed 2: resampled within each seed, every draw keeps
+    # the +50 and -50; drawn from the pool of 100, the interval would be about ±20 points wide
+    opposite = paired_comparison(["1" * 50, "0" * 50], ["0" * 50, "1" * 50])
+    assert opposite.difference == opposite.low == opposite.high == 0
+
 
 def test_unpaired_inputs_are_refused():
     with pytest.raises(ValueError, match="same evaluation examples"):

@@ -98,31 +98,45 @@ def test_evaluating_every_n_epochs_leaves_training_unchanged(tmp_path, tiny_mode
 
 def test_interrupted_run_resumes_from_last_epoch_and_matches(tmp_path, tiny_model_dir, monkeypatch):
     data = write_toy_boolq(tmp_path / "data")
-    reference = run_training(config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "a")), tmp_path / "a", show_progress=False)
+    # dropout in both stages: a resumed epoch must draw the same masks as an uninterrupted one
+    stages = [{"method": "lora", "epochs": 2, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.1}},
+              {"method": "loreft", "epochs": 2, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1", "dropout": 0.1}}]
+    reference = run_training(config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "a", stages=stages)),
+                             tmp_path / "a", show_progress=False)
 
-    calls = {"n": 0}
+    saves = {"n": 0}
     original = train_module.save_run
 
     def crash_after_third_checkpoint(*args, **kwargs):
         original(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # stage 1, epoch 1 done
+        saves["n"] += 1
+        if saves["n"] == 3:  # stage 1, epoch 1 done
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_run", crash_after_third_checkpoint)
-    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "b"))
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "b", stages=stages))
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, tmp_path / "b", show_progress=False)
-    monkeypatch.setattr(train_module, "save_run", original)
+    before_crash = (tmp_path / "b" / "metrics.jsonl").read_text()
     assert not (tmp_path / "b" / "results.json").exists()
+
+    def count_saves(*args, **kwargs):
+        saves["n"] += 1
+        original(*args, **kwargs)
+
+    saves["n"] = 0
+    monkeypatch.setattr(train_module, "save_run", count_saves)
     resumed = run_training(cfg, tmp_path / "b", show_progress=False)
+    assert saves["n"] == 2  # only the last epoch was trained again (its checkpoint), then the final save
+    assert (tmp_path / "b" / "metrics.jsonl").read_text().startswith(before_crash)  # earlier lines untouched
     assert line_keys(tmp_path / "b") == EXPECTED_LINES
     assert resumed["final_accuracy"] == reference["final_accuracy"]
     assert resumed["train_tokens"] == reference["train_tokens"]
     assert resumed["optimizer_steps"] == reference["optimizer_steps"]
     a, b = load_run(tmp_path / "a"), load_run(tmp_path / "b")
-    for (name, x), (_, y) in zip(a.reft.state_dict().items(), b.reft.state_dict().items()):
-        assert torch.allclose(x, y, atol=1e-6), name
+    for module_a, module_b in ((a.model, b.model), (a.reft, b.reft)):
+        for (name, x), (name_b, y) in zip(module_a.state_dict().items(), module_b.state_dict().items(), strict=True):
+            assert name == name_b and torch.allclose(x, y, atol=1e-6), name
 
 
 def test_resume_drops_evaluations_the_checkpoint_does_not_hold(tmp_path, tiny_model_dir, monkeypatch):
