@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
+import heft.io
 from heft.api import score
 from heft.cli import main
 from heft.io import load_run
@@ -78,6 +80,20 @@ def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
         b = exported.lm_head(exported(ids).hidden_states)
     assert (a - b).abs().max() <= 1e-5
     assert [s.config.method for s in exported.stages] == ["loreft"]
+    plain = AutoModelForCausalLM.from_pretrained(out)  # the merged weights, without heft
+    assert plain.config.num_hidden_layers == original.model.config.num_hidden_layers
+
+
+def test_export_creates_missing_folders_and_leaves_nothing_when_it_fails(trained_run, tmp_path, monkeypatch):
+    out = tmp_path / "new" / "folder" / "export"
+    assert main(["export", str(trained_run), str(out)]) == 0 and (out / "HEFT_EXPORT.md").is_file()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(heft.io, "save_run", full_disk)
+    assert main(["export", str(trained_run), str(tmp_path / "new" / "second")]) == 2
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["folder"]  # no half-written copy beside it
 
 
 @pytest.mark.parametrize(

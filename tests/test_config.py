@@ -15,6 +15,7 @@ from heft.config import (
     save_config,
 )
 from heft.methods.lora.config import LoraConfig
+from heft.methods.reft.config import ReftConfig
 
 EXAMPLE = """\
 model: smollm2-135m
@@ -69,6 +70,11 @@ def test_load_types_and_implications(example: Path) -> None:
     cfg = config_from_dict({"stages": [{"method": "dora"}, {"method": "direft"}, joint]})
     assert cfg.stages[0].lora.use_dora and [s.reft.kind for s in cfg.stages[1:]] == ["direft", "direft"]
     assert config_from_dict({}) == RunConfig()
+    # the same from Python, without a config file; a settings object shared by two stages stays as it was
+    shared = ReftConfig(rank=2)
+    direft, loreft = StageConfig(method="direft", reft=shared), StageConfig(method="loreft", reft=shared)
+    assert (direft.reft.kind, loreft.reft.kind, shared.kind) == ("direft", "loreft", "loreft")
+    assert StageConfig(method="dora").lora.use_dora and not StageConfig(method="lora").lora.use_dora
 
 
 def test_round_trip(example: Path, tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ from heft.train import Progress, collate, train_stage
 from conftest import make_heft
 
 LORA = StageConfig(method="lora", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
-LOREFT = StageConfig(method="loreft", epochs=5, lr=2e-2, reft=ReftConfig(kind="loreft", rank=2, positions="f1+l1"))
-DIREFT = StageConfig(method="direft", epochs=5, lr=2e-2, reft=ReftConfig(kind="direft", rank=2, positions="l1"))
+LOREFT = StageConfig(method="loreft", epochs=5, lr=2e-2, reft=ReftConfig(rank=2, positions="f1+l1"))
+DIREFT = StageConfig(method="direft", epochs=5, lr=2e-2, reft=ReftConfig(rank=2, positions="l1"))
 JOINT = StageConfig(method="joint", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="l1"))
 
 
@@ -145,7 +145,7 @@ def test_lora_merge_keeps_logits_and_later_stages_leave_it_frozen():
 
 def test_dora_and_layers_to_transform_through_peft():
     model, data = make_heft("llama"), toy_data()
-    dora = StageConfig(method="dora", epochs=2, lr=2e-2, lora=LoraConfig(r=4, dropout=0.0, use_dora=True, layers_to_transform=[1]))
+    dora = StageConfig(method="dora", epochs=2, lr=2e-2, lora=LoraConfig(r=4, dropout=0.0, layers_to_transform=[1]))
     model.add_stage(dora, seed=0)
     adapted = {name.split(".lora_")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert adapted and all(".layers.1." in name for name in adapted), adapted
@@ -408,3 +408,15 @@ def test_short_cpu_sequences_use_the_math_attention_kernel(monkeypatch):
     ids = torch.randint(7, 40, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model(ids, labels=ids.masked_fill(torch.arange(20) < 17, -100)).loss, losses[0], atol=1e-5)
     assert flash_allowed[-1] is True
+
+
+def test_merge_adapters_leaves_out_a_rolled_back_lora_stage():
+    """Export merges what is left unmerged; a rolled-back LoRA stage left nothing (it used to fail an assert)."""
+    model, data = make_heft("llama"), toy_data()
+    train(model, LORA, data)
+    before = loss_on(model, data)
+    rolled = StageConfig(method="lora", epochs=1, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0, merge=False))
+    model.add_stage(rolled, seed=0)
+    model.roll_back_stage()
+    model.merge_adapters()
+    assert loss_on(model, data) == pytest.approx(before, abs=1e-6)

@@ -66,7 +66,7 @@ def test_bf16_copies_of_frozen_weights_compute_exactly_what_autocast_computes(st
 
 def test_bf16_copies_leave_dora_base_weights_in_float32():
     model = make_heft()
-    model.add_stage(StageConfig(method="dora", lora=LoraConfig(r=4, use_dora=True)), seed=0)
+    model.add_stage(StageConfig(method="dora", lora=LoraConfig(r=4)), seed=0)
     dora_bases = {id(m.get_base_layer().weight) for m in model.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     with model.frozen_weights_bf16():
         kept = [w for w in frozen_linear_weights(model) if id(w) in dora_bases]

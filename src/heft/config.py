@@ -54,6 +54,14 @@ class StageConfig:
     keep: str = "always"
     """`if_better`: roll the stage back when it lowers accuracy on the dev split (`data.dev_examples`)."""
 
+    def __post_init__(self) -> None:
+        # the method name implies the variant, whether the config came from YAML or from Python
+        # (copies, so that a settings object shared by several stages is not changed under them)
+        if self.method == "dora" and not self.lora.use_dora:
+            self.lora = dataclasses.replace(self.lora, use_dora=True)
+        elif self.method in ("loreft", "direft") and self.reft.kind != self.method:
+            self.reft = dataclasses.replace(self.reft, kind=self.method)
+
     @property
     def uses_lora(self) -> bool:
         return self.method in ("lora", "dora", "joint")
@@ -344,11 +352,6 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = _build(RunConfig, data, (), src)
-    for stage in cfg.stages:  # the method name implies the variant
-        if stage.method == "dora":
-            stage.lora.use_dora = True
-        elif stage.method in ("loreft", "direft"):
-            stage.reft.kind = stage.method
     for i, stage in enumerate(cfg.stages):
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
             src.fail("'keep: if_better' needs a dev split", ("stages", i, "keep"),

@@ -362,32 +362,37 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     model = load_run(run_dir)
     manifest = read_manifest(run_dir)
     model.merge_adapters()
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}."))
-    model.model.save_pretrained(tmp)
-    model.tokenizer.save_pretrained(tmp)
-    base = HeftModel(load_model(str(tmp), manifest["base_model"]["dtype"]))
-    base.model_id = EXPORTED_BASE
-    for stage in model.stages:
-        if stage.reft is not None:
-            reft_only = dataclasses.replace(stage.config, method=stage.config.reft.kind, name=stage.name)
-            base.add_stage(reft_only).trainable_params = stage.trainable_params
-            base.finish_stage()  # first, so that R is copied as a plain tensor, bit for bit
-            base.stages[-1].reft.load_state_dict(stage.reft.state_dict())
-    save_run(base, tmp, manifest.get("seed"))
-    for name in ("config.yaml", "results.json"):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, tmp / name)
-    lora_names = [s.name for s in model.stages if s.config.uses_lora]
-    reft_names = [s.name for s in model.stages if s.reft is not None]
-    (tmp / "HEFT_EXPORT.md").write_text(
-        f"# Exported from {run_dir}\n\n"
-        f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} merged into the weights.\n"
-        f"ReFT stages {reft_names or 'none'} are stored under `weights/` and are applied by heft:\n\n"
-        "```python\nimport heft\nmodel = heft.load_run(\"" + str(out_dir) + "\")  # full hierarchy\n```\n\n"
-        "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
-        "without the ReFT interventions.\n"
-    )
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))  # same filesystem: os.replace works
+    try:
+        model.model.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        base = HeftModel(load_model(str(tmp), manifest["base_model"]["dtype"]))
+        base.model_id = EXPORTED_BASE
+        for stage in model.stages:
+            if stage.reft is not None:
+                reft_only = dataclasses.replace(stage.config, method=stage.config.reft.kind, name=stage.name)
+                base.add_stage(reft_only).trainable_params = stage.trainable_params
+                base.finish_stage()  # first, so that R is copied as a plain tensor, bit for bit
+                base.stages[-1].reft.load_state_dict(stage.reft.state_dict())
+        save_run(base, tmp, manifest.get("seed"))
+        for name in ("config.yaml", "results.json"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
+        lora_names = [s.name for s in model.stages if s.config.uses_lora and not s.rolled_back]
+        reft_names = [s.name for s in model.stages if s.reft is not None]
+        (tmp / "HEFT_EXPORT.md").write_text(
+            f"# Exported from {run_dir}\n\n"
+            f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} merged into the weights.\n"
+            f"ReFT stages {reft_names or 'none'} are stored under `weights/` and are applied by heft:\n\n"
+            "```python\nimport heft\nmodel = heft.load_run(\"" + str(out_dir) + "\")  # full hierarchy\n```\n\n"
+            "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
+            "without the ReFT interventions.\n"
+        )
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:  # no half-written copy of the model left beside out_dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir

@@ -207,7 +207,7 @@ class HeftModel(nn.Module):
 
     def merge_adapters(self) -> None:
         """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
-        if any(s.config.uses_lora and not s.merged for s in self.stages):
+        if self._lora.unmerged:  # not the stages' flags: a rolled-back stage is unmerged but left nothing
             self.model = self._lora.merge()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
