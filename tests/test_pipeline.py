@@ -22,7 +22,7 @@ from heft.models import load_model
 import heft.pipeline
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample
-from heft.train import Progress, collate, train_stage
+from heft.train import Progress, collate, mean_loss, train_stage
 
 from conftest import make_heft
 
@@ -420,3 +420,12 @@ def test_merge_adapters_leaves_out_a_rolled_back_lora_stage():
     model.roll_back_stage()
     model.merge_adapters()
     assert loss_on(model, data) == pytest.approx(before, abs=1e-6)
+
+
+def test_a_new_model_is_in_eval_mode_and_evaluation_leaves_it_so():
+    """from_pretrained gives an eval-mode model; the wrapper must agree, or the first helper that
+    restores `was_training` switches the model's dropout on for every later score and generate."""
+    model = make_heft("llama")
+    assert not any(m.training for m in model.modules())
+    mean_loss(model, [batch_of(toy_data(4))], bf16=False)
+    assert not any(m.training for m in model.modules())

@@ -227,6 +227,18 @@ def test_branched_arm_equals_the_same_arm_trained_from_scratch(tmp_path, tiny_mo
     assert summary["arms"]["heft-2+1"]["branched_from"]["run_dirs"] == {"1": str(prefix.run_dir(1))}
 
 
+def test_branching_replaces_an_attempt_that_left_no_checkpoint(tmp_path):
+    prefix, arm = tmp_path / "prefix", tmp_path / "arm"
+    prefix.mkdir()
+    for name in ("manifest.json", "metrics.jsonl", "results.json", "config.yaml"):
+        (prefix / name).write_text(name)
+    arm.mkdir()  # e.g. an `--only` run of this arm, stopped before its first epoch ended
+    (arm / "config.yaml").write_text("stale")
+    (arm / ".heft.lock").write_text("")
+    reproduce_module.branch(prefix, arm)
+    assert {p.name: p.read_text() for p in arm.iterdir()} == {"manifest.json": "manifest.json", "metrics.jsonl": "metrics.jsonl"}
+
+
 def test_report_only_trains_nothing_and_names_what_is_missing(tmp_path, tiny_model_dir, monkeypatch):
     path = tiny_reproduce_file(tmp_path, tiny_model_dir)
     reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)

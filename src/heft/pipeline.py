@@ -106,6 +106,9 @@ class HeftModel(nn.Module):
         self._head_bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._checkpointing = False
         self._compiled = False
+        # eval mode, as from_pretrained leaves the model inside: a wrapper in train mode would switch
+        # that model's dropout on at the next `train(was_training)`
+        self.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:

@@ -293,11 +293,13 @@ def mean_loss(model: HeftModel, batches: Sequence[dict[str, torch.Tensor]], bf16
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        with autocast(model, bf16):
-            out = model(**{k: v.to(model.device) for k, v in batch.items()})
-        total, count = total + float(out.loss) * out.target_tokens, count + out.target_tokens
-    model.train(was_training)
+    try:
+        for batch in batches:
+            with autocast(model, bf16):
+                out = model(**{k: v.to(model.device) for k, v in batch.items()})
+            total, count = total + float(out.loss) * out.target_tokens, count + out.target_tokens
+    finally:
+        model.train(was_training)
     return total / max(count, 1)
 
 

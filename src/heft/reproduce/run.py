@@ -41,6 +41,8 @@ def branch(prefix_dir: Path, run_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(prefix_dir, tmp, ignore=shutil.ignore_patterns("results.json", "config.yaml", ".tmp-*", ".heft.lock*"))
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists():  # an earlier attempt stopped before its first checkpoint: nothing in it to resume
+        shutil.rmtree(run_dir)
     tmp.rename(run_dir)
 
 
