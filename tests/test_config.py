@@ -165,3 +165,10 @@ def test_field_docs_and_reference_up_to_date() -> None:
     assert field_docs(StageConfig)["epochs"].startswith("Passes over the training set.")
     readme = Path(__file__).resolve().parents[1] / "configs" / "README.md"
     assert readme.read_text() == render_config_reference(), "run `python -m heft.config` to regenerate"
+
+
+def test_a_merging_lora_stage_after_an_unmerged_one_is_refused_before_training(tmp_path: Path) -> None:
+    path = write(tmp_path, "stages:\n  - method: lora\n    lora: {merge: false}\n  - method: loreft\n  - method: joint\n")
+    assert error(path) == (f"LoRA stage 2 cannot merge while stage 0's adapter stays unmerged in {path} line 5; "
+                           "set lora.merge: false here too, or lora.merge: true on stage 0")
+    assert len(load_config(path, ["stages.2.lora.merge=false"]).stages) == 3

@@ -20,7 +20,7 @@ from rich.table import Table
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _run_dir_config(run_dir: Path):
@@ -292,7 +292,7 @@ def _bench_check(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' logs and warnings, and a traceback for user errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the stages of a YAML config into a run folder")

@@ -352,7 +352,13 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = _build(RunConfig, data, (), src)
+    unmerged = None  # the first LoRA stage left unmerged: peft merges adapters all together or in order
     for i, stage in enumerate(cfg.stages):
+        if stage.uses_lora and stage.lora.merge and unmerged is not None:
+            src.fail(f"LoRA stage {i} cannot merge while stage {unmerged}'s adapter stays unmerged", ("stages", i, "lora", "merge"),
+                     hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}")
+        if stage.uses_lora and not stage.lora.merge and unmerged is None:
+            unmerged = i
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
             src.fail("'keep: if_better' needs a dev split", ("stages", i, "keep"),
                      hint="set data.dev_examples (e.g. 200), carved out of the training split")

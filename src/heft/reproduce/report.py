@@ -17,11 +17,6 @@ def _stages(arm: dict) -> str:
     return " → ".join(f"{m} {e:g}" for m, e in zip(arm["methods"], arm["epochs"]))
 
 
-def _epochs(arm: dict) -> str:
-    total = sum(arm["epochs"])
-    return f"{total:g} epoch" + ("" if total == 1 else "s")
-
-
 def _se(p: float, m: int) -> float:
     """Binomial standard error of an accuracy p measured on m examples (against a constant baseline)."""
     return math.sqrt(p * (1 - p) / m)

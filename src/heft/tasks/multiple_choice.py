@@ -12,8 +12,9 @@ from heft.tasks.base import Task
 from heft.tasks.data import FieldError
 
 SHARED_DATA = "../shared/data"
-"""Where every developer and CI run has these datasets, relative to the project root (no hub copy
-has the same rows: they are the LLM-Adapters/ReFT benchmark copies)."""
+"""Where every developer and CI run has these datasets, relative to the working directory (the
+project root under `make` and CI; elsewhere set HEFT_DATA_DIR or data.source). No hub copy has the
+same rows: they are the LLM-Adapters/ReFT benchmark copies."""
 
 
 class MultipleChoiceTask(Task):
