@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import heft.train as train_module
-from heft.config import config_from_dict
+from heft.config import ConfigError, config_from_dict
 from heft.io import load_run
 from heft.train import run_training
 
@@ -213,8 +214,18 @@ def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(tmp_path, tiny_m
     assert manifest["stages"][1]["rolled_back"] is rolled_back
 
 
-def test_gate_without_dev_split_is_a_config_error(tmp_path):
-    from heft.config import ConfigError
+@pytest.mark.parametrize("bad, message", [({"method": "loreft", "reft": {"rank": 999}}, "stage 1 (loreft): LoReFT rank 999 exceeds"),
+                                          ({"method": "loreft", "reft": {"layers": [7]}}, "stage 1 (loreft): layers [7]"),
+                                          ({"method": "lora", "lora": {"target_modules": ["qkv"]}}, "stage 1 (lora): lora.target_modules ['qkv']")])
+def test_a_bad_later_stage_is_refused_before_the_first_trains(tmp_path, tiny_model_dir, monkeypatch, bad, message):
+    data = write_toy_boolq(tmp_path / "data")
+    stages = [{"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4}}, bad]
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=stages))
+    monkeypatch.setattr(train_module, "train_stage", lambda *a, **k: pytest.fail("trained before checking every stage"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_training(cfg, tmp_path / "run", show_progress=False)
 
+
+def test_gate_without_dev_split_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="needs a dev split.*data.dev_examples"):
         config_from_dict({"stages": [{"method": "loreft", "keep": "if_better"}]})

@@ -138,6 +138,19 @@ class HeftModel(nn.Module):
         self.stages.append(stage)
         return stage
 
+    def check_stage(self, config: StageConfig) -> None:
+        """Raise what `add_stage(config)` would raise on this model, changing nothing: a run checks every
+        stage before the first one trains, not hours later when the bad one starts."""
+        if config.uses_lora and isinstance(config.lora.target_modules, list):
+            names = [n for n, _ in self.model.named_modules()]
+            missing = [t for t in config.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+            if missing:
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)})
+                raise ValueError(f"lora.target_modules {missing} match no module of this model (its linear layers: {linear})")
+        if config.uses_reft:
+            with torch.random.fork_rng(devices=[]):  # a throwaway copy (small), leaving the RNG as it was
+                ReftModel(config.reft, self.hidden_size, len(self._layers))
+
     def finish_stage(self) -> None:
         """Freeze the current stage; capture and (if configured) merge its LoRA adapter, fix its ReFT rotations."""
         stage = self.stages[-1]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from heft.config import RunConfig, StageConfig, save_config
+from heft.config import ConfigError, RunConfig, StageConfig, save_config
 from heft.evaluate import autocast, evaluate, pad_batch, scored_tokens
 from heft.io import (append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run,
                      write_json)
@@ -334,6 +334,11 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     else:
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
+    for i, stage in enumerate(cfg.stages):
+        try:
+            model.check_stage(stage)
+        except ValueError as err:
+            raise ConfigError(f"stage {i} ({stage.method}): {err}") from err
     model.to(accelerator.device)
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
