@@ -61,6 +61,20 @@ def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys)
     assert "0-lora" in out and "merged" in out and "1-loreft" in out
 
 
+def test_info_shows_each_stage_end_also_when_only_the_final_model_is_evaluated(tmp_path, tiny_model_dir, capsys):
+    data = write_toy_boolq(tmp_path / "data", 24, 16)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused", eval_every="never")))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(run), "-q"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert [s["accuracy"] for s in results["stages"]] == [None, results["final_accuracy"]]
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "1-loreft" in line)
+    assert f"→ {results['final_accuracy']:.4f}" in row
+
+
 def test_eval_generate_mode_parses_answers(trained_run, capsys):
     capsys.readouterr()
     assert main(["eval", str(trained_run), "--mode", "generate", "--max-examples", "8"]) == 0

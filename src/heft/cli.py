@@ -190,14 +190,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     for stage in manifest["stages"]:
         cfg, index = stage["config"], stage["index"]
         bounds = boundary_summary(lines, index)
-        evals = [m for m in lines if m["stage_index"] == index and m.get("kind", "eval") == "eval" and m["epoch"]]
         state = ("rolled back" if stage.get("rolled_back") else "merged" if stage["merged"]
                  else "frozen" if stage["finished"] else "training")
         start, end = bounds["loss_at_start"], bounds["loss_at_end"]
         loss = f"{_num(start)} → {_num(end)}"
         if start is not None and previous_end is not None and start > previous_end + 1e-4:
             loss = f"[red]{loss} (jump +{start - previous_end:.4f} at the boundary)[/]"
-        accuracy = f"{_num(bounds['accuracy_at_start'])} → {_num(evals[-1]['eval_accuracy'] if evals else None)}"
+        accuracy = f"{_num(bounds['accuracy_at_start'])} → {_num(bounds['accuracy'])}"
         init = f" ({cfg['reft'].get('init', 'random')} init)" if stage["method"] in ("loreft", "direft", "joint") else ""
         table.add_row(stage["name"] + init, f"{cfg['epochs']:g}", f"{cfg['lr']:g}", f"{stage['trainable_params']:,}",
                       state, loss, accuracy)

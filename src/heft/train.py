@@ -443,7 +443,6 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
                 "method": s.config.method,
                 "epochs": s.config.epochs,
                 "trainable_params": s.trainable_params,
-                "accuracy": next((m["eval_accuracy"] for m in reversed(metrics) if m["stage_index"] == s.index), None),
                 **boundary_summary(history, s.index),
             }
             for s in model.stages
@@ -496,10 +495,13 @@ def boundary_summary(lines: Sequence[dict], index: int) -> dict:
     starts = [m for m in lines if m["stage_index"] == index and m["epoch"] == 0]
     ends = [m for m in lines if m["stage_index"] == index and m.get("kind") == "stage_end"]
     end = ends[-1] if ends else {}
+    # the stage's last evaluation: after an epoch, or the run's final one (eval_every: never)
+    evals = [m for m in lines if m["stage_index"] == index and m.get("kind", "eval") == "eval"]
     return {
         "loss_at_start": starts[-1].get("boundary_loss") if starts else None,
         "loss_at_end": end.get("boundary_loss"),
         "accuracy_at_start": starts[-1].get("eval_accuracy") if starts else None,
+        "accuracy": evals[-1]["eval_accuracy"] if evals else None,  # at the end (results.json's key)
         "rolled_back": bool(end.get("rolled_back")),
         "rollback_reason": end.get("rollback_reason"),
     }
