@@ -1,8 +1,12 @@
 """The README's Python API flow, on a tiny model: build, fit on pairs, score, generate, save, load."""
 
+import pytest
 import torch
 
 import heft
+from heft.api import encode_pairs, score
+
+from conftest import make_heft
 
 
 def test_python_api_flow(tmp_path, tiny_model_dir):
@@ -24,3 +28,13 @@ def test_python_api_flow(tmp_path, tiny_model_dir):
     heft.save_run(model, tmp_path / "run")
     loaded = heft.load_run(tmp_path / "run")
     assert torch.allclose(heft.score(loaded, [p for p, _ in pairs], [" no", " yes"]), after, atol=1e-5)
+
+
+def test_scoring_and_encoding_refuse_what_they_cannot_do():
+    model = make_heft("llama")
+    with pytest.raises(ValueError, match="share a first token"):
+        score(model, ["is the cat red"], [" red cat", " red dog"])
+    with pytest.raises(ValueError, match="tokenises to nothing"):
+        score(model, ["is the cat red"], [" yes", ""])
+    with pytest.raises(ValueError, match=r"pair 1: the target is \d+ tokens; it needs 1 to 3"):
+        encode_pairs(model, [("is the cat red", " yes"), ("the cat", " is red and blue")], max_length=4)

@@ -58,6 +58,17 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
 
+def first_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
+    """First token id of each choice, which single-token scoring compares; they must differ."""
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    if not all(ids):
+        raise ValueError(f"a choice of {list(choices)} tokenises to nothing")
+    first = [t[0] for t in ids]
+    if len(set(first)) != len(first):
+        raise ValueError(f"choices {list(choices)} share a first token ({first}); scoring needs distinct ones")
+    return first
+
+
 class Task:
     """Base class: subclasses set the class attributes below and register an instance."""
 
@@ -202,15 +213,7 @@ class Task:
 
     def choice_token_ids(self, tokenizer: Any) -> list[int]:
         """First token id of each choice: the logits compared when scoring."""
-        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in self.choices]
-        if not all(ids):
-            raise ValueError(f"a choice of {self.choices} tokenises to nothing")
-        first = [t[0] for t in ids]
-        if len(set(first)) != len(first):
-            raise ValueError(
-                f"choices {self.choices} share a first token ({first}); scoring needs distinct ones"
-            )
-        return first
+        return first_token_ids(tokenizer, self.choices)
 
     @property
     def _label_words(self) -> dict[str, int]:
