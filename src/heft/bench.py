@@ -38,7 +38,8 @@ from heft.methods.reft import ReftConfig
 from heft.models import decoder_layers, load_model
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, get_task
-from heft.train import collate, cpu_model_name, length_grouped_batches, load_data
+from heft.sysinfo import cpu_flags, cpu_model_name, proc_status_mb, reset_peak_memory
+from heft.train import collate, length_grouped_batches, load_data
 
 log = logging.getLogger("heft")
 
@@ -132,32 +133,12 @@ def gemm_peak(shapes: Counter[tuple[int, int]], m: int, dtype: torch.dtype, devi
 
 
 # ---------------------------------------------------------------------------------------- memory
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return None
-    return int(line.split()[1]) / 1024
-
-
-def _memory_window(device: torch.device) -> float | None:
-    """Start a peak-memory window; returns the baseline the CPU peak is measured from."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return 0.0
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        return None
-    return _proc_status_mb("VmRSS")
-
-
 def _memory_peak(device: torch.device, baseline: float | None) -> float | None:
     """CUDA: max allocated (weights included). CPU: peak RSS above the baseline (activations,
     gradients, optimizer state); None where the OS does not say."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    peak = _proc_status_mb("VmHWM")
+    peak = proc_status_mb("VmHWM")
     return None if peak is None or baseline is None else round(peak - baseline, 1)
 
 
@@ -235,7 +216,7 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
 def measure(work: Workload, num_batches: int, warmup: int, device: torch.device, peak_gflops: float,
             clock: Callable[[], float] = time.perf_counter) -> dict:
     """Time every batch once after `warmup` untimed steps; the memory window covers both."""
-    baseline = _memory_window(device)
+    baseline = reset_peak_memory(device)
     start = clock()
     for i in range(warmup):
         work.step(i % num_batches)
@@ -263,8 +244,7 @@ def measure(work: Workload, num_batches: int, warmup: int, device: torch.device,
 # -------------------------------------------------------------------------------------- machine
 def machine_info(device: torch.device) -> dict:
     """What decides the peak: CPU model and features, cores, torch threads, GPU."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = set(next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), []))
+    flags = cpu_flags()
     return {
         "cpu": cpu_model_name(),
         "cpu_flags": [f for f in CPU_FLAGS if f in flags],

@@ -225,6 +225,7 @@ def generate_answers(
     batch_size: int = 16,
     max_new_tokens: int = 4,
     bf16: bool = False,
+    progress: bool = True,
 ) -> list[tuple[str, int | None]]:
     """Greedy generation from each prompt; returns (text, parsed label or None)."""
     if task.choices_field is not None:
@@ -239,7 +240,7 @@ def generate_answers(
         texts = [model.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in generated]
         return [(text, task.parse_generation(text)) for text in texts]
 
-    return sharded(_batches(examples, batch_size), len(examples), answer, desc="generate", progress=False)
+    return sharded(_batches(examples, batch_size), len(examples), answer, desc="generate", progress=progress)
 
 
 def generation_metrics(outputs: Sequence[tuple[str, int | None]], examples: Sequence[EncodedExample]) -> dict:

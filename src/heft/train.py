@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import platform
 import random
-import resource
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,6 +31,7 @@ from heft.evaluate import autocast, evaluate, pad_batch, scored_tokens
 from heft.io import (append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run,
                      write_json)
 from heft.pipeline import HeftModel
+from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, Example, Task, get_task
 from heft.tasks.data import DataError, subsample
 
@@ -169,50 +167,10 @@ def train_stage(
         totals = accelerator.reduce(torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device), "sum")
         progress.train_tokens += int(totals[0])
         progress.epoch = epoch + 1
-        on_epoch_end(model, epoch, float(totals[1] / max(totals[2], 1)), optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        on_epoch_end(model, epoch, float(totals[1] / max(totals[2], 1)), optimizer.optimizer)  # the torch optimizer inside accelerate's wrapper
 
 
 # ---------------------------------------------------------------------------------------- recipe
-def reset_peak_memory() -> None:
-    """Start a new peak-memory window (per run, so arms trained in one process are comparable)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM
-        except OSError:
-            pass
-
-
-def device_info() -> dict[str, str | int]:
-    """What trained the run, so a summary assembled elsewhere (GPU runs reported on a CPU machine)
-    still says where its numbers come from."""
-    if torch.cuda.is_available():
-        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                "torch": torch.__version__}
-    return {"type": "cpu", "name": cpu_model_name(), "count": os.cpu_count() or 1, "torch": torch.__version__}
-
-
-def cpu_model_name() -> str:
-    """"AMD EPYC ..." or "Intel Xeon ...", from /proc/cpuinfo where there is one: machines of one
-    architecture differ several-fold in bf16 speed (AMX or not), so timings name the model."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    return name or platform.processor() or platform.machine()
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated, or peak resident set size of this process on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def split_off(items: Sequence[T], n: int, seed: int) -> tuple[list[T], list[T]]:
     """A stratified sample of `n` items and the rest, both in their original order."""
     chosen = set(subsample(range(len(items)), n, seed, label=lambda i: items[i].label))

@@ -14,7 +14,8 @@ import torch
 
 from heft.config import RunConfig
 from heft.io import versions
-from heft.train import cpu_model_name, read_metrics
+from heft.sysinfo import cpu_model_name
+from heft.train import read_metrics
 from heft.reproduce.plan import Plan
 from heft.stats import paired_comparison
 
