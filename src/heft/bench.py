@@ -16,14 +16,11 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import peft
 import torch
@@ -38,7 +35,7 @@ from heft.methods.reft import ReftConfig
 from heft.models import decoder_layers, load_model
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, get_task
-from heft.sysinfo import cpu_flags, cpu_model_name, proc_status_mb, reset_peak_memory
+from heft.sysinfo import code_versions, cpu_flags, cpu_model_name, proc_status_mb, reset_peak_memory
 from heft.train import collate, length_grouped_batches, load_data
 
 log = logging.getLogger("heft")
@@ -257,25 +254,6 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
-def versions() -> dict:
-    """Library versions and the code's git commit (a benchmark result belongs to a revision)."""
-    out = {"python": platform.python_version()}
-    for name in ("heft", "torch", "transformers", "peft"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    try:
-        root = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        out["git_commit"] = commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        out["git_commit"] = None
-    return out
-
-
 def command_line(model: str, batches: int, batch_size: int, max_length: int, device: str, paths: Sequence[str],
                  repeats: int, warmup: int, threads: int | None = None, clock: str = "wall",
                  activation_checkpointing: bool = False, compile_mode: str | None = None) -> str:
@@ -352,7 +330,7 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
                                 activation_checkpointing, compile_mode),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(dev),
-        "versions": versions(),
+        "versions": code_versions(),
         "model": {"id": model, "linear_params": n_linear, "linear_shapes": [[i, o, c] for (i, o), c in sorted(shapes.items())]},
         "data": {"source": splits.info["source"], "batches": len(collated), "batch_size": batch_size, "max_length": max_length,
                  "tokens": sum(int(b["attention_mask"].sum()) for b in collated),

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import subprocess
 from pathlib import Path
 
 import torch
+
+from heft.io import versions
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -67,3 +70,18 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     peak = proc_status_mb("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def code_versions() -> dict[str, str | None]:
+    """Python, the libraries and the code's git commit: a benchmark result belongs to a revision."""
+    out: dict[str, str | None] = {"python": platform.python_version(), **versions()}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        out["git_commit"] = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        out["git_commit"] = None
+    return out
