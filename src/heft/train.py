@@ -360,12 +360,9 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
             gate = {}
             if last and gated:  # judged before any merge, so that a rollback leaves the model untouched
                 before = next(h["dev_accuracy"] for h in history if (h["stage_index"], h["epoch"]) == (index, 0))
-                after = dev_accuracy()
-                gate = {"dev_accuracy_before": before, "dev_accuracy": after, "rolled_back": after < before,
-                        "rollback_reason": (f"dev accuracy {after:.4f} < {before:.4f} when the stage started"
-                                            if after < before else None)}
-                log.info("%s: dev accuracy %.4f -> %.4f: %s", stage.name, before, after,
-                         "rolled back" if after < before else "kept")
+                gate = gate_verdict(before, dev_accuracy())
+                log.info("%s: dev accuracy %.4f -> %.4f: %s", stage.name, before, gate["dev_accuracy"],
+                         "rolled back" if gate["rolled_back"] else "kept")
             if gate.get("rolled_back"):
                 m.roll_back_stage()
             elif last:
@@ -386,39 +383,44 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
 
     if cfg.eval_every == "never":
         record(len(cfg.stages) - 1, "final", None, None)
-    metrics = [m for m in history if m.get("kind", "eval") == "eval"]  # history: every line of the file
-    final = metrics[-1]
-    zero_shot = next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None)
-    results = {
-        "final_accuracy": final["eval_accuracy"],
-        "majority_accuracy": final["eval_majority_accuracy"],
-        "zero_shot_accuracy": zero_shot,
-        "per_class_accuracy": final["eval_per_class_accuracy"],
-        "mean_margin": final["eval_mean_margin"],
-        "stages": [
-            {
-                "name": s.name,
-                "method": s.config.method,
-                "epochs": s.config.epochs,
-                "trainable_params": s.trainable_params,
-                **boundary_summary(history, s.index),
-            }
-            for s in model.stages
-        ],
-        "wall_time_s": round(time.perf_counter() - clock, 2),
-        "train_tokens": progress.train_tokens,
-        "eval_tokens": progress.eval_tokens,
-        "optimizer_steps": progress.optimizer_steps,
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "device": device_info(),
-        "data": splits.info,
-        "run_dir": str(run_dir),
-    }
+    results = run_results(history, model, progress, splits.info, time.perf_counter() - clock, run_dir)
     if is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
         progress.elapsed_s = time.perf_counter() - clock
         save_run(model, run_dir, cfg.seed, progress.optimizer_steps, trainer_state={"progress": asdict(progress)})
         write_json(run_dir / "results.json", results)
     return results
+
+
+def gate_verdict(before: float, after: float) -> dict:
+    """The stage gate (`keep: if_better`): a stage that lowered dev accuracy is rolled back."""
+    rolled_back = after < before
+    return {"dev_accuracy_before": before, "dev_accuracy": after, "rolled_back": rolled_back,
+            "rollback_reason": f"dev accuracy {after:.4f} < {before:.4f} when the stage started" if rolled_back else None}
+
+
+def run_results(history: Sequence[dict], model: HeftModel, progress: Progress, data_info: dict, wall_time_s: float,
+                run_dir: Path) -> dict:
+    """results.json: the final evaluation, each stage's boundaries, the budget spent, the machine."""
+    metrics = [m for m in history if m.get("kind", "eval") == "eval"]  # history: every line of metrics.jsonl
+    final = metrics[-1]
+    return {
+        "final_accuracy": final["eval_accuracy"],
+        "majority_accuracy": final["eval_majority_accuracy"],
+        "zero_shot_accuracy": next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None),
+        "per_class_accuracy": final["eval_per_class_accuracy"],
+        "mean_margin": final["eval_mean_margin"],
+        "stages": [{"name": s.name, "method": s.config.method, "epochs": s.config.epochs,
+                    "trainable_params": s.trainable_params, **boundary_summary(history, s.index)}
+                   for s in model.stages],
+        "wall_time_s": round(wall_time_s, 2),
+        "train_tokens": progress.train_tokens,
+        "eval_tokens": progress.eval_tokens,
+        "optimizer_steps": progress.optimizer_steps,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "device": device_info(),
+        "data": data_info,
+        "run_dir": str(run_dir),
+    }
 
 
 def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
