@@ -19,7 +19,7 @@ from heft.cli import main
 from heft.io import load_run
 from heft.tasks import get_task
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, make_model, make_tokenizer
 from test_train import toy_config, write_toy_boolq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,20 @@ def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
     assert [s.config.method for s in exported.stages] == ["loreft"]
     plain = AutoModelForCausalLM.from_pretrained(out)  # the merged weights, without heft
     assert plain.config.num_hidden_layers == original.model.config.num_hidden_layers
+
+
+def test_base_model_option_loads_a_moved_copy_and_refuses_other_weights(trained_run, tiny_model_dir, tmp_path, capsys):
+    results = json.loads((trained_run / "results.json").read_text())
+    moved = tiny_model_dir.rename(tmp_path / "moved-copy")  # the id the run recorded no longer exists
+    capsys.readouterr()
+    assert main(["eval", str(trained_run)]) == 2
+    assert main(["eval", str(trained_run), "--base-model", str(moved)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == results["final_accuracy"]
+    other = tmp_path / "other"
+    make_model("llama", seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    assert main(["export", str(trained_run), str(tmp_path / "export"), "--base-model", str(other)]) == 2
+    assert "refusing to combine them" in capsys.readouterr().err
 
 
 def test_export_creates_missing_folders_and_leaves_nothing_when_it_fails(trained_run, tmp_path, monkeypatch):

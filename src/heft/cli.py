@@ -99,7 +99,7 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     return cfg, task, encoded
 
 
-def _load_for_eval(run_dir: Path):
+def _load_for_eval(run_dir: Path, base_model: str | None = None):
     """The run's model on this process's device, and whether this process reports. Under torchrun /
     `accelerate launch` every process scores a share of the examples on its own device; only the
     main process prints or writes."""
@@ -107,14 +107,14 @@ def _load_for_eval(run_dir: Path):
     from heft.io import load_run
 
     state = process_state()
-    return load_run(run_dir).to(state.device), state.is_main_process  # a GPU when there is one
+    return load_run(run_dir, base_model=base_model).to(state.device), state.is_main_process  # a GPU when there is one
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from heft.evaluate import evaluate, generate_answers, generation_metrics
 
     run_dir = Path(args.run_dir)
-    model, is_main = _load_for_eval(run_dir)
+    model, is_main = _load_for_eval(run_dir, args.base_model)
     cfg, task, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
     if args.mode == "generate":
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
@@ -140,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows = [{k: v for k, v in given.items() if v is not None}]
     else:
         raise ValueError("give --question with --passage (BoolQ) or --choices (multiple choice), or --input FILE.jsonl")
-    model, is_main = _load_for_eval(run_dir)
+    model, is_main = _load_for_eval(run_dir, args.base_model)
     queries = [task.to_query(row, cfg.data.template) for row in rows]
     encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
     predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
@@ -162,7 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from heft.io import export_run
 
-    out = export_run(args.run_dir, args.out_dir)
+    out = export_run(args.run_dir, args.out_dir, base_model=args.base_model)
     console.print(f"exported {args.run_dir} → {out} (merged base model + ReFT stages; see {out}/HEFT_EXPORT.md)")
     return 0
 
@@ -289,6 +289,12 @@ def _bench_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _base_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", metavar="ID_OR_PATH",
+                        help="load the base model from here, not from the id the run recorded (e.g. a local copy of a "
+                             "hub model); its weights must have the recorded sha256")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT).")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' logs and warnings, and a traceback for user errors")
@@ -307,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, help="stratified subsample (default: the run's max_eval_examples)")
     p.add_argument("--mode", choices=["score", "generate"], default="score", help="log-likelihood scoring or greedy generation")
     p.add_argument("--batch-size", type=int)
+    _base_model_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="answer questions with a saved run")
@@ -316,11 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choices", nargs="+", metavar="CHOICE", help="the answers to choose from (multiple-choice tasks)")
     p.add_argument("--input", help="JSONL file with the task's fields per line (question and passage, or question and choices)")
     p.add_argument("--output", help="JSONL file for the predictions (default: print)")
+    _base_model_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write the base model with LoRA merged, plus the ReFT stages")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
+    _base_model_option(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="show what a run folder holds")

@@ -350,7 +350,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, run_dir: str | Path) -> dic
     return meta
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_run(run_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Write a self-contained folder: the base model with every LoRA stage merged (a normal HF
     model folder, loadable by plain transformers) plus the ReFT stages as a heft run on top of it.
 
@@ -359,7 +359,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
-    model = load_run(run_dir)
+    model = load_run(run_dir, base_model=base_model)
     manifest = read_manifest(run_dir)
     model.merge_adapters()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
