@@ -158,6 +158,15 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     assert json.loads((out / "summary.json").read_text()) == summary
 
     report = (out / "report.md").read_text()
+    rows = report.splitlines()
+    for c in summary["comparisons"]:  # each row from the per-example records, recounted here
+        a, b = (summary["arms"][x]["seeds"]["1"]["final_correct"] for x in (c["a"], c["b"]))
+        a_only, b_only = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+        assert any(r.startswith(f"| {c['a']} | {c['b']} | {100 * (a_only - b_only) / len(a):+.2f} | ")
+                   and f"| {a_only} / {b_only} |" in r for r in rows), c
+    for arm in ("heft-2+1", "joint-3"):  # the 3-epoch arms: one seed, so no ± in the equal-budget table
+        final = summary["arms"][arm]["seeds"]["1"]["final_accuracy"]
+        assert any(r.startswith(f"| {arm} | ") and f" | {100 * final:.2f} | " in r for r in rows), arm
     for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "Paired comparisons", "McNemar",
                  "What the last stage adds", "heft-2+1 − its lora stage",
                  "Stage boundaries", "majority class", f"trained on {summary['trained_on'][0]}",
