@@ -273,11 +273,13 @@ def test_a_folder_of_other_settings_is_not_reused(tmp_path, tiny_model_dir):
         reproduce(str(path), ["arms_only=[loreft-20]", "base.max_length=24"], show_progress=False)
 
 
-def test_evaluating_less_often_reuses_the_folder(tmp_path, tiny_model_dir):
+def test_a_finished_run_is_reused_whatever_its_eval_every(tmp_path, tiny_model_dir, monkeypatch):
     path = tiny_reproduce_file(tmp_path, tiny_model_dir)
-    first = reproduce(str(path), ["arms_only=[loreft-20]"], show_progress=False)
-    again = reproduce(str(path), ["arms_only=[loreft-20]", "eval_every=1"], show_progress=False)
-    assert again["arms"]["loreft-20"] == first["arms"]["loreft-20"], "when to evaluate does not change training"
+    first = reproduce(str(path), ["arms_only=[lora-20]", "eval_every=2"], show_progress=False)
+    assert [c["epoch"] for c in first["arms"]["lora-20"]["curve"]] == [2]  # 2 epochs, evaluated after the 2nd only
+    monkeypatch.setattr(reproduce_module, "run_training", lambda *a, **k: pytest.fail("trained again"))
+    again = reproduce(str(path), ["arms_only=[lora-20]"], show_progress=False)  # eval_every: epoch
+    assert again["arms"]["lora-20"] == first["arms"]["lora-20"], "when to evaluate does not change training"
 
 
 @pytest.mark.parametrize("evaluated, columns", [
