@@ -75,6 +75,22 @@ def test_info_shows_each_stage_end_also_when_only_the_final_model_is_evaluated(t
     assert f"→ {results['final_accuracy']:.4f}" in row
 
 
+def test_eval_of_a_run_evaluated_on_held_out_training_examples_repeats_its_final_evaluation(tmp_path, tiny_model_dir,
+                                                                                            capsys):
+    """data.eval_split: train evaluates on examples held out of training; `heft eval` rebuilds the same ones."""
+    data = write_toy_boolq(tmp_path / "data", 40, 8)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused",
+                                                data={"source": str(data), "eval_split": "train"}, max_eval_examples=16)))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(run), "-q"]) == 0
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["n"], result["correct"]) == (16, final["eval_correct"])
+
+
 def test_eval_generate_mode_parses_answers(trained_run, capsys):
     capsys.readouterr()
     assert main(["eval", str(trained_run), "--mode", "generate", "--max-examples", "8"]) == 0
