@@ -14,6 +14,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import heft.io
+import heft.pipeline
 from heft.api import score
 from heft.cli import main
 from heft.io import load_run
@@ -91,12 +92,22 @@ def test_eval_of_a_run_evaluated_on_held_out_training_examples_repeats_its_final
     assert (result["n"], result["correct"]) == (16, final["eval_correct"])
 
 
-def test_eval_generate_mode_parses_answers(trained_run, capsys):
-    capsys.readouterr()
-    assert main(["eval", str(trained_run), "--mode", "generate", "--max-examples", "8"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["mode"] == "generate" and result["n"] == 8 and 0 <= result["accuracy"] <= 1
-    assert 0 <= result["unparsed"] <= 8
+def test_eval_generate_mode_parses_answers(trained_run, capsys, monkeypatch):
+    """A model that answers the same to every question: " yes" and " no" are parsed, and every
+    question is right under exactly one of them; " perhaps" is parsed as nothing and never right."""
+    accuracy = {}
+    for reply in (" yes", " no", " perhaps"):
+        def generate(self, ids, mask, reply=reply, **options):
+            tokens = torch.tensor(self.tokenizer(reply, add_special_tokens=False)["input_ids"], device=ids.device)
+            return torch.cat([ids, tokens.expand(ids.shape[0], -1)], dim=1)
+
+        monkeypatch.setattr(heft.pipeline.HeftModel, "generate", generate)
+        capsys.readouterr()
+        assert main(["eval", str(trained_run), "--mode", "generate", "--max-examples", "8"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["mode"], result["n"], result["unparsed"]) == ("generate", 8, 8 if reply == " perhaps" else 0)
+        accuracy[reply] = result["accuracy"]
+    assert accuracy[" yes"] + accuracy[" no"] == pytest.approx(1) and accuracy[" perhaps"] == 0
 
 
 def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
