@@ -23,7 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from heft.pipeline import HeftModel, last_token_index
+from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, Task
 
 
@@ -160,8 +160,7 @@ def continuation_logprobs(
     device = model.device
     ids, mask = (t.to(device) for t in pad_batch(prompts, pad_id, padding_side))
     hidden, cache = model.encode_prompts(ids, mask)
-    last = last_token_index(mask)
-    first = torch.log_softmax(model.lm_head(hidden[torch.arange(len(prompts), device=device), last]).float(), dim=-1)
+    first = model.last_token_logprobs(hidden, mask)
     owner = torch.tensor([q for q, conts in enumerate(continuations) for _ in conts], device=device)
     rows = [list(c) for conts in continuations for c in conts]
     if any(not c for c in rows):

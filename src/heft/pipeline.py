@@ -297,15 +297,10 @@ class HeftModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
             prompt_mask = attention_mask.bool()
-        self.positions.prompt_mask, self.positions.generation = prompt_mask, False
-        try:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            with attention_kernel(input_ids.device, input_ids.shape[1], self._checkpointing or self._compiled):
-                hidden = self.model.base_model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                ).last_hidden_state
-        finally:
-            self.positions.prompt_mask = None
+        with self._editing(prompt_mask), attention_kernel(input_ids.device, input_ids.shape[1],
+                                                           self._checkpointing or self._compiled):
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         if labels is None:
             return HeftOutput(None, hidden, 0)
         shift_labels = labels[:, 1:]
@@ -324,21 +319,20 @@ class HeftModel(nn.Module):
     @torch.no_grad()
     def next_token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (B, V) of the token following each sequence's last real token."""
-        hidden = self(input_ids, attention_mask).hidden_states
-        last = last_token_index(attention_mask)
-        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.last_token_logprobs(self(input_ids, attention_mask).hidden_states, attention_mask)
+
+    def last_token_logprobs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, V) that `hidden` (B, T, H) gives the token after each row's last real one."""
+        final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
         return torch.log_softmax(self.lm_head(final).float(), dim=-1)
 
     @torch.no_grad()
     def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Cache]:
         """Hidden states and key/value cache of a prompt batch (either padding side), edited by every
         stage exactly as in training, where the interventions sit on prompt tokens only."""
-        self.positions.prompt_mask, self.positions.generation = attention_mask.bool(), False
-        try:
+        with self._editing(attention_mask.bool()):
             out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        finally:
-            self.positions.prompt_mask = None
+                                        position_ids=position_ids(attention_mask), use_cache=True)
         return out.last_hidden_state, out.cache
 
     @torch.no_grad()
@@ -354,12 +348,24 @@ class HeftModel(nn.Module):
         """HF `generate` with interventions on the prompt only. Batches must be left-padded."""
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left-padded batches (tokenizer.padding_side = 'left')")
-        self.positions.prompt_mask, self.positions.generation, self.positions.forward_calls = attention_mask.bool(), True, 0
-        try:
+        with self._editing(attention_mask.bool(), generation=True):
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @contextlib.contextmanager
+    def _editing(self, prompt_mask: torch.Tensor, generation: bool = False) -> Iterator[None]:
+        """The interventions edit the `prompt_mask` positions of the forward passes inside (with
+        `generation`, those of HF generate's first pass, the prompt, only)."""
+        self.positions.prompt_mask, self.positions.generation, self.positions.forward_calls = prompt_mask, generation, 0
+        try:
+            yield
         finally:
             self.positions.prompt_mask, self.positions.generation = None, False
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row starts at 0 like a right-padded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
