@@ -146,7 +146,7 @@ def test_parse_positions_and_layers():
     assert parse_positions("f7+l7") == (7, 7)
     assert parse_positions("l1") == (0, 1)
     assert parse_positions("f3") == (3, 0)
-    for bad in ["", "x1", "f1+", "l1+f1"]:
+    for bad in ["", "x1", "f1+", "l1+f1", "+l1", "f7l7", "f0", "f0+l1", "l01"]:  # one syntax for config and interventions
         with pytest.raises(ValueError):
             parse_positions(bad)
     assert parse_layers("all", 4) == [0, 1, 2, 3]

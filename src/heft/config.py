@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from heft.methods.lora.config import LoraConfig
-from heft.methods.reft.config import ReftConfig
+from heft.methods.reft.config import ReftConfig, parse_positions
 
 METHODS = ("lora", "dora", "loreft", "direft", "joint")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -170,13 +170,22 @@ def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
 
 
 _POSITIVE = (lambda v: v > 0, "a value > 0")
+_FRACTION = (lambda v: 0 <= v < 1, "a value in [0, 1)")
 
 
 def is_eval_interval(value: Any) -> bool:
     """An `eval_every` that evaluates during training: epoch, stage or a number of epochs > 0."""
     return value in ("epoch", "stage") or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
-_FRACTION = (lambda v: 0 <= v < 1, "a value in [0, 1)")
-_POSITIONS = re.compile(r"f[1-9]\d*|l[1-9]\d*|f[1-9]\d*\+l[1-9]\d*")
+
+
+def _parses(parse: Callable[[Any], Any], value: Any) -> bool:
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
+
+
 _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
 
 # Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them.
@@ -203,7 +212,7 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (ReftConfig, "rank"): _POSITIVE,
     (ReftConfig, "dropout"): _FRACTION,
     (ReftConfig, "init"): _one_of("identity", "random"),
-    (ReftConfig, "positions"): (lambda v: bool(_POSITIONS.fullmatch(v)),
+    (ReftConfig, "positions"): (lambda v: _parses(parse_positions, v),
                                 "f<k>, l<k> or f<k>+l<k>, e.g. f7+l7"),
     (ReftConfig, "layers"): (lambda v: isinstance(v, list) or bool(_LAYER_RANGE.fullmatch(v)),
                              "all, a list of indices, or start:stop[:step]"),

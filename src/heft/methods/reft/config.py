@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_POSITIONS = re.compile(r"f([1-9]\d*)(?:\+l([1-9]\d*))?|l([1-9]\d*)")
+
+
+def parse_positions(spec: str) -> tuple[int, int]:
+    """`f7+l7` → (7, 7); `l1` → (0, 1); `f3` → (3, 0). The one definition of the syntax, for the
+    config check and the interventions alike."""
+    match = _POSITIONS.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    if not match:
+        raise ValueError(f"positions must look like f7, l1 or f7+l7 (counts of at least 1), got {spec!r}")
+    first, last, last_only = match.groups()
+    return int(first or 0), int(last or last_only or 0)
 
 
 @dataclass

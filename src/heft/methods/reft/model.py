@@ -6,26 +6,13 @@ right-padded batches give the same edits and pad, target and generated tokens ar
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from heft.methods.reft.config import ReftConfig
+from heft.methods.reft.config import ReftConfig, parse_positions
 from heft.methods.reft.layer import INTERVENTIONS, LoReFT
-
-_POSITIONS = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
-
-
-def parse_positions(spec: str) -> tuple[int, int]:
-    """`f7+l7` → (7, 7); `l1` → (0, 1); `f3` → (3, 0)."""
-    match = _POSITIONS.match(spec.strip())
-    if not match or not any(match.groups()) or spec.strip().startswith("+") or spec.strip().endswith("+"):
-        raise ValueError(f"positions must look like f7, l1 or f7+l7, got {spec!r}")
-    first, last = (int(g) if g else 0 for g in match.groups())
-    return first, last
-
 
 def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
     """`all`, a list of indices (negative allowed) or a `start:stop[:step]` range → sorted indices."""
