@@ -89,9 +89,9 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     split = split or cfg.data.eval_split
     if split == cfg.data.train_split == cfg.data.eval_split:  # the run's held-out examples, not training ones
         from heft.tasks.data import subsample
-        from heft.train import load_data
+        from heft.train import read_splits
 
-        encoded = load_data(task, cfg, model.tokenizer).evaluation
+        encoded, _ = task.encode(read_splits(task, cfg).evaluation, model.tokenizer, cfg.max_length)  # not the rest
         return cfg, task, encoded if max_examples is None else subsample(encoded, max_examples, cfg.seed)
     limit = max_examples if max_examples is not None else cfg.max_eval_examples
     rows = task.load_split(cfg.data, split, limit, cfg.seed)
