@@ -275,3 +275,14 @@ def test_quiet_hides_the_libraries_progress_bars_too(tmp_path, tiny_model_dir, c
         assert not transformers_logging.is_progress_bar_enabled()
     finally:
         transformers_logging.enable_progress_bar()
+
+
+def test_an_interrupt_ends_with_status_130_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import heft.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heft.cli, "cmd_info", interrupted)
+    assert main(["info", str(tmp_path)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
