@@ -38,3 +38,21 @@ def test_scoring_and_encoding_refuse_what_they_cannot_do():
         score(model, ["is the cat red"], [" yes", ""])
     with pytest.raises(ValueError, match=r"pair 1: the target is \d+ tokens; it needs 1 to 3"):
         encode_pairs(model, [("is the cat red", " yes"), ("the cat", " is red and blue")], max_length=4)
+
+
+@pytest.mark.parametrize("already_unmerged", [False, True])
+def test_fit_refuses_a_merge_peft_cannot_do_before_training(monkeypatch, already_unmerged):
+    """A LoRA stage cannot merge while an earlier adapter stays unmerged: fit says so before any stage trains."""
+    import heft.api as api
+
+    model = make_heft("llama")
+    kept = {"method": "lora", "epochs": 1, "lora": {"r": 2, "merge": False}}
+    merged = {"method": "lora", "epochs": 1, "lora": {"r": 2}}
+    pairs = [("is the cat red", " yes"), ("is the dog blue", " no")]
+    if already_unmerged:
+        heft.fit(model, pairs, [kept], batch_size=2, show_progress=False)
+    monkeypatch.setattr(api, "train_stage", lambda *a, **k: pytest.fail("trained before checking the merge order"))
+    stages = [merged] if already_unmerged else [kept, {"method": "loreft", "reft": {"rank": 2}}, merged]
+    index = 1 if already_unmerged else 2
+    with pytest.raises(ValueError, match=rf"stage {index} \(lora\): its LoRA adapter cannot merge while an earlier one stays unmerged"):
+        heft.fit(model, pairs, stages, show_progress=False)

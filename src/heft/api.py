@@ -41,6 +41,7 @@ def fit(
     """Add and train `stages` in order on (prompt, target) pairs; returns the budget counters."""
     cfg = RunConfig(batch_size=batch_size, seed=seed, bf16=bf16, max_length=max_length)
     stage_cfgs = [s if isinstance(s, StageConfig) else config_from_dict({"stages": [s]}).stages[0] for s in stages]
+    model.check_stages(stage_cfgs, first_index=len(model.stages))
     data = encode_pairs(model, pairs, max_length)
     progress = Progress(stage=len(model.stages))
     for stage_cfg in stage_cfgs:

@@ -353,6 +353,17 @@ def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
     src.overrides.append((tuple(parts), text))
 
 
+def blocked_merge(stages: Sequence[StageConfig], earlier_unmerged: bool = False) -> int | None:
+    """Index of the first LoRA stage that would merge while an earlier adapter stays unmerged, or None:
+    peft merges adapters all together or in order, so such a stage fails only when it finishes."""
+    unmerged = earlier_unmerged
+    for i, stage in enumerate(stages):
+        if stage.uses_lora and stage.lora.merge and unmerged:
+            return i
+        unmerged |= stage.uses_lora and not stage.lora.merge
+    return None
+
+
 def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     data = copy.deepcopy(data)
     if not isinstance(data, dict):
@@ -361,13 +372,12 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = _build(RunConfig, data, (), src)
-    unmerged = None  # the first LoRA stage left unmerged: peft merges adapters all together or in order
+    blocked = blocked_merge(cfg.stages)
+    if blocked is not None:
+        unmerged = next(i for i, s in enumerate(cfg.stages) if s.uses_lora and not s.lora.merge)
+        src.fail(f"LoRA stage {blocked} cannot merge while stage {unmerged}'s adapter stays unmerged", ("stages", blocked, "lora", "merge"),
+                 hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}")
     for i, stage in enumerate(cfg.stages):
-        if stage.uses_lora and stage.lora.merge and unmerged is not None:
-            src.fail(f"LoRA stage {i} cannot merge while stage {unmerged}'s adapter stays unmerged", ("stages", i, "lora", "merge"),
-                     hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}")
-        if stage.uses_lora and not stage.lora.merge and unmerged is None:
-            unmerged = i
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
             src.fail("'keep: if_better' needs a dev split", ("stages", i, "keep"),
                      hint="set data.dev_examples (e.g. 200), carved out of the training split")

@@ -7,7 +7,7 @@ weights (by default) so later stages run at base-model cost; ReFT stages stay as
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import peft
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache
 
-from heft.config import StageConfig
+from heft.config import StageConfig, blocked_merge
 from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
@@ -150,6 +150,19 @@ class HeftModel(nn.Module):
         if config.uses_reft:
             with torch.random.fork_rng(devices=[]):  # a throwaway copy (small), leaving the RNG as it was
                 ReftModel(config.reft, self.hidden_size, len(self._layers))
+
+    def check_stages(self, configs: Sequence[StageConfig], first_index: int = 0) -> None:
+        """`check_stage` for stages to be added in this order, plus what only finishing them would find:
+        a LoRA stage cannot merge while an earlier adapter stays unmerged (peft merges them in order)."""
+        for i, config in enumerate(configs, start=first_index):
+            try:
+                self.check_stage(config)
+            except ValueError as err:
+                raise ValueError(f"stage {i} ({config.method}): {err}") from err
+        blocked = blocked_merge(configs, earlier_unmerged=bool(self._lora.unmerged))
+        if blocked is not None:
+            raise ValueError(f"stage {first_index + blocked} ({configs[blocked].method}): its LoRA adapter cannot merge while an "
+                             "earlier one stays unmerged; set lora.merge: false on it too, or true on the earlier LoRA stage")
 
     def finish_stage(self) -> None:
         """Freeze the current stage; capture and (if configured) merge its LoRA adapter, fix its ReFT rotations."""

@@ -292,11 +292,10 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     else:
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
-    for i, stage in enumerate(cfg.stages):
-        try:
-            model.check_stage(stage)
+        try:  # every stage now, not hours later when a bad one starts (a resumed run was checked when it began)
+            model.check_stages(cfg.stages)
         except ValueError as err:
-            raise ConfigError(f"stage {i} ({stage.method}): {err}") from err
+            raise ConfigError(str(err)) from err
     model.to(accelerator.device)
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
