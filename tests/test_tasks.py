@@ -439,3 +439,43 @@ def test_csv_written_by_stdlib_quotes_roundtrip(task: Task, tmp_path: Path) -> N
         w.writerow(["d", "q two", "0", "x"])
     got = task.load_split(DataConfig(source=str(path)), "train")
     assert [(e.fields["passage"], e.label) for e in got] == [('a, "b"\r\nc', 1), ("d", 0)]
+
+
+@pytest.fixture(scope="module")
+def llama2_style_tok():
+    """A SentencePiece-style BPE shaped like Llama-2's tokenizer.json: a normalizer that prepends "▁" and
+    turns spaces into "▁", no pre-tokenizer. Like Llama-2's, it tokenises " yes" alone as ['▁', '▁yes']."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # while training: no merges across words
+    corpus = ["Persian is spoken in Iran.\nQuestion: is persian spoken in iran?\nAnswer: yes",
+              "The sea.\nQuestion: is the sea old?\nAnswer: no", "Question: what is red?\nAnswer: the old town"] * 20
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"], show_progress=False))
+    backend.pre_tokenizer = None
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
+
+
+def test_answers_tokenise_as_they_follow_the_prompt(task: Task, llama2_style_tok) -> None:
+    """Targets and choices are tokenised after their prompt (as lm-eval splits context and continuation),
+    not alone, where a SentencePiece tokenizer would start them with a lone "▁" token."""
+    tok = llama2_style_tok
+    assert tok.convert_ids_to_tokens(tok(" yes", add_special_tokens=False)["input_ids"]) == ["▁", "▁yes"]
+    assert tok.convert_ids_to_tokens(task.choice_token_ids(tok)) == ["▁no", "▁yes"]
+    examples = [make_example(task, "Persian is spoken in Iran.", "is persian spoken in iran", True),
+                make_example(task, "The sea.", "is the sea old", False)]
+    encoded, _ = task.encode(examples, tok, max_length=64)
+    for ex, enc in zip(examples, encoded):
+        assert enc.input_ids == tok(ex.prompt + ex.target)["input_ids"]
+        assert enc.input_ids[enc.prompt_len] == task.choice_token_ids(tok)[ex.label]
+    arc = get_task("arc_easy")
+    question = arc.to_example({"question": "what is red", "choices": ["the old town", "yes"], "label": 0})
+    (mc,), _ = arc.encode([question], tok, max_length=64)
+    prompt_ids = tok(question.prompt)["input_ids"]
+    assert mc.input_ids[: mc.prompt_len] == prompt_ids
+    assert mc.choice_ids == [tok(question.prompt + c)["input_ids"][len(prompt_ids) :] for c in question.choices]
+    assert [tok.convert_ids_to_tokens(ids)[0] for ids in mc.choice_ids] == ["▁the", "▁yes"]

@@ -11,16 +11,16 @@ from heft.config import RunConfig, StageConfig, config_from_dict
 from heft.evaluate import autocast, pad_batch
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample
-from heft.tasks.base import first_token_ids
+from heft.tasks.base import continuation_ids, first_token_ids
 from heft.train import Progress, train_stage
 
 
 def encode_pairs(model: HeftModel, pairs: Sequence[tuple[str, str]], max_length: int = 512) -> list[EncodedExample]:
     """Tokenise (prompt, target) pairs; the loss will cover the target tokens only."""
     encoded = []
-    for i, (prompt, target) in enumerate(pairs):
+    targets = continuation_ids(model.tokenizer, [prompt for prompt, _ in pairs], [target for _, target in pairs])
+    for i, ((prompt, _), target_ids) in enumerate(zip(pairs, targets)):
         prompt_ids = model.tokenizer(prompt)["input_ids"]
-        target_ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
         if not 0 < len(target_ids) < max_length:  # the prompt may lose its start, the target nothing
             raise ValueError(f"pair {i}: the target is {len(target_ids)} tokens; it needs 1 to {max_length - 1} (max_length - 1)")
         ids = (prompt_ids + target_ids)[-max_length:]
@@ -58,8 +58,9 @@ def _prompts(model: HeftModel, prompts: Sequence[str], side: str) -> tuple[torch
 
 
 def score(model: HeftModel, prompts: Sequence[str], choices: Sequence[str], bf16: bool = False) -> torch.Tensor:
-    """Log-probabilities (N, C) of each choice's first token after each prompt."""
-    choice_ids = first_token_ids(model.tokenizer, choices)
+    """Log-probabilities (N, C) of each choice's first token after each prompt (the choices tokenised as
+    they follow the first prompt: prompts should end alike, e.g. all in "Answer:")."""
+    choice_ids = first_token_ids(model.tokenizer, choices, context=prompts[0] if prompts else "")
     with autocast(model, bf16):
         return model.next_token_logprobs(*_prompts(model, prompts, "right"))[:, choice_ids].float().cpu()
 

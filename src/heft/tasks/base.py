@@ -58,9 +58,23 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
     return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
 
-def first_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
-    """First token id of each choice, which single-token scoring compares; they must differ."""
-    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+def continuation_ids(tokenizer: Any, contexts: Sequence[str], texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text as it tokenises after its context, split as lm-evaluation-harness does:
+    tokenise context + text and drop the context's tokens. Tokenising the text alone can differ:
+    Llama-2's tokenizer makes " yes" alone ['▁', '▁yes'], but ['▁yes'] after "Answer:". Where context
+    and text merge across the boundary (the context's tokens are no prefix), the text's own tokens are used."""
+    if not texts:
+        return []
+    alone = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    joint = tokenizer([c + t for c, t in zip(contexts, texts, strict=True)], add_special_tokens=False)["input_ids"]
+    heads = tokenizer(list(contexts), add_special_tokens=False)["input_ids"]
+    return [ids[len(head):] if ids[: len(head)] == head else alone(text) for ids, head, text in zip(joint, heads, texts)]
+
+
+def first_token_ids(tokenizer: Any, choices: Sequence[str], context: str = "") -> list[int]:
+    """First token id of each choice after `context` (a prompt, or one that ends like the prompts),
+    which single-token scoring compares; they must differ."""
+    ids = continuation_ids(tokenizer, [context] * len(choices), choices)
     if not all(ids):
         raise ValueError(f"a choice of {list(choices)} tokenises to nothing")
     first = [t[0] for t in ids]
@@ -184,8 +198,8 @@ class Task:
     def encode(
         self, examples: Sequence[Example], tokenizer: Any, max_length: int
     ) -> tuple[list[EncodedExample], int]:
-        """Tokenise prompt (with the tokenizer's special tokens) and target (without) separately and
-        concatenate; continuation tasks also tokenise every choice, and the prompt must leave room
+        """Tokenise the prompt (with the tokenizer's special tokens), then the target as it tokenises
+        after it (`continuation_ids`); continuation tasks also tokenise every choice so, and the prompt must leave room
         for the longest one (so training and scoring see the same prompt). Too-long examples lose
         the end of `truncate_field` only, so the question and the answer slot survive. Returns the
         encoded examples and how many were truncated."""
@@ -193,15 +207,21 @@ class Task:
             return [], 0
         prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
         by_choice = self.scoring == "continuation"
-        texts = {ex.target for ex in examples} | ({c for ex in examples for c in ex.choices} if by_choice else set())
-        pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts}
-        empty = sorted(t for t, ids in pieces.items() if not ids)
+        # each example's target, then its choices (continuation scoring), tokenised after its prompt
+        texts = [(ex.prompt, text) for ex in examples for text in [ex.target, *(ex.choices if by_choice else ())]]
+        piece_ids = continuation_ids(tokenizer, [prompt for prompt, _ in texts], [text for _, text in texts])
+        empty = sorted({text for (_, text), ids in zip(texts, piece_ids) if not ids})
         if empty:
             raise ValueError(f"continuation(s) {empty} tokenise to nothing")
+        pieces = iter(piece_ids)
+        first_ids = None if by_choice else self.choice_token_ids(tokenizer)
         encoded, n_truncated = [], 0
         for i, (ex, prompt_ids) in enumerate(zip(examples, prompts)):
-            target_ids = pieces[ex.target]
-            choice_ids = [pieces[c] for c in ex.choices] if by_choice else []
+            target_ids = next(pieces)
+            choice_ids = [next(pieces) for _ in ex.choices] if by_choice else []
+            if first_ids is not None and target_ids[0] != first_ids[ex.label]:
+                raise ValueError(f"example {i}: after its prompt the answer {ex.target!r} starts with token {target_ids[0]}, "
+                                 f"not {first_ids[ex.label]}, the one scoring compares; end data.template as {self.template!r} ends")
             room = max(len(ids) for ids in [target_ids, *choice_ids])
             truncated = len(prompt_ids) + room > max_length
             if truncated:
@@ -212,8 +232,8 @@ class Task:
         return encoded, n_truncated
 
     def choice_token_ids(self, tokenizer: Any) -> list[int]:
-        """First token id of each choice: the logits compared when scoring."""
-        return first_token_ids(tokenizer, self.choices)
+        """First token id of each choice after a prompt of this task: the logits compared when scoring."""
+        return first_token_ids(tokenizer, self.choices, self.template.format(**dict.fromkeys(self.text_fields, "text")))
 
     @property
     def _label_words(self) -> dict[str, int]:
