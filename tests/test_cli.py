@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -180,8 +181,12 @@ def test_user_errors_are_one_line(argv, expected, tmp_path, capsys, monkeypatch)
          "validation.csv: row 1 (line 2): field 'passage' (column 'passage'): not valid UTF-8", "validation.csv as UTF-8"),
         ("train.jsonl", b'{"query": "q", "passage": "p", "answer": true}\n',
          "train.jsonl: line 1: missing column 'question'", "data.columns.question=<column>"),
+        ("train.csv", "question,passage,answer\nis it,café,true\n".encode("utf-16"),
+         "train.csv: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8", "iconv -f UTF-16 -t UTF-8"),
+        ("train.jsonl", '{"question": "q", "passage": "p", "answer": true}\n'.encode("utf-16-be"),
+         "train.jsonl: line 1: a NUL byte; the file looks UTF-16 or binary", "train.jsonl as UTF-8"),
     ],
-    ids=["broken-json", "not-utf8", "missing-column"],
+    ids=["broken-json", "not-utf8", "missing-column", "utf16-csv", "utf16-jsonl-no-bom"],
 )
 def test_bad_data_fails_before_the_model_loads_with_a_hint_for_its_cause(file, content, error, hint, tmp_path, capsys):
     """Either split; the model path does not exist, so a model loaded first would fail differently."""
@@ -278,11 +283,19 @@ def test_quiet_hides_the_libraries_progress_bars_too(tmp_path, tiny_model_dir, c
 
 
 def test_an_interrupt_ends_with_status_130_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """`heft train` names the time-stamped folder to resume into: rerunning the command would start a new one."""
     import heft.cli
+    import heft.train
 
-    def interrupted(args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(heft.train, "run_training", interrupted)
+    monkeypatch.chdir(REPO)
+    assert main(["train", "configs/boolq_heft.yaml", "seed=3", "-q"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    resume = re.search(r"resume with (heft train configs/boolq_heft.yaml seed=3 --output-dir (\S+))", err)
+    assert resume and re.fullmatch(r"runs/boolq-heft-\d{8}-\d{6}", resume.group(2)), err
     monkeypatch.setattr(heft.cli, "cmd_info", interrupted)
     assert main(["info", str(tmp_path)]) == 130
-    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "interrupted"  # nothing to resume

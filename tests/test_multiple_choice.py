@@ -178,6 +178,8 @@ def test_heft_data_dir_columns_and_csv(tmp_path: Path, monkeypatch: pytest.Monke
     ({"choices": ["a", "b"], "label": "b"}, "label", "integer index"),
     ({"choices": ["a", "b"], "label": True}, "label", "integer index"),
     ({"choices": [], "label": 0}, "choices", "empty choice list"),
+    ({"choices": ["a"], "label": 0}, "choices", "one choice ('a'); a question needs at least two"),
+    ({"choices": ["a", "b"], "label": "²"}, "label", "integer index"),  # a digit to str.isdigit, not to int()
     ({"choices": "a, b", "label": 0}, "choices", "expected a list of strings, got str"),
     ({"choices": ["a", 7], "label": 0}, "choices", "choice 1 is int"),
     ({"choices": ["a", " "], "label": 0}, "choices", "choice 1 is empty"),
@@ -259,6 +261,15 @@ def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir
 
     assert main(["predict", str(run), "--question", "no choices"]) == 2
     assert "lacks ['choices']" in capsys.readouterr().err
+    assert main(["predict", str(run), "--question", "one choice", "--choices", "yes"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    good = '{"question": "a cat", "choices": ["red", "blue"]}\n'
+    for bad, message in [("{bad\n", "line 3: invalid JSON"), ('{"question": "q", "choices": "red"}\n', "line 3: field 'choices': expected a list"),
+                         ('{"choices": ["a", "b"]}\n', "line 3: field 'question': a row to predict lacks ['question']"),
+                         ("[1, 2]\n", "line 3: expected a JSON object")]:
+        queries.write_text(good + "\n" + bad)
+        assert main(["predict", str(run), "--input", str(queries)]) == 2
+        assert f"{queries}: {message}" in " ".join(capsys.readouterr().err.split()), bad
     assert main(["eval", str(run), "--mode", "generate"]) == 2
     assert "--mode score" in capsys.readouterr().err
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = cfg.output_dir = _output_dir(args.output_dir, cfg)
+    args.resume_with = shlex.join(["heft", "train", args.config, *args.overrides, "--output-dir", out])  # the folder name has a time stamp
     is_main = process_state().is_main_process  # under torchrun / `accelerate launch` only the main process reports
     if is_main:
         console.print(f"[bold]heft train[/] {args.config} → {out}")
@@ -129,19 +131,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from heft.evaluate import predict
     from heft.tasks import get_task
+    from heft.tasks.data import parse_rows, read_query_rows
 
     run_dir = Path(args.run_dir)
     cfg = _run_dir_config(run_dir)
     task = get_task(cfg.task)
-    if args.input:
-        rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.input:  # rows are checked before the model loads
+        lines = read_query_rows(Path(args.input))
+        queries = parse_rows(lines, lambda values: task.to_query(values, cfg.data.template))
+        rows = [line.values for line in lines]
     elif args.question:
         given = {"question": args.question, "passage": args.passage, "choices": args.choices}
         rows = [{k: v for k, v in given.items() if v is not None}]
+        queries = [task.to_query(rows[0], cfg.data.template)]
     else:
         raise ValueError("give --question with --passage (BoolQ) or --choices (multiple choice), or --input FILE.jsonl")
     model, is_main = _load_for_eval(run_dir, args.base_model)
-    queries = [task.to_query(row, cfg.data.template) for row in rows]
     encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
     predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
     if not is_main:
@@ -220,6 +225,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, not {args.jobs}")
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
+    args.resume_with = "the same command"
     try:
         summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet,
                             train=not args.report_only, jobs=args.jobs)
@@ -386,7 +392,7 @@ HINTS = {
     "ModelNotFoundError": "use a hub id, a local model folder, or the alias smollm2-135m",
     "RunFolderError": "pass a folder written by `heft train`",
     "RunFolderBusy": "wait for that process to end, or write into another folder",
-    "SaveError": "free space or fix the folder's permissions, then rerun the same command: it resumes from the last save",
+    "SaveError": "free space or fix the folder's permissions, then resume from the last save",
     "FileExistsError": "choose another output folder",
 }
 
@@ -407,10 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = type(err).__name__
         message = str(err).splitlines()[0] if str(err) else kind
         hint = getattr(err, "hint", None) or HINTS.get(kind)  # a DataError knows the hint for its cause
+        if kind == "SaveError" and getattr(args, "resume_with", None):
+            hint += f" with {args.resume_with}"
         errors.print(f"[red]error:[/] {escape(message)}" + (f"\n[dim]hint: {escape(hint)}[/]" if hint else ""), highlight=False, markup=True)
         return 2
     except KeyboardInterrupt:
-        errors.print("[yellow]interrupted[/]: the run folder keeps the last completed epoch; rerun the same command to resume")
+        resume = getattr(args, "resume_with", None)  # set by the commands that train
+        errors.print("[yellow]interrupted[/]" + (f": the last completed epoch is saved; resume with {escape(resume)}" if resume else ""),
+                     highlight=False)
         return 130
 
 

@@ -334,7 +334,7 @@ def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
     names, parts, node = dotted.strip().split("."), [], data
     for i, part in enumerate(names):
         if isinstance(node, list):
-            if not (part.isdigit() and int(part) < len(node)):
+            if not (part.isdecimal() and int(part) < len(node)):
                 raise ConfigError(f"bad index '{part}' for '{_dotted(tuple(parts))}' in override '{text}': "
                                   f"expected 0..{len(node) - 1} (it has {len(node)} items)")
             part = int(part)

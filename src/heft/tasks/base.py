@@ -166,7 +166,7 @@ class Task:
         needed = [f for f in self.fields if f != self.label_field]
         missing = [f for f in needed if f not in row]
         if missing:
-            raise ValueError(f"a row to predict lacks {missing}; task {self.name!r} needs {needed} "
+            raise FieldError(missing[0], f"a row to predict lacks {missing}; task {self.name!r} needs {needed} "
                              f"(and optionally {self.label_field!r})")
         if row.get(self.label_field) is not None:
             return self.to_example(row, template)
@@ -183,7 +183,7 @@ class Task:
             return value
         if isinstance(value, str):
             word = value.strip().lower()
-            if word.isdigit() and int(word) < len(self.choices):
+            if word.isdecimal() and int(word) < len(self.choices):
                 return int(word)
             if word in self._label_words:
                 return self._label_words[word]
@@ -219,7 +219,7 @@ class Task:
         for i, (ex, prompt_ids) in enumerate(zip(examples, prompts)):
             target_ids = next(pieces)
             choice_ids = [next(pieces) for _ in ex.choices] if by_choice else []
-            if first_ids is not None and target_ids[0] != first_ids[ex.label]:
+            if first_ids is not None and ex.label >= 0 and target_ids[0] != first_ids[ex.label]:  # -1: a query
                 raise ValueError(f"example {i}: after its prompt the answer {ex.target!r} starts with token {target_ids[0]}, "
                                  f"not {first_ids[ex.label]}, the one scoring compares; end data.template as {self.template!r} ends")
             room = max(len(ids) for ids in [target_ids, *choice_ids])

@@ -175,6 +175,10 @@ def _read_file(path: Path, wanted: dict[str, str]) -> list[Row]:
         rows = _read_parquet(path, wanted)
     elif ext in ("jsonl", "json", "csv"):
         raw = path.read_bytes()
+        if b"\x00" in raw and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):  # valid UTF-8, but no text file holds NULs
+            line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+            raise DataError(f"{path}: line {line}: a NUL byte; the file looks UTF-16 or binary, not UTF-8 text",
+                            hint=_UTF8_HINT.format(path=path))
         try:
             text, undecodable = raw.decode("utf-8-sig"), False
         except UnicodeDecodeError:  # parse anyway, to say which row and column hold the bad bytes
@@ -182,7 +186,12 @@ def _read_file(path: Path, wanted: dict[str, str]) -> list[Row]:
         if not text.strip():
             raise DataError(f"{path}: empty file: no data rows")
         read = _csv_records if ext == "csv" else _json_records
-        records = list(read(path, text, wanted))
+        try:
+            records = list(read(path, text, wanted))
+        except DataError:
+            if undecodable:  # the encoding, not the format, is the likely cause (e.g. a UTF-16 export)
+                _raise_undecodable(path, raw, [], wanted)
+            raise
         if undecodable:
             _raise_undecodable(path, raw, records, wanted)
         rows = [Row(str(path), where, {f: values[c] for f, c in wanted.items()}) for where, values in records]
@@ -250,11 +259,32 @@ def _json_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tup
     else:
         numbered = _json_lines(path, text)
     for where, item in numbered:
-        if not isinstance(item, dict):
-            raise DataError(f"{path}: {where}: expected a JSON object, got {type(item).__name__}",
-                            hint=f"fix {where} of {path}: each row is an object of the task's fields")
+        _check_object(path, where, item)
         _check_columns(str(path), where, list(item), wanted)
         yield where, item
+
+
+def read_query_rows(path: Path) -> list[Row]:
+    """The rows of a JSON Lines file of questions to predict (`heft predict --input`), as they stand:
+    the task checks their fields (`parse_rows` names the line of a bad one)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        _raise_undecodable(path, raw, [], {})
+    rows = []
+    for where, item in _json_lines(path, text):
+        _check_object(path, where, item)
+        rows.append(Row(str(path), where, item))
+    if not rows:
+        raise DataError(f"{path}: empty file: no rows to predict", hint="write one JSON object per line")
+    return rows
+
+
+def _check_object(path: Path, where: str, item: Any) -> None:
+    if not isinstance(item, dict):
+        raise DataError(f"{path}: {where}: expected a JSON object, got {type(item).__name__}",
+                        hint=f"fix {where} of {path}: each row is an object of the task's fields")
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
@@ -302,13 +332,16 @@ def _raise_undecodable(
                     "re-save the file as UTF-8",
                     hint=_UTF8_HINT.format(path=path),
                 )
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; re-save the file as UTF-8",
+                        hint=_UTF8_HINT.format(path=path).replace("<its encoding>", "UTF-16"))
     try:
         raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
+        where = ", outside any value" if records else ""
         raise DataError(
-            f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}, outside any value); "
-            "re-save the file as UTF-8",
+            f"{path}: line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}{where}); re-save the file as UTF-8",
             hint=_UTF8_HINT.format(path=path),
         ) from None
 

@@ -42,6 +42,8 @@ class MultipleChoiceTask(Task):
             raise FieldError(field, f"expected a list of strings, got {type(value).__name__} {value!r}")
         if not value:
             raise FieldError(field, "empty choice list")
+        if len(value) == 1:
+            raise FieldError(field, f"one choice ({value[0]!r}); a question needs at least two to choose between")
         for i, choice in enumerate(value):
             if not isinstance(choice, str):
                 raise FieldError(field, f"choice {i} is {type(choice).__name__} {choice!r}, expected text")
@@ -51,7 +53,7 @@ class MultipleChoiceTask(Task):
 
     def parse_label(self, value: Any, num_choices: int | None = None) -> int:
         """A 0-based index into the row's choices, as an int or digits."""
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().isdecimal():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise FieldError(self.label_field, f"expected an integer index into the choices, got {type(value).__name__} {value!r}")
