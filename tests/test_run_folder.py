@@ -163,6 +163,26 @@ def test_a_save_failing_at_any_write_leaves_the_previous_checkpoint(tmp_path, ti
     assert (logits(load_run(run)) - logits(model)).abs().max() <= 1e-5
 
 
+def test_an_interrupt_just_after_the_manifest_is_written_keeps_the_new_save(tmp_path, tiny_model_dir, monkeypatch):
+    model = HeftModel(load_model(str(tiny_model_dir)))
+    model.add_stage(LOREFT, seed=0)
+    run = tmp_path / "run"
+    save_run(model, run, 0, 1, torch.optim.AdamW(model.trainable_parameters()), {"progress": {"epoch": 1}})
+    write_json = heft.io.write_json
+
+    def interrupted_after(path, data):
+        write_json(path, data)
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt  # after the manifest's rename, before write_json returns
+
+    monkeypatch.setattr(heft.io, "write_json", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        save_run(model, run, 0, 2, torch.optim.AdamW(model.trainable_parameters()), {"progress": {"epoch": 2}})
+    monkeypatch.undo()
+    assert read_trainer_state(run)["progress"] == {"epoch": 2}
+    load_run(run)  # the folder the manifest names is still there
+
+
 @pytest.mark.parametrize("code, text", [(errno.EROFS, "Read-only file system"), (errno.EACCES, "Permission denied")])
 def test_read_only_or_forbidden_folder_is_one_line_without_size(tmp_path, tiny_model_dir, code, text):
     model = HeftModel(load_model(str(tiny_model_dir)))

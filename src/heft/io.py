@@ -209,6 +209,8 @@ def save_run(
         }
         write_json(run_dir / MANIFEST, manifest)
     except BaseException as err:
+        if published is not None and _manifest_weights(run_dir) == str(published.relative_to(run_dir)):
+            published = None  # interrupted just after the manifest's rename: the new save stands
         for partial in (tmp, published):  # the manifest still points at the previous save
             if partial is not None:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -219,6 +221,14 @@ def save_run(
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return run_dir
+
+
+def _manifest_weights(run_dir: Path) -> str | None:
+    """The weights folder the run's manifest points at, or None where there is no readable manifest."""
+    try:
+        return json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))["weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _write_weights(model: HeftModel, tmp: Path, optimizer: torch.optim.Optimizer | None, trainer_state: dict | None) -> list[dict]:

@@ -169,7 +169,6 @@ def summarize(plan: Plan) -> dict:
         "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
         "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
         "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
-        "total_train_wall_time_s": round(sum(r["wall_time_s"] for a in arms.values() for r in a["seeds"].values()), 2),
         "paper": {"model": "Llama-2-7B", "source": "arXiv 2509.09801",
                   "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()}},
         "versions": versions(),
