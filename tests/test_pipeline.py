@@ -160,6 +160,18 @@ def test_dora_and_layers_to_transform_through_peft():
     assert (before - after).abs().max() <= 1e-5, "merging a DoRA stage keeps the outputs"
 
 
+def test_all_linear_with_layers_to_transform_after_an_unmerged_adapter():
+    """`all-linear` is expanded to layer names for peft; an earlier unmerged adapter must not hide them."""
+    model = make_heft("llama")
+    model.add_stage(StageConfig(method="lora", lora=LoraConfig(r=4, merge=False)), seed=0)
+    model.finish_stage()
+    model.add_stage(StageConfig(method="lora", lora=LoraConfig(r=4, layers_to_transform=[1])), seed=1)
+    in_layers = lambda name: name[name.index("layers.") :]  # noqa: E731
+    adapted = {in_layers(name.split(".lora_")[0]) for name, p in model.named_parameters() if p.requires_grad}
+    linear = {in_layers(name) for name, m in make_heft("llama").model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers.1." in name}
+    assert adapted == linear and len(linear) == 7, adapted
+
+
 def test_gradient_accumulation_matches_a_larger_batch():
     data = toy_data(16)
     stage = StageConfig(method="loreft", epochs=1, lr=1e-2, reft=ReftConfig(rank=2, positions="l1"))

@@ -64,6 +64,23 @@ def test_bf16_copies_of_frozen_weights_compute_exactly_what_autocast_computes(st
     assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(after, before)), "float32 weights back, bit for bit"
 
 
+@pytest.mark.parametrize("lora", [LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]),
+                                  LoraConfig(r=4, dropout=0.0, target_modules=["q_proj"], modules_to_save=["lm_head"])],
+                         ids=["adapter-on-head", "head-trained"])
+def test_bf16_copies_leave_an_adapted_or_trained_head_alone(lora):
+    """A LoRA adapter on the LM head, or a trained copy of it, takes part in the forward: no frozen bf16 copy replaces it."""
+    model = make_heft()
+    model.add_stage(StageConfig(method="lora", lora=lora), seed=0)
+    model.train()
+    batch = collate(toy_data(8, seed=1), pad_id=0)
+    loss, grads = loss_and_grads(model, batch)
+    with model.frozen_weights_bf16():
+        loss_bf16, grads_bf16 = loss_and_grads(model, batch)
+    head_params = [p for n, p in model.model.named_parameters() if "lm_head" in n and p.requires_grad]
+    assert head_params and torch.equal(loss, loss_bf16)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_bf16))
+
+
 def test_bf16_copies_leave_dora_base_weights_in_float32():
     model = make_heft()
     model.add_stage(StageConfig(method="dora", lora=LoraConfig(r=4)), seed=0)

@@ -13,7 +13,7 @@ import torch
 import heft.train as train_module
 from heft.config import ConfigError, config_from_dict
 from heft.io import load_run
-from heft.train import run_training
+from heft.train import epoch_plan, run_training
 
 from conftest import WORDS
 
@@ -193,14 +193,18 @@ def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(tmp_path, tiny_m
                "reft": {"rank": 2, "positions": "f1+l1", "init": "random"}}]
     cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=stages,
                                       data={"source": str(data), "dev_examples": 8}))
-    real_evaluate, dev_scores = train_module.evaluate, iter([0.75, dev_after])
+    real_evaluate, dev_scores, judged = train_module.evaluate, iter([0.75, dev_after]), []
 
     def evaluate(model, task, examples, **options):  # the dev split (8 examples) gets scripted accuracies
         result = real_evaluate(model, task, examples, **options)
-        return {**result, "accuracy": next(dev_scores)} if len(examples) == 8 else result
+        if len(examples) != 8:
+            return result
+        judged.append(len(model.reft))
+        return {**result, "accuracy": next(dev_scores)}
 
     monkeypatch.setattr(train_module, "evaluate", evaluate)
     results = run_training(cfg, tmp_path / "run", show_progress=False)
+    assert judged == [0, 1], "'before' is the model the stage received, not the stage's random init"
     stage = results["stages"][1]
     assert stage["rolled_back"] is rolled_back
     assert (stage["rollback_reason"] == "dev accuracy 0.5000 < 0.7500 when the stage started") is rolled_back
@@ -229,3 +233,64 @@ def test_a_bad_later_stage_is_refused_before_the_first_trains(tmp_path, tiny_mod
 def test_gate_without_dev_split_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="needs a dev split.*data.dev_examples"):
         config_from_dict({"stages": [{"method": "loreft", "keep": "if_better"}]})
+
+
+def test_epoch_plan_counts_fractional_epochs_exactly():
+    assert epoch_plan(100, 0.07) == [7]  # 100 * 0.07 is 7.000000000000001 in floats
+    assert epoch_plan(10, 2.5) == [10, 10, 5] and epoch_plan(3, 1) == [3] and epoch_plan(3, 0.1) == [1]
+
+
+def test_boundary_loss_uses_exactly_boundary_examples(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_toy_boolq(tmp_path / "data")
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", boundary_examples=10, eval_every="never"))
+    probed = []
+    real_mean_loss = train_module.mean_loss
+
+    def mean_loss(model, batches, bf16):
+        probed.append(sum(len(b["input_ids"]) for b in batches))
+        return real_mean_loss(model, batches, bf16)
+
+    monkeypatch.setattr(train_module, "mean_loss", mean_loss)
+    run_training(cfg, tmp_path / "run", show_progress=False)
+    assert probed and set(probed) == {10}, probed
+
+
+def test_a_run_resumed_at_a_stage_boundary_checks_the_stages_still_to_add(tmp_path, tiny_model_dir, monkeypatch):
+    """As `heft reproduce` resumes an arm branched off a shared prefix: its own stages are checked first."""
+    data = write_toy_boolq(tmp_path / "data")
+    lora = {"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4}}
+    real_train_stage, calls = train_module.train_stage, []
+
+    def stop_at_the_second_stage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_stage(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_stage", stop_at_the_second_stage)
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=[lora, {"method": "loreft", "reft": {"rank": 2}}]))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, tmp_path / "run", show_progress=False)
+    bad = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=[lora, {"method": "loreft", "reft": {"rank": 999}}]))
+    monkeypatch.setattr(train_module, "train_stage", lambda *a, **k: pytest.fail("trained before checking the stages to add"))
+    with pytest.raises(ConfigError, match=re.escape("stage 1 (loreft): LoReFT rank 999 exceeds")):
+        run_training(bad, tmp_path / "run", show_progress=False)
+
+
+def test_a_crash_after_the_final_evaluation_leaves_one_final_line(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_toy_boolq(tmp_path / "data")
+    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", eval_every="never"))
+    real_write_json = train_module.write_json
+
+    def disk_full_at_results(path, data):
+        if path.name == "results.json":
+            raise OSError(28, "No space left on device")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(train_module, "write_json", disk_full_at_results)
+    with pytest.raises(OSError):
+        run_training(cfg, tmp_path / "run", show_progress=False)
+    monkeypatch.undo()
+    run_training(cfg, tmp_path / "run", show_progress=False)
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert stages.count("final") == 1 and stages[-1] == "final", stages

@@ -104,6 +104,7 @@ class HeftModel(nn.Module):
         self.model.base_model.register_forward_pre_hook(self._count_forward)
         self.requires_grad_(False)
         self._head_bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._frozen_bf16_active = False
         self._checkpointing = False
         self._compiled = False
         # eval mode, as from_pretrained leaves the model inside: a wrapper in train mode would switch
@@ -159,7 +160,8 @@ class HeftModel(nn.Module):
                 self.check_stage(config)
             except ValueError as err:
                 raise ValueError(f"stage {i} ({config.method}): {err}") from err
-        blocked = blocked_merge(configs, earlier_unmerged=bool(self._lora.unmerged))
+        kept = any(s.config.uses_lora and not s.config.lora.merge and not s.rolled_back for s in self.stages)
+        blocked = blocked_merge(configs, earlier_unmerged=kept)
         if blocked is not None:
             raise ValueError(f"stage {first_index + blocked} ({configs[blocked].method}): its LoRA adapter cannot merge while an "
                              "earlier one stays unmerged; set lora.merge: false on it too, or true on the earlier LoRA stage")
@@ -268,9 +270,10 @@ class HeftModel(nn.Module):
         column norms outside autocast). Inside the block, forwards must run under bf16 autocast.
         Re-entering while active does nothing.
         """
-        if not enabled or self._head_bf16 is not None:
+        if not enabled or self._frozen_bf16_active:
             yield
             return
+        self._frozen_bf16_active = True
         skip = {id(m.get_base_layer()) for m in self.model.modules()
                 if isinstance(m, peft.tuners.lora.LoraLayer) and getattr(m, "lora_variant", None)}
         swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -284,13 +287,14 @@ class HeftModel(nn.Module):
                         if param is not None and param.dtype == torch.float32 and not param.requires_grad:
                             swapped.append((param, param.data))
                             param.data = param.data.to(torch.bfloat16)
-            self._head_bf16 = (head.weight.detach().to(torch.bfloat16),
-                               None if getattr(head, "bias", None) is None else head.bias.detach().to(torch.bfloat16))
+            if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):  # not a peft-wrapped or trained head
+                self._head_bf16 = (head.weight.detach().to(torch.bfloat16),
+                                   None if head.bias is None else head.bias.detach().to(torch.bfloat16))
             yield
         finally:
             for param, original in swapped:
                 param.data = original
-            self._head_bf16 = None
+            self._head_bf16, self._frozen_bf16_active = None, False
 
     def _count_forward(self, module: nn.Module, args: tuple) -> None:
         self.positions.forward_calls += 1

@@ -103,7 +103,7 @@ def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
 
 def epoch_plan(num_batches: int, epochs: float) -> list[int]:
     """Micro-batches per epoch; a fractional last epoch runs part of the data."""
-    total = math.ceil(num_batches * epochs)
+    total = math.ceil(round(num_batches * epochs, 6))  # 100 * 0.07 is 7.000000000000001: 7 batches, not 8
     return [min(num_batches, total - e * num_batches) for e in range(math.ceil(epochs))]
 
 
@@ -292,17 +292,17 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     else:
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
-        try:  # every stage now, not hours later when a bad one starts (a resumed run was checked when it began)
-            model.check_stages(cfg.stages)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    try:  # the stages still to add, now, not hours later when a bad one starts (e.g. an arm branched off a prefix)
+        model.check_stages(cfg.stages[len(model.stages):], first_index=len(model.stages))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     model.to(accelerator.device)
     if cfg.activation_checkpointing:
         model.enable_activation_checkpointing()
     splits = encode_splits(task, cfg, rows, model.tokenizer)
     train_data, eval_data = splits.train, splits.evaluation
-    probe = [collate(train_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id)
-             for i in range(0, min(cfg.boundary_examples, len(train_data)), cfg.batch_size)]
+    probe_data = train_data[: cfg.boundary_examples]
+    probe = [collate(probe_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id) for i in range(0, len(probe_data), cfg.batch_size)]
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
@@ -347,12 +347,13 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         if index < progress.stage:
             continue
         resuming = trainer_state is not None and index == progress.stage and progress.epoch > 0
+        gated = stage_cfg.keep == "if_better"
+        # the gate's yardstick: the model the stage receives, before its (maybe random) init changes it
+        received_dev_accuracy = dev_accuracy() if gated and not resuming else None
         stage = model.stages[index] if resuming else model.add_stage(stage_cfg, seed=cfg.seed + index)
         num_epochs = math.ceil(stage_cfg.epochs)
-        gated = stage_cfg.keep == "if_better"
         if not resuming:
-            record_stage_start(record, history, model, stage.name, index, cfg, probe,
-                               dev_accuracy=dev_accuracy() if gated else None)
+            record_stage_start(record, history, model, stage.name, index, cfg, probe, dev_accuracy=received_dev_accuracy)
 
         def on_epoch_end(m: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
             last = epoch + 1 == num_epochs
@@ -432,7 +433,8 @@ def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
 def record_stage_start(record: Callable[..., dict], history: list[dict], model: HeftModel, name: str, index: int,
                        cfg: RunConfig, probe: Sequence[dict[str, torch.Tensor]], dev_accuracy: float | None) -> None:
     """Loss and evaluation of the model as a new stage receives it (its trainable part freshly
-    initialised). When the stage starts as the identity, the previous evaluation is still valid."""
+    initialised). When the stage starts as the identity, the previous evaluation is still valid.
+    `dev_accuracy` (gated stages) was measured before the stage was added."""
     loss = mean_loss(model, probe, cfg.bf16)
     if cfg.eval_every == "never":
         record(index, name, 0, None, kind="stage_start", measure=False, boundary_loss=loss, dev_accuracy=dev_accuracy)
@@ -473,6 +475,8 @@ def _drop_unsaved_metrics(path: Path, progress: Progress) -> None:
     kept = []
     for line in path.read_text().splitlines():
         entry = json.loads(line)
+        if entry["stage"] == "final":  # the run's closing evaluation (eval_every: never) is made again
+            continue
         index, epoch = entry["stage_index"], entry["epoch"] or 0
         done = progress.epoch if epoch else progress.epoch - 1
         if index < progress.stage or (index == progress.stage and epoch <= done):

@@ -23,8 +23,7 @@ def to_peft_config(config: LoraConfig, model: nn.Module) -> peft.LoraConfig:
     if isinstance(targets, str) and config.layers_to_transform is not None:
         if targets != "all-linear":
             raise ValueError(f"layers_to_transform needs target_modules as a list or 'all-linear', got {targets!r}")
-        head = model.get_output_embeddings()
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head})
+        targets = _linear_layer_names(model)
     return peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
@@ -35,6 +34,21 @@ def to_peft_config(config: LoraConfig, model: nn.Module) -> peft.LoraConfig:
         modules_to_save=config.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
+
+
+def _linear_layer_names(model: nn.Module) -> list[str]:
+    """Names (last component) of the model's linear layers but the output embedding, seen through the
+    adapters of earlier unmerged stages: a peft-wrapped `q_proj` counts as `q_proj`, not as its
+    `base_layer` and `lora_A.<stage>` parts."""
+    head = model.get_output_embeddings()
+    head = head.get_base_layer() if isinstance(head, peft.tuners.lora.LoraLayer) else head
+    names = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if not isinstance(module, nn.Linear) or module is head or any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
+            continue
+        names.add(parts[-2] if parts[-1] in ("base_layer", "original_module") else parts[-1])
+    return sorted(names)
 
 
 class MaskBitsDropout(nn.Dropout):
