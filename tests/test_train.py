@@ -220,7 +220,9 @@ def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(tmp_path, tiny_m
 
 @pytest.mark.parametrize("bad, message", [({"method": "loreft", "reft": {"rank": 999}}, "stage 1 (loreft): LoReFT rank 999 exceeds"),
                                           ({"method": "loreft", "reft": {"layers": [7]}}, "stage 1 (loreft): layers [7]"),
-                                          ({"method": "lora", "lora": {"target_modules": ["qkv"]}}, "stage 1 (lora): lora.target_modules ['qkv']")])
+                                          ({"method": "lora", "lora": {"target_modules": ["qkv"]}}, "stage 1 (lora): lora.target_modules ['qkv']"),
+                                          ({"method": "lora", "lora": {"layers_to_transform": [0, 9]}},
+                                           "stage 1 (lora): lora.layers_to_transform [0, 9]: this model has layers 0..1")])
 def test_a_bad_later_stage_is_refused_before_the_first_trains(tmp_path, tiny_model_dir, monkeypatch, bad, message):
     data = write_toy_boolq(tmp_path / "data")
     stages = [{"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4}}, bad]

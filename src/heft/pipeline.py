@@ -148,6 +148,9 @@ class HeftModel(nn.Module):
             if missing:
                 linear = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)})
                 raise ValueError(f"lora.target_modules {missing} match no module of this model (its linear layers: {linear})")
+        layers = config.lora.layers_to_transform if config.uses_lora else None
+        if layers and not all(0 <= i < len(self._layers) for i in layers):
+            raise ValueError(f"lora.layers_to_transform {layers}: this model has layers 0..{len(self._layers) - 1}")
         if config.uses_reft:
             with torch.random.fork_rng(devices=[]):  # a throwaway copy (small), leaving the RNG as it was
                 ReftModel(config.reft, self.hidden_size, len(self._layers))
