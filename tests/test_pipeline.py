@@ -172,11 +172,14 @@ def test_all_linear_with_layers_to_transform_after_an_unmerged_adapter():
     assert adapted == linear and len(linear) == 7, adapted
 
 
-def test_gradient_accumulation_matches_a_larger_batch():
-    data = toy_data(16)
+@pytest.mark.parametrize("examples, accumulated", [(16, (8, 2)), (24, (8, 4))], ids=["full-group", "partial-group"])
+def test_gradient_accumulation_matches_a_larger_batch(examples, accumulated):
+    """Also when the epoch ends inside an accumulation group (3 micro-batches, grad_accum 4): the step
+    takes the mean over the micro-batches it has, not 3/4 of it."""
+    data = toy_data(examples)
     stage = StageConfig(method="loreft", epochs=1, lr=1e-2, reft=ReftConfig(rank=2, positions="l1"))
     weights, grads = [], []
-    for batch_size, accum in [(16, 1), (8, 2)]:
+    for batch_size, accum in [(examples, 1), accumulated]:
         model = make_heft("llama")
         model.add_stage(stage, seed=0)
         # a clipping threshold no gradient reaches, so that the clip call sees the gradient that is applied:
@@ -195,7 +198,7 @@ def test_gradient_accumulation_matches_a_larger_batch():
         train_stage(model, stage, data, cfg, accelerator, progress, lambda *a: None, show_progress=False)
         assert progress.optimizer_steps == 1
         weights.append(torch.cat([p.detach().flatten() for p in model.reft.parameters()]))
-    # one optimizer step over the same 16 examples; accumulated micro-batch means differ from the
+    # one optimizer step over the same examples; accumulated micro-batch means differ from the
     # full-batch mean only by the per-micro-batch token normalisation (1 target token each here)
     assert len(grads) == 2 and grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
