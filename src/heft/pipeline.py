@@ -276,12 +276,12 @@ class HeftModel(nn.Module):
         if not enabled or self._frozen_bf16_active:
             yield
             return
-        self._frozen_bf16_active = True
         skip = {id(m.get_base_layer()) for m in self.model.modules()
                 if isinstance(m, peft.tuners.lora.LoraLayer) and getattr(m, "lora_variant", None)}
         swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
         head = self.model.get_output_embeddings()
         try:
+            self._frozen_bf16_active = True
             for layer in decoder_layers(self.model):
                 for name, module in layer.named_modules():
                     if not isinstance(module, nn.Linear) or "lora_" in name or id(module) in skip:
