@@ -62,13 +62,21 @@ def continuation_ids(tokenizer: Any, contexts: Sequence[str], texts: Sequence[st
     """Token ids of each text as it tokenises after its context, split as lm-evaluation-harness does:
     tokenise context + text and drop the context's tokens. Tokenising the text alone can differ:
     Llama-2's tokenizer makes " yes" alone ['▁', '▁yes'], but ['▁yes'] after "Answer:". Where context
-    and text merge across the boundary (the context's tokens are no prefix), the text's own tokens are used."""
-    if not texts:
+    and text merge across the boundary (the context's tokens are no prefix), the text's own tokens are used.
+    Each distinct context and (context, text) pair is tokenised once: a question's choices share its
+    prompt, and its gold answer is one of them."""
+    pairs = list(zip(contexts, texts, strict=True))
+    unique = list(dict.fromkeys(pairs))
+    if not unique:
         return []
-    alone = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    joint = tokenizer([c + t for c, t in zip(contexts, texts, strict=True)], add_special_tokens=False)["input_ids"]
-    heads = tokenizer(list(contexts), add_special_tokens=False)["input_ids"]
-    return [ids[len(head):] if ids[: len(head)] == head else alone(text) for ids, head, text in zip(joint, heads, texts)]
+    distinct_contexts = list(dict.fromkeys(context for context, _ in unique))
+    heads = dict(zip(distinct_contexts, tokenizer(distinct_contexts, add_special_tokens=False)["input_ids"]))
+    joint = tokenizer([context + text for context, text in unique], add_special_tokens=False)["input_ids"]
+    split = {}
+    for (context, text), ids in zip(unique, joint):
+        head = heads[context]
+        split[context, text] = ids[len(head):] if ids[: len(head)] == head else tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [split[pair] for pair in pairs]
 
 
 def first_token_ids(tokenizer: Any, choices: Sequence[str], context: str = "") -> list[int]:
