@@ -145,12 +145,12 @@ def train_stage(
         wrapped.train()
         loss_sum, loss_count, tokens, start = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}", disable=not show_progress)
-        # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
-        # results); the float32 weights are back before on_epoch_end evaluates and saves.
         # accelerate divides each micro-batch's loss by grad_accum; a group cut short by the epoch's end
         # has fewer micro-batches, so theirs are scaled back up to a mean over the group
         last_group = (len(loader) - 1) // cfg.grad_accum * cfg.grad_accum
         short_group_scale = cfg.grad_accum / (len(loader) - last_group)
+        # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
+        # results); the float32 weights are back before on_epoch_end evaluates and saves.
         with model.frozen_weights_bf16(cfg.bf16), model.compiled_layers(cfg.compile):
             for i, batch in enumerate(bar):
                 with accelerator.accumulate(wrapped):

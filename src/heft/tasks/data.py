@@ -174,11 +174,7 @@ def _read_file(path: Path, wanted: dict[str, str]) -> list[Row]:
     if ext == "parquet":
         rows = _read_parquet(path, wanted)
     elif ext in ("jsonl", "json", "csv"):
-        raw = path.read_bytes()
-        if b"\x00" in raw and raw[:2] not in (b"\xff\xfe", b"\xfe\xff"):  # valid UTF-8, but no text file holds NULs
-            line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
-            raise DataError(f"{path}: line {line}: a NUL byte; the file looks UTF-16 or binary, not UTF-8 text",
-                            hint=_UTF8_HINT.format(path=path))
+        raw = _text_bytes(path)
         try:
             text, undecodable = raw.decode("utf-8-sig"), False
         except UnicodeDecodeError:  # parse anyway, to say which row and column hold the bad bytes
@@ -267,7 +263,7 @@ def _json_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tup
 def read_query_rows(path: Path) -> list[Row]:
     """The rows of a JSON Lines file of questions to predict (`heft predict --input`), as they stand:
     the task checks their fields (`parse_rows` names the line of a bad one)."""
-    raw = path.read_bytes()
+    raw = _text_bytes(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -312,6 +308,20 @@ def _check_columns(file: str, where: str, present: Sequence[str], wanted: dict[s
 _UTF8_HINT = "re-save {path} as UTF-8, e.g. iconv -f <its encoding> -t UTF-8"
 
 
+def _text_bytes(path: Path) -> bytes:
+    """The bytes of a text file, refusing UTF-16 (a byte-order mark) and NUL bytes up front: NULs are
+    valid UTF-8, and either would otherwise be reported as a broken CSV or JSON row."""
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; re-save the file as UTF-8",
+                        hint=_UTF8_HINT.format(path=path).replace("<its encoding>", "UTF-16"))
+    if b"\x00" in raw:
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        raise DataError(f"{path}: line {line}: a NUL byte; the file looks UTF-16 or binary, not UTF-8 text",
+                        hint=_UTF8_HINT.format(path=path))
+    return raw
+
+
 def _has_surrogates(text: str) -> bool:
     """True when decoding with surrogateescape had to escape invalid UTF-8 bytes."""
     return any("\udc80" <= ch <= "\udcff" for ch in text)
@@ -332,9 +342,6 @@ def _raise_undecodable(
                     "re-save the file as UTF-8",
                     hint=_UTF8_HINT.format(path=path),
                 )
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; re-save the file as UTF-8",
-                        hint=_UTF8_HINT.format(path=path).replace("<its encoding>", "UTF-16"))
     try:
         raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
