@@ -17,10 +17,9 @@ from heft.train import Progress, train_stage
 
 def encode_pairs(model: HeftModel, pairs: Sequence[tuple[str, str]], max_length: int = 512) -> list[EncodedExample]:
     """Tokenise (prompt, target) pairs; the loss will cover the target tokens only."""
+    prompts, targets = [prompt for prompt, _ in pairs], [target for _, target in pairs]
     encoded = []
-    targets = continuation_ids(model.tokenizer, [prompt for prompt, _ in pairs], [target for _, target in pairs])
-    for i, ((prompt, _), target_ids) in enumerate(zip(pairs, targets)):
-        prompt_ids = model.tokenizer(prompt)["input_ids"]
+    for i, (prompt_ids, target_ids) in enumerate(zip(model.tokenizer(prompts)["input_ids"], continuation_ids(model.tokenizer, prompts, targets))):
         if not 0 < len(target_ids) < max_length:  # the prompt may lose its start, the target nothing
             raise ValueError(f"pair {i}: the target is {len(target_ids)} tokens; it needs 1 to {max_length - 1} (max_length - 1)")
         ids = (prompt_ids + target_ids)[-max_length:]
