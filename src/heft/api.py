@@ -17,6 +17,8 @@ from heft.train import Progress, train_stage
 
 def encode_pairs(model: HeftModel, pairs: Sequence[tuple[str, str]], max_length: int = 512) -> list[EncodedExample]:
     """Tokenise (prompt, target) pairs; the loss will cover the target tokens only."""
+    if not pairs:
+        return []
     prompts, targets = [prompt for prompt, _ in pairs], [target for _, target in pairs]
     encoded = []
     for i, (prompt_ids, target_ids) in enumerate(zip(model.tokenizer(prompts)["input_ids"], continuation_ids(model.tokenizer, prompts, targets))):
