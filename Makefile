@@ -28,4 +28,6 @@ demo: setup
 		eval_every=stage --output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

@@ -13,7 +13,29 @@ from heft.models import LoadedModel
 from heft.pipeline import HeftModel
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "boolq"
-WORDS = "yes no true false the a is of passage question answer cat dog red blue green one two three four five".split()
+WORDS = [
+    "yes",
+    "no",
+    "true",
+    "false",
+    "the",
+    "a",
+    "is",
+    "of",
+    "passage",
+    "question",
+    "answer",
+    "cat",
+    "dog",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -28,9 +50,17 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_model(arch: str = "llama", vocab_size: int = 64, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                  initializer_range=0.2)  # larger than default so that logits can move far
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )  # larger than default so that logits can move far
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:

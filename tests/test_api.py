@@ -4,14 +4,16 @@ import pytest
 import torch
 
 import heft
-from heft.api import encode_pairs, score
-
 from conftest import make_heft
+from heft.api import encode_pairs, score
 
 
 def test_python_api_flow(tmp_path, tiny_model_dir):
     model = heft.HeftModel.from_pretrained(str(tiny_model_dir))
-    pairs = [(f"{w} is the passage ? Answer :", " yes" if i % 2 else " no") for i, w in enumerate("cat dog red blue green one two three".split())]
+    pairs = [
+        (f"{w} is the passage ? Answer :", " yes" if i % 2 else " no")
+        for i, w in enumerate(["cat", "dog", "red", "blue", "green", "one", "two", "three"])
+    ]
     before = heft.score(model, [p for p, _ in pairs], [" no", " yes"])
     stages = [
         {"method": "lora", "epochs": 4, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
@@ -54,5 +56,7 @@ def test_fit_refuses_a_merge_peft_cannot_do_before_training(monkeypatch, already
     monkeypatch.setattr(api, "train_stage", lambda *a, **k: pytest.fail("trained before checking the merge order"))
     stages = [merged] if already_unmerged else [kept, {"method": "loreft", "reft": {"rank": 2}}, merged]
     index = 1 if already_unmerged else 2
-    with pytest.raises(ValueError, match=rf"stage {index} \(lora\): its LoRA adapter cannot merge while an earlier one stays unmerged"):
+    with pytest.raises(
+        ValueError, match=rf"stage {index} \(lora\): its LoRA adapter cannot merge while an earlier one stays unmerged"
+    ):
         heft.fit(model, pairs, stages, show_progress=False)

@@ -7,16 +7,18 @@ import json
 import pandas as pd
 import pytest
 
+from conftest import WORDS
 from heft.bench import FLOPS_CONVENTION, PATHS, parse_paths
 from heft.cli import main
-
-from conftest import WORDS
 
 
 def write_boolq(folder, n: int = 16) -> None:
     """A BoolQ folder of `n` rows per split, with passages of different lengths (so batches differ)."""
     folder.mkdir(parents=True)
-    rows = [{"question": " ".join(WORDS[4:7]), "passage": " ".join(WORDS[4 : 6 + i % 9]), "answer": bool(i % 2)} for i in range(n)]
+    rows = [
+        {"question": " ".join(WORDS[4:7]), "passage": " ".join(WORDS[4 : 6 + i % 9]), "answer": bool(i % 2)}
+        for i in range(n)
+    ]
     for split in ("train", "validation"):
         pd.DataFrame(rows).to_parquet(folder / f"{split}.parquet")
 
@@ -25,12 +27,34 @@ def test_bench_records_every_path_against_the_measured_peak(tmp_path, tiny_model
     write_boolq(tmp_path / "data" / "boolq")
     monkeypatch.setenv("HEFT_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tiny_model_dir), "--batches", "3", "--batch-size", "4", "--max-length", "24",
-                 "--device", "cpu", "--repeats", "3", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(tiny_model_dir),
+                "--batches",
+                "3",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "24",
+                "--device",
+                "cpu",
+                "--repeats",
+                "3",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert "vs peft-lora" in capsys.readouterr().out
-    assert record["command"].endswith(f"heft bench --model {tiny_model_dir} --batches 3 --batch-size 4 --max-length 24 "
-                                      "--device cpu --paths scoring,lora,peft-lora,loreft,joint --repeats 3 --warmup 1")
+    assert record["command"].endswith(
+        f"heft bench --model {tiny_model_dir} --batches 3 --batch-size 4 --max-length 24 "
+        "--device cpu --paths scoring,lora,peft-lora,loreft,joint --repeats 3 --warmup 1"
+    )
     assert {"cpu", "cores", "torch_threads", "gpu"} <= record["machine"].keys() and record["machine"]["gpu"] is None
     assert {"torch", "transformers", "peft", "heft"} <= record["versions"].keys()
     assert record["flops_convention"] == FLOPS_CONVENTION
@@ -39,8 +63,11 @@ def test_bench_records_every_path_against_the_measured_peak(tmp_path, tiny_model
     assert record["data"]["batches"] == 3 and 0 < record["data"]["tokens"] <= record["data"]["padded_tokens"]
     peak = record["gemm"]["bfloat16"]["gflops"]
     assert peak > 0 and record["gemm"]["float32"]["gflops"] > 0
-    assert [[s["in"], s["out"], s["count"]] for s in record["gemm"]["bfloat16"]["shapes"]] == \
-        record["model"]["linear_shapes"] == [[32, 16, 4], [32, 32, 4], [32, 64, 4], [64, 32, 2]]
+    assert (
+        [[s["in"], s["out"], s["count"]] for s in record["gemm"]["bfloat16"]["shapes"]]
+        == record["model"]["linear_shapes"]
+        == [[32, 16, 4], [32, 32, 4], [32, 64, 4], [64, 32, 2]]
+    )
     assert list(record["paths"]) == list(PATHS)
     for name, r in record["paths"].items():
         assert r["tok_s"] > 0 and r["seconds"] > 0 and r["peak_memory_mb"] is not None
@@ -53,7 +80,9 @@ def test_bench_records_every_path_against_the_measured_peak(tmp_path, tiny_model
     assert all(record["paths"][p]["tokens"] == train_tokens for p in ("lora", "peft-lora", "loreft", "joint"))
     assert record["paths"]["scoring"]["tokens"] < train_tokens  # prompts only
     assert record["paths"]["lora"]["trainable_params"] == record["paths"]["peft-lora"]["trainable_params"]
-    assert record["heft_lora_vs_peft_lora"] == pytest.approx(record["paths"]["lora"]["tok_s"] / record["paths"]["peft-lora"]["tok_s"], rel=1e-2)
+    assert record["heft_lora_vs_peft_lora"] == pytest.approx(
+        record["paths"]["lora"]["tok_s"] / record["paths"]["peft-lora"]["tok_s"], rel=1e-2
+    )
 
 
 def test_paths_are_validated_and_run_in_a_fixed_order():
@@ -71,8 +100,17 @@ def test_cpu_clock_for_a_shared_machine_is_recorded_and_checked(tmp_path, tiny_m
     monkeypatch.setenv("HEFT_DATA_DIR", str(tmp_path / "data"))
     threads = torch.get_num_threads()
     try:
-        record = run_bench(str(tiny_model_dir), batches=2, batch_size=4, max_length=24, device="cpu", paths=["lora"],
-                           repeats=2, threads=1, clock="cpu")
+        record = run_bench(
+            str(tiny_model_dir),
+            batches=2,
+            batch_size=4,
+            max_length=24,
+            device="cpu",
+            paths=["lora"],
+            repeats=2,
+            threads=1,
+            clock="cpu",
+        )
         assert torch.get_num_threads() == 1 and record["machine"]["torch_threads"] == 1
     finally:
         torch.set_num_threads(threads)

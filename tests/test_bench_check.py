@@ -8,19 +8,38 @@ import json
 import pytest
 
 import heft.bench as bench
-from heft.bench_check import NOT_COMPARABLE, baseline_settings, compare, data_differences, exit_status, machine_differences
+from heft.bench_check import (
+    NOT_COMPARABLE,
+    baseline_settings,
+    compare,
+    data_differences,
+    exit_status,
+    machine_differences,
+)
 from heft.cli import main
 
-MACHINE = {"cpu": "AMD EPYC", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"], "cores": 2, "cores_available": 2,
-           "torch_threads": 2, "device": "cpu", "gpu": None, "platform": "Linux"}
+MACHINE = {
+    "cpu": "AMD EPYC",
+    "cpu_flags": ["avx2", "avx512f", "avx512_bf16"],
+    "cores": 2,
+    "cores_available": 2,
+    "torch_threads": 2,
+    "device": "cpu",
+    "gpu": None,
+    "platform": "Linux",
+}
 
 
 def record(mfu: dict[str, float], ratio: float | None = 1.28, **machine) -> dict:
     """The parts of a `heft bench` JSON that the check reads."""
-    return {"machine": {**MACHINE, **machine}, "model": {"id": "smollm2-135m", "linear_params": 106168320},
-            "data": {"batches": 12, "batch_size": 8, "max_length": 256, "tokens": 13646, "padded_tokens": 14336},
-            "settings": {"gemm_repeats": 10, "warmup_steps": 1},
-            "paths": {p: {"mfu": m, "tok_s": 1e6} for p, m in mfu.items()}, "heft_lora_vs_peft_lora": ratio}
+    return {
+        "machine": {**MACHINE, **machine},
+        "model": {"id": "smollm2-135m", "linear_params": 106168320},
+        "data": {"batches": 12, "batch_size": 8, "max_length": 256, "tokens": 13646, "padded_tokens": 14336},
+        "settings": {"gemm_repeats": 10, "warmup_steps": 1},
+        "paths": {p: {"mfu": m, "tok_s": 1e6} for p, m in mfu.items()},
+        "heft_lora_vs_peft_lora": ratio,
+    }
 
 
 BASE = record({"scoring": 0.52, "lora": 0.27, "peft-lora": 0.21, "loreft": 0.47})
@@ -41,8 +60,14 @@ def test_a_path_that_slowed_past_the_tolerance_fails():
 def test_faster_equal_and_missing_paths_pass():
     now = record({"scoring": 0.70, "lora": 0.27, "joint": 0.3}, ratio=None)
     changes = compare(BASE, now)
-    assert [(c.name, c.metric) for c in changes] == [("scoring", "MFU"), ("lora", "MFU"), ("peft-lora", "MFU"),
-                                                     ("loreft", "MFU"), ("joint", "MFU"), ("lora", "× peft-lora")]
+    assert [(c.name, c.metric) for c in changes] == [
+        ("scoring", "MFU"),
+        ("lora", "MFU"),
+        ("peft-lora", "MFU"),
+        ("loreft", "MFU"),
+        ("joint", "MFU"),
+        ("lora", "× peft-lora"),
+    ]
     assert [c.change is None for c in changes] == [False, False, True, True, True, True]
     assert not any(c.slower for c in changes) and exit_status(changes, []) == 0
     with pytest.raises(ValueError, match="tolerance"):
@@ -55,7 +80,9 @@ def test_another_machine_or_other_batches_are_not_comparable():
     assert len(other) == 2 and "'Intel Xeon' here" in other[0]
     assert machine_differences(BASE, {"machine": {**MACHINE, "torch_threads": 1}}) != []
     assert machine_differences(BASE, {"machine": {**MACHINE, "device": "cuda:0", "gpu": "NVIDIA H100"}}) != []
-    assert machine_differences(BASE, {"machine": {**MACHINE, "cores": 64, "platform": "other"}}) == [], "informative only"
+    assert machine_differences(BASE, {"machine": {**MACHINE, "cores": 64, "platform": "other"}}) == [], (
+        "informative only"
+    )
     shorter = copy.deepcopy(BASE)
     shorter["data"]["tokens"] = 9000
     assert data_differences(BASE, shorter) == ["data tokens: 13646 in the baseline, 9000 now"]
@@ -64,13 +91,24 @@ def test_another_machine_or_other_batches_are_not_comparable():
 
 
 def test_settings_come_from_the_baseline_and_the_committed_json_has_them():
-    assert baseline_settings(BASE) == {"model": "smollm2-135m", "batches": 12, "batch_size": 8, "max_length": 256,
-                                       "device": "cpu", "paths": ["scoring", "lora", "peft-lora", "loreft"],
-                                       "repeats": 10, "warmup": 1, "activation_checkpointing": False,
-                                       "compile_mode": None, "clock": "wall", "threads": 2}
+    assert baseline_settings(BASE) == {
+        "model": "smollm2-135m",
+        "batches": 12,
+        "batch_size": 8,
+        "max_length": 256,
+        "device": "cpu",
+        "paths": ["scoring", "lora", "peft-lora", "loreft"],
+        "repeats": 10,
+        "warmup": 1,
+        "activation_checkpointing": False,
+        "compile_mode": None,
+        "clock": "wall",
+        "threads": 2,
+    }
     one_thread = {**BASE, "machine": {**MACHINE, "torch_threads": 1}, "settings": {**BASE["settings"], "clock": "cpu"}}
-    assert baseline_settings(one_thread) == {**baseline_settings(BASE), "clock": "cpu", "threads": 1}, \
+    assert baseline_settings(one_thread) == {**baseline_settings(BASE), "clock": "cpu", "threads": 1}, (
         "a baseline timed on one thread's CPU clock is rerun so"
+    )
     from pathlib import Path
 
     for committed in (Path(__file__).resolve().parents[1] / "docs" / "results" / "bench").glob("*.json"):

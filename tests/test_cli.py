@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +16,11 @@ from transformers import AutoModelForCausalLM
 
 import heft.io
 import heft.pipeline
+from conftest import SHARED_DATA, make_model, make_tokenizer
 from heft.api import score
 from heft.cli import main
 from heft.io import load_run
 from heft.tasks import get_task
-
-from conftest import SHARED_DATA, make_model, make_tokenizer
 from test_train import toy_config, write_toy_boolq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +52,9 @@ def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys)
     assert answer["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
 
     queries = tmp_path / "q.jsonl"
-    queries.write_text('{"question": "is it blue", "passage": "false it is red"}\n{"question": "a", "passage": "true a"}\n')
+    queries.write_text(
+        '{"question": "is it blue", "passage": "false it is red"}\n{"question": "a", "passage": "true a"}\n'
+    )
     assert main(["predict", str(trained_run), "--input", str(queries), "--output", str(tmp_path / "p.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"question", "passage", "prediction", "probability"} <= set(r) for r in rows)
@@ -77,13 +78,23 @@ def test_info_shows_each_stage_end_also_when_only_the_final_model_is_evaluated(t
     assert f"→ {results['final_accuracy']:.4f}" in row
 
 
-def test_eval_of_a_run_evaluated_on_held_out_training_examples_repeats_its_final_evaluation(tmp_path, tiny_model_dir,
-                                                                                            capsys):
+def test_eval_of_a_run_evaluated_on_held_out_training_examples_repeats_its_final_evaluation(
+    tmp_path, tiny_model_dir, capsys
+):
     """data.eval_split: train evaluates on examples held out of training; `heft eval` rebuilds the same ones."""
     data = write_toy_boolq(tmp_path / "data", 40, 8)
     config = tmp_path / "toy.yaml"
-    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused",
-                                                data={"source": str(data), "eval_split": "train"}, max_eval_examples=16)))
+    config.write_text(
+        yaml.safe_dump(
+            toy_config(
+                tiny_model_dir,
+                data,
+                tmp_path / "unused",
+                data={"source": str(data), "eval_split": "train"},
+                max_eval_examples=16,
+            )
+        )
+    )
     run = tmp_path / "run"
     assert main(["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(run), "-q"]) == 0
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-2])
@@ -98,6 +109,7 @@ def test_eval_generate_mode_parses_answers(trained_run, capsys, monkeypatch):
     question is right under exactly one of them; " perhaps" is parsed as nothing and never right."""
     accuracy = {}
     for reply in (" yes", " no", " perhaps"):
+
         def generate(self, ids, mask, reply=reply, **options):
             tokens = torch.tensor(self.tokenizer(reply, add_special_tokens=False)["input_ids"], device=ids.device)
             return torch.cat([ids, tokens.expand(ids.shape[0], -1)], dim=1)
@@ -114,7 +126,9 @@ def test_eval_generate_mode_parses_answers(trained_run, capsys, monkeypatch):
 def test_export_is_a_plain_hf_model_plus_interventions(trained_run, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(trained_run), str(out)]) == 0
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "HEFT_EXPORT.md").is_file()
+    assert (
+        (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "HEFT_EXPORT.md").is_file()
+    )
     original, exported = load_run(trained_run), load_run(out)
     ids = torch.randint(3, 20, (2, 9))
     with torch.no_grad():
@@ -158,8 +172,17 @@ def test_export_creates_missing_folders_and_leaves_nothing_when_it_fails(trained
         (["train", "configs/boolq_heft.yaml", "stages.0.epoch=3"], "did you mean 'epochs'"),
         (["train", "configs/boolq_heft.yaml", "batch_size=abc"], "batch_size"),
         (["train", "configs/nope.yaml"], "nope.yaml"),
-        (["train", "configs/boolq_heft.yaml", "model=/no/such/model", "data.source={tmp}/data", "--output-dir", "{tmp}/r"],
-         "/no/such/model"),  # valid data: it is read before the model
+        (
+            [
+                "train",
+                "configs/boolq_heft.yaml",
+                "model=/no/such/model",
+                "data.source={tmp}/data",
+                "--output-dir",
+                "{tmp}/r",
+            ],
+            "/no/such/model",
+        ),  # valid data: it is read before the model
         (["eval", "{tmp}"], "not a heft run folder"),
     ],
 )
@@ -175,16 +198,36 @@ def test_user_errors_are_one_line(argv, expected, tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize(
     "file, content, error, hint",
     [
-        ("train.jsonl", b'{"question": "q", "passage": "p", "answer": true}\n{"question": "q", "passage"\n',
-         "train.jsonl: line 2: invalid JSON", "fix line 2 of"),
-        ("validation.csv", "question,passage,answer\nis it,caf\xe9 au lait,true\n".encode("latin-1"),
-         "validation.csv: row 1 (line 2): field 'passage' (column 'passage'): not valid UTF-8", "validation.csv as UTF-8"),
-        ("train.jsonl", b'{"query": "q", "passage": "p", "answer": true}\n',
-         "train.jsonl: line 1: missing column 'question'", "data.columns.question=<column>"),
-        ("train.csv", "question,passage,answer\nis it,café,true\n".encode("utf-16"),
-         "train.csv: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8", "iconv -f UTF-16 -t UTF-8"),
-        ("train.jsonl", '{"question": "q", "passage": "p", "answer": true}\n'.encode("utf-16-be"),
-         "train.jsonl: line 1: a NUL byte; the file looks UTF-16 or binary", "train.jsonl as UTF-8"),
+        (
+            "train.jsonl",
+            b'{"question": "q", "passage": "p", "answer": true}\n{"question": "q", "passage"\n',
+            "train.jsonl: line 2: invalid JSON",
+            "fix line 2 of",
+        ),
+        (
+            "validation.csv",
+            "question,passage,answer\nis it,caf\xe9 au lait,true\n".encode("latin-1"),
+            "validation.csv: row 1 (line 2): field 'passage' (column 'passage'): not valid UTF-8",
+            "validation.csv as UTF-8",
+        ),
+        (
+            "train.jsonl",
+            b'{"query": "q", "passage": "p", "answer": true}\n',
+            "train.jsonl: line 1: missing column 'question'",
+            "data.columns.question=<column>",
+        ),
+        (
+            "train.csv",
+            "question,passage,answer\nis it,café,true\n".encode("utf-16"),
+            "train.csv: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8",
+            "iconv -f UTF-16 -t UTF-8",
+        ),
+        (
+            "train.jsonl",
+            '{"question": "q", "passage": "p", "answer": true}\n'.encode("utf-16-be"),
+            "train.jsonl: line 1: a NUL byte; the file looks UTF-16 or binary",
+            "train.jsonl as UTF-8",
+        ),
     ],
     ids=["broken-json", "not-utf8", "missing-column", "utf16-csv", "utf16-jsonl-no-bom"],
 )
@@ -213,14 +256,34 @@ def test_real_model_end_to_end(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    out = heft("train", "configs/boolq_heft.yaml", "max_train_examples=64", "max_eval_examples=32", "max_length=160",
-               "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(run), "-q")
+    out = heft(
+        "train",
+        "configs/boolq_heft.yaml",
+        "max_train_examples=64",
+        "max_eval_examples=32",
+        "max_length=160",
+        "stages.0.epochs=1",
+        "stages.1.epochs=1",
+        "--output-dir",
+        str(run),
+        "-q",
+    )
     assert "zero-shot" in out and str(SHARED_DATA.resolve()) in out  # the source, as an absolute path
     results = json.loads((run / "results.json").read_text())
     assert results["data"]["train_examples"] == 64 and 0 <= results["final_accuracy"] <= 1
     assert json.loads(heft("eval", str(run)))["accuracy"] == results["final_accuracy"]
-    answer = json.loads(heft("predict", str(run), "--question", "is paris the capital of france",
-                             "--passage", "Paris is the capital and largest city of France.").strip().splitlines()[-1])
+    answer = json.loads(
+        heft(
+            "predict",
+            str(run),
+            "--question",
+            "is paris the capital of france",
+            "--passage",
+            "Paris is the capital and largest city of France.",
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     assert answer["prediction"] in {"yes", "no"}
 
 
@@ -230,8 +293,20 @@ def test_data_parallel_two_cpu_processes(tmp_path, tiny_model_dir):
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "heft", "train", str(config),
-               "--output-dir", str(run), "-q"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "heft",
+        "train",
+        str(config),
+        "--output-dir",
+        str(run),
+        "-q",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
@@ -264,7 +339,9 @@ def test_eval_runs_on_the_launch_device_and_ranks_share_the_run_folder(monkeypat
     assert _output_dir(None, cfg) == "runs/boolq-tiny"
     state.num_processes = 2
     cfg.output_dir = "runs/{task}-{time}"
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects, from_process: ["runs/main-process-name"])
+    monkeypatch.setattr(
+        accelerate.utils, "broadcast_object_list", lambda objects, from_process: ["runs/main-process-name"]
+    )
     assert _output_dir(None, cfg) == "runs/main-process-name"
 
 
@@ -275,7 +352,20 @@ def test_quiet_hides_the_libraries_progress_bars_too(tmp_path, tiny_model_dir, c
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
     try:
-        assert main(["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "--output-dir", str(tmp_path / "run"), "-q"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(config),
+                    "stages.0.epochs=1",
+                    "stages.1.epochs=1",
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                    "-q",
+                ]
+            )
+            == 0
+        )
         assert "Loading weights" not in capfd.readouterr().err
         assert not transformers_logging.is_progress_bar_enabled()
     finally:

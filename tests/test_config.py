@@ -84,10 +84,18 @@ def test_round_trip(example: Path, tmp_path: Path) -> None:
 
 
 def test_overrides(example: Path) -> None:
-    cfg = load_config(example, [
-        "stages.0.epochs=3", "max_train_examples=null", "data.source=/x", "stages.1.reft.layers=[2,4]",
-        "stages.0.lora.target_modules=all-linear", "stages.1.lr=1e-5", "data.columns.label=answer",
-    ])
+    cfg = load_config(
+        example,
+        [
+            "stages.0.epochs=3",
+            "max_train_examples=null",
+            "data.source=/x",
+            "stages.1.reft.layers=[2,4]",
+            "stages.0.lora.target_modules=all-linear",
+            "stages.1.lr=1e-5",
+            "data.columns.label=answer",
+        ],
+    )
     assert cfg.stages[0].epochs == 3.0 and cfg.max_train_examples is None and cfg.data.source == "/x"
     assert cfg.stages[1].reft.layers == [2, 4] and cfg.stages[0].lora.target_modules == "all-linear"
     assert cfg.stages[1].lr == 1e-5 and cfg.data.columns == {"question": "query", "label": "answer"}
@@ -112,30 +120,37 @@ def test_unknown_key_suggests_and_points_at_line(example: Path, tmp_path: Path) 
     assert "override 'stages.0.epoch=3'" in msg and "did you mean 'epochs'?" in msg
 
 
-@pytest.mark.parametrize("old, new, field, line, expected", [
-    ("    epochs: 2", "    epochs: abc", "stages.0.epochs", 9, "float"),
-    ("      r: 4", "      r: 0", "stages.0.lora.r", 12, "> 0"),
-    ("  - method: loreft", "  - method: lorra", "stages.1.method", 14, "one of lora, dora"),
-    ("      layers: [1, 3]", "      layers: [1, x]", "stages.1.reft.layers", 17, "str | list[int]"),
-    ("max_train_examples: 200", "max_train_examples: yes", "max_train_examples", 6, "int | None"),
-    ("  columns: {question: query}", "  columns: [a]", "data.columns", 5, "dict[str, str]"),
-])
-def test_bad_values_name_file_line_field(tmp_path: Path, old: str, new: str, field: str, line: int,
-                                         expected: str) -> None:
+@pytest.mark.parametrize(
+    "old, new, field, line, expected",
+    [
+        ("    epochs: 2", "    epochs: abc", "stages.0.epochs", 9, "float"),
+        ("      r: 4", "      r: 0", "stages.0.lora.r", 12, "> 0"),
+        ("  - method: loreft", "  - method: lorra", "stages.1.method", 14, "one of lora, dora"),
+        ("      layers: [1, 3]", "      layers: [1, x]", "stages.1.reft.layers", 17, "str | list[int]"),
+        ("max_train_examples: 200", "max_train_examples: yes", "max_train_examples", 6, "int | None"),
+        ("  columns: {question: query}", "  columns: [a]", "data.columns", 5, "dict[str, str]"),
+    ],
+)
+def test_bad_values_name_file_line_field(
+    tmp_path: Path, old: str, new: str, field: str, line: int, expected: str
+) -> None:
     msg = error(write(tmp_path, EXAMPLE.replace(old, new)))
     assert f"'{field}'" in msg and f"bad.yaml line {line}" in msg and expected in msg and "hint:" in msg
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("stages.0.epochs=abc", "expected float"),
-    ("stages.0.reft.positions=x7", "f<k>, l<k> or f<k>+l<k>"),
-    ("stages.0.warmup_ratio=1", "[0, 1)"),
-    ("dtype=float16", "one of float32, bfloat16"),
-    ("eval_every=step", "one of epoch, stage, never, or a number of epochs > 0"),
-    ("eval_every=0", "a number of epochs > 0"),
-    ("stages.0.schedule=poly", "one of linear, cosine, constant"),
-    ("stages=[]", "at least one stage"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("stages.0.epochs=abc", "expected float"),
+        ("stages.0.reft.positions=x7", "f<k>, l<k> or f<k>+l<k>"),
+        ("stages.0.warmup_ratio=1", "[0, 1)"),
+        ("dtype=float16", "one of float32, bfloat16"),
+        ("eval_every=step", "one of epoch, stage, never, or a number of epochs > 0"),
+        ("eval_every=0", "a number of epochs > 0"),
+        ("stages.0.schedule=poly", "one of linear, cosine, constant"),
+        ("stages=[]", "at least one stage"),
+    ],
+)
 def test_bad_override_values(example: Path, override: str, expected: str) -> None:
     msg = error(example, [override])
     assert f"override '{override}'" in msg and expected in msg
@@ -168,7 +183,11 @@ def test_field_docs_and_reference_up_to_date() -> None:
 
 
 def test_a_merging_lora_stage_after_an_unmerged_one_is_refused_before_training(tmp_path: Path) -> None:
-    path = write(tmp_path, "stages:\n  - method: lora\n    lora: {merge: false}\n  - method: loreft\n  - method: joint\n")
-    assert error(path) == (f"LoRA stage 2 cannot merge while stage 0's adapter stays unmerged in {path} line 5; "
-                           "set lora.merge: false here too, or lora.merge: true on stage 0")
+    path = write(
+        tmp_path, "stages:\n  - method: lora\n    lora: {merge: false}\n  - method: loreft\n  - method: joint\n"
+    )
+    assert error(path) == (
+        f"LoRA stage 2 cannot merge while stage 0's adapter stays unmerged in {path} line 5; "
+        "set lora.merge: false here too, or lora.merge: true on stage 0"
+    )
     assert len(load_config(path, ["stages.2.lora.merge=false"]).stages) == 3

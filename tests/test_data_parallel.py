@@ -13,11 +13,10 @@ import pytest
 import yaml
 
 import heft
-from heft.config import config_from_dict
-from heft.train import run_training
-
 from conftest import make_heft
 from dp_eval_script import evaluate_sets, train_config
+from heft.config import config_from_dict
+from heft.train import run_training
 from test_train import write_toy_boolq
 
 HERE = Path(__file__).resolve().parent
@@ -29,12 +28,28 @@ def test_two_processes_evaluate_like_one(tmp_path: Path, tiny_model_dir: Path) -
     zero-shot line once, with the single-process result. Without the gather each process would hold
     its share only (fewer examples, another accuracy)."""
     data = write_toy_boolq(tmp_path / "data")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(heft.__file__).parents[1]), str(HERE)]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(heft.__file__).parents[1]), str(HERE)]),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     env.pop("RANK", None)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              str(HERE / "dp_eval_script.py"), str(tmp_path), str(tiny_model_dir), str(data)]
-    proc = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(HERE / "dp_eval_script.py"),
+        str(tmp_path),
+        str(tiny_model_dir),
+        str(data),
+    ]
+    proc = subprocess.Popen(
+        launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
@@ -58,7 +73,9 @@ def test_two_processes_evaluate_like_one(tmp_path: Path, tiny_model_dir: Path) -
 
     cfg = config_from_dict({**train_config(str(tiny_model_dir), str(data)), "output_dir": str(tmp_path / "one")})
     run_training(cfg, tmp_path / "one", show_progress=False)
-    lines = [[json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "run")]
+    lines = [
+        [json.loads(s) for s in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "run")
+    ]
     assert [(m["kind"], m["stage_index"]) for m in lines[1]] == [(m["kind"], m["stage_index"]) for m in lines[0]]
     zero_one, zero_two = lines[0][0], lines[1][0]
     assert zero_one["stage"] == zero_two["stage"] == "zero-shot"

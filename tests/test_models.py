@@ -31,6 +31,7 @@ from heft.models import (
     weights_sha256,
 )
 
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Keep converted models and the hash sidecar out of the user's real cache."""
@@ -40,9 +41,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _configs() -> dict[str, object]:
-    small = dict(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-    )
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     configs = {
         "llama": transformers.LlamaConfig(**small, num_key_value_heads=2),
         "qwen2": transformers.Qwen2Config(**small, num_key_value_heads=2),
@@ -75,7 +74,9 @@ def test_decoder_layers_and_hidden_size(kind: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # peft notes GPT-2's Conv1D layout
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # peft asks transformers (heft filters it too)
+@pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated"
+)  # peft asks transformers (heft filters it too)
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
 def test_decoder_layers_through_peft(kind: str) -> None:
     from peft import LoraConfig, get_peft_model
@@ -116,7 +117,8 @@ def test_decoder_layers_missing_names_the_class() -> None:
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
 
     vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(98)}}
     tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))

@@ -30,6 +30,7 @@ def ids(model: HeftModel, text: str) -> list[int]:
 
 def staged(model: HeftModel) -> HeftModel:
     """An unmerged LoRA stage and a ReFT stage, both far from the identity, so a wrong edit shows."""
+
     def stage(spec: dict):
         return config_from_dict({"stages": [spec]}).stages[0]
 
@@ -58,7 +59,10 @@ def by_hand(model: HeftModel, prompt: list[int], continuation: list[int]) -> flo
 QUESTIONS = [  # prompts of different lengths; continuations of 1 to 4 tokens, 2 to 4 per question
     ("Question : is the cat red ?\nAnswer :", [" yes", " no the cat is blue", " red cat"]),
     ("Question : one ?\nAnswer :", [" two three", " four"]),
-    ("Question : the dog is green and the cat is blue and a passage is red ?\nAnswer :", [" a", " the dog", " one two three four", " five"]),
+    (
+        "Question : the dog is green and the cat is blue and a passage is red ?\nAnswer :",
+        [" a", " the dog", " one two three four", " five"],
+    ),
 ]
 
 
@@ -104,13 +108,21 @@ def test_acc_and_acc_norm_follow_lm_eval(heft_model: HeftModel) -> None:
     """acc is the argmax of the summed log-probs, acc_norm of that divided by the choice's characters
     (without the leading space); `accuracy` and `correct` follow the headline (acc_norm)."""
     task = get_task("arc_easy")
-    rows = [{"question": q.removeprefix("Question : ").split("\n")[0], "choices": [c.strip() for c in cs], "label": i % len(cs)}
-            for i, (q, cs) in enumerate(QUESTIONS)]
+    rows = [
+        {
+            "question": q.removeprefix("Question : ").split("\n")[0],
+            "choices": [c.strip() for c in cs],
+            "label": i % len(cs),
+        }
+        for i, (q, cs) in enumerate(QUESTIONS)
+    ]
     examples = [task.to_example(r) for r in rows]
     encoded, _ = task.encode(examples, heft_model.tokenizer, 64)
     assert [e.choice_chars for e in encoded] == [[len(c) for c in r["choices"]] for r in rows]
     result = evaluate(heft_model, task, encoded, batch_size=2, progress=False)
-    lls = continuation_logprobs(heft_model, [e.input_ids[: e.prompt_len] for e in encoded], [e.choice_ids for e in encoded])
+    lls = continuation_logprobs(
+        heft_model, [e.input_ids[: e.prompt_len] for e in encoded], [e.choice_ids for e in encoded]
+    )
     by_sum = [max(range(len(s)), key=s.__getitem__) for s in lls]
     by_norm = [max(range(len(s)), key=lambda j: s[j] / e.choice_chars[j]) for s, e in zip(lls, encoded)]
     assert by_sum != by_norm  # the two metrics pick differently somewhere, so swapping them would show
@@ -130,7 +142,11 @@ def test_encode_targets_gold_continuation_and_refuses_too_long(tokenizer) -> Non
     example = task.to_example({"question": "is the cat red", "choices": ["yes", "no the dog is"], "label": 1})
     assert (example.prompt, example.target) == ("Question: is the cat red\nAnswer:", " no the dog is")
     [enc], _ = task.encode([example], tokenizer, 32)
-    assert enc.input_ids[enc.prompt_len :] == enc.choice_ids[1] == tokenizer(" no the dog is", add_special_tokens=False)["input_ids"]
+    assert (
+        enc.input_ids[enc.prompt_len :]
+        == enc.choice_ids[1]
+        == tokenizer(" no the dog is", add_special_tokens=False)["input_ids"]
+    )
     prompt_len = len(tokenizer(example.prompt)["input_ids"])
     task.encode([example], tokenizer, prompt_len + 4)  # the longest choice (4 tokens) just fits
     with pytest.raises(ValueError, match=r"example 0 .*longest choice.*raise max_length"):
@@ -150,7 +166,9 @@ def test_registry_and_real_data() -> None:
         assert tuple(map(len, splits)) == sizes
         assert all(3 <= len(e.choices) <= 5 and e.target == e.choices[e.label] for s in splits for e in s)
     first = get_task("arc_easy").load_split(DataConfig(source=str(SHARED / "arc_easy")), "test")[0]
-    assert first.prompt.startswith("Question: Which statement best explains why photosynthesis") and first.prompt.endswith("\nAnswer:")
+    assert first.prompt.startswith(
+        "Question: Which statement best explains why photosynthesis"
+    ) and first.prompt.endswith("\nAnswer:")
     assert first.target == " Sunlight is the source of energy for nearly all ecosystems."
     assert config_from_dict({"task": "arc_challenge"}).data.eval_split == "test"
     assert config_from_dict({"task": "boolq"}).data.eval_split == "validation"
@@ -164,27 +182,33 @@ def test_heft_data_dir_columns_and_csv(tmp_path: Path, monkeypatch: pytest.Monke
     columns = {"question": "stem", "choices": "options", "label": "answer"}
     got = get_task("arc_easy").load_split(DataConfig(columns=columns), "test")
     assert [(e.prompt, e.choices, e.label) for e in got] == [
-        ("Question: q one\nAnswer:", [" a", " b"], 1), ("Question: q two\nAnswer:", [" c", " d", " e"], 2)]
+        ("Question: q one\nAnswer:", [" a", " b"], 1),
+        ("Question: q two\nAnswer:", [" c", " d", " e"], 2),
+    ]
     assert get_task("arc_easy").describe_source(DataConfig()) == str((tmp_path / "arc_easy").resolve())
     csv = tmp_path / "test.csv"  # CSV holds the list as JSON text, the label as digits
     rows.assign(options=rows["options"].map(lambda c: json.dumps(list(c)))).to_csv(csv, index=False)
-    assert [e.choices for e in get_task("arc_easy").load_split(DataConfig(source=str(csv), columns=columns), "test")] == [
-        e.choices for e in got]
+    assert [
+        e.choices for e in get_task("arc_easy").load_split(DataConfig(source=str(csv), columns=columns), "test")
+    ] == [e.choices for e in got]
 
 
-@pytest.mark.parametrize(("row", "field", "words"), [
-    ({"choices": ["a", "b", "c"], "label": 3}, "label", "outside the 3 choices (0..2)"),
-    ({"choices": ["a", "b"], "label": -1}, "label", "outside"),
-    ({"choices": ["a", "b"], "label": "b"}, "label", "integer index"),
-    ({"choices": ["a", "b"], "label": True}, "label", "integer index"),
-    ({"choices": [], "label": 0}, "choices", "empty choice list"),
-    ({"choices": ["a"], "label": 0}, "choices", "one choice ('a'); a question needs at least two"),
-    ({"choices": ["a", "b"], "label": "²"}, "label", "integer index"),  # a digit to str.isdigit, not to int()
-    ({"choices": "a, b", "label": 0}, "choices", "expected a list of strings, got str"),
-    ({"choices": ["a", 7], "label": 0}, "choices", "choice 1 is int"),
-    ({"choices": ["a", " "], "label": 0}, "choices", "choice 1 is empty"),
-    ({"question": 12, "choices": ["a", "b"], "label": 0}, "question", "expected text, got int"),
-])
+@pytest.mark.parametrize(
+    ("row", "field", "words"),
+    [
+        ({"choices": ["a", "b", "c"], "label": 3}, "label", "outside the 3 choices (0..2)"),
+        ({"choices": ["a", "b"], "label": -1}, "label", "outside"),
+        ({"choices": ["a", "b"], "label": "b"}, "label", "integer index"),
+        ({"choices": ["a", "b"], "label": True}, "label", "integer index"),
+        ({"choices": [], "label": 0}, "choices", "empty choice list"),
+        ({"choices": ["a"], "label": 0}, "choices", "one choice ('a'); a question needs at least two"),
+        ({"choices": ["a", "b"], "label": "²"}, "label", "integer index"),  # a digit to str.isdigit, not to int()
+        ({"choices": "a, b", "label": 0}, "choices", "expected a list of strings, got str"),
+        ({"choices": ["a", 7], "label": 0}, "choices", "choice 1 is int"),
+        ({"choices": ["a", " "], "label": 0}, "choices", "choice 1 is empty"),
+        ({"question": 12, "choices": ["a", "b"], "label": 0}, "question", "expected text, got int"),
+    ],
+)
 def test_bad_rows_name_file_row_and_field(tmp_path: Path, row: dict, field: str, words: str) -> None:
     good = {"question": "is it", "choices": ["a", "b"], "label": 0}
     path = tmp_path / "test.jsonl"
@@ -224,21 +248,38 @@ def write_toy_mc(folder: Path, n_train: int = 24, n_test: int = 12) -> Path:
         for i in range(n):
             words = [WORDS[int(j)] for j in torch.randperm(len(WORDS) - 4, generator=g)[:6] + 4]
             choices = [words[3], f"{words[4]} {words[5]}", words[2]][: 2 + i % 2]
-            rows.append({"question": " ".join(words[:3]), "choices": choices, "label": len(choices) - 1 if i % 2 else 0})
+            rows.append(
+                {"question": " ".join(words[:3]), "choices": choices, "label": len(choices) - 1 if i % 2 else 0}
+            )
         pd.DataFrame(rows).to_parquet(folder / f"{split}.parquet")
     return folder
 
 
 def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     shipped = load_config(REPO / "configs" / "arc_easy_heft.yaml")
-    assert (shipped.task, shipped.data.eval_split, [s.method for s in shipped.stages]) == ("arc_easy", "test", ["lora", "loreft"])
+    assert (shipped.task, shipped.data.eval_split, [s.method for s in shipped.stages]) == (
+        "arc_easy",
+        "test",
+        ["lora", "loreft"],
+    )
     data = write_toy_mc(tmp_path / "data")
     config = tmp_path / "toy.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(tiny_model_dir), "task": "openbookqa", "data": {"source": str(data)}, "max_length": 32,
-        "batch_size": 8, "eval_batch_size": 4, "stages": [
-            {"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
-            {"method": "loreft", "epochs": 1, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1"}}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "task": "openbookqa",
+                "data": {"source": str(data)},
+                "max_length": 32,
+                "batch_size": 8,
+                "eval_batch_size": 4,
+                "stages": [
+                    {"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
+                    {"method": "loreft", "epochs": 1, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1"}},
+                ],
+            }
+        )
+    )
     run = tmp_path / "run"
     assert main(["train", str(config), "--output-dir", str(run), "-q"]) == 0
     results = json.loads((run / "results.json").read_text())
@@ -253,7 +294,10 @@ def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["prediction"] in {"yes", "no the dog"} and 0.5 <= answer["probability"] <= 1
     queries = tmp_path / "q.jsonl"
-    queries.write_text('{"question": "a cat", "choices": ["red", "blue", "one two"]}\n{"question": "b", "choices": ["x", "y"], "label": 1}\n')
+    queries.write_text(
+        '{"question": "a cat", "choices": ["red", "blue", "one two"]}\n'
+        '{"question": "b", "choices": ["x", "y"], "label": 1}\n'
+    )
     assert main(["predict", str(run), "--input", str(queries), "--output", str(tmp_path / "p.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert rows[0]["prediction"] in {"red", "blue", "one two"} and rows[1]["prediction"] in {"x", "y"}
@@ -264,9 +308,12 @@ def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir
     assert main(["predict", str(run), "--question", "one choice", "--choices", "yes"]) == 2
     assert "at least two" in capsys.readouterr().err
     good = '{"question": "a cat", "choices": ["red", "blue"]}\n'
-    for bad, message in [("{bad\n", "line 3: invalid JSON"), ('{"question": "q", "choices": "red"}\n', "line 3: field 'choices': expected a list"),
-                         ('{"choices": ["a", "b"]}\n', "line 3: field 'question': a row to predict lacks ['question']"),
-                         ("[1, 2]\n", "line 3: expected a JSON object")]:
+    for bad, message in [
+        ("{bad\n", "line 3: invalid JSON"),
+        ('{"question": "q", "choices": "red"}\n', "line 3: field 'choices': expected a list"),
+        ('{"choices": ["a", "b"]}\n', "line 3: field 'question': a row to predict lacks ['question']"),
+        ("[1, 2]\n", "line 3: expected a JSON object"),
+    ]:
         queries.write_text(good + "\n" + bad)
         assert main(["predict", str(run), "--input", str(queries)]) == 2
         assert f"{queries}: {message}" in " ".join(capsys.readouterr().err.split()), bad
@@ -278,8 +325,10 @@ def test_scores_do_not_depend_on_batching() -> None:
     """Padding questions of different lengths and choice counts together changes no score."""
     model = make_heft("qwen2")
     task = get_task("arc_easy")
-    rows = [{"question": q.removeprefix("Question : ").split("\n")[0], "choices": [c.strip() for c in cs], "label": 0}
-            for q, cs in QUESTIONS]
+    rows = [
+        {"question": q.removeprefix("Question : ").split("\n")[0], "choices": [c.strip() for c in cs], "label": 0}
+        for q, cs in QUESTIONS
+    ]
     encoded, _ = task.encode([task.to_example(r) for r in rows], model.tokenizer, 64)
     one = predict(model, task, encoded, batch_size=1, progress=False)
     three = predict(model, task, encoded, batch_size=3, progress=False)
@@ -296,16 +345,29 @@ def test_reproduce_configs_run_the_boolq_arms_on_the_full_task(name: str) -> Non
     assert list(plan.configs) == list(boolq.configs) and plan.seeds == [1, 2]
     for arm, by_seed in plan.configs.items():
         cfg = by_seed[1]
-        assert (cfg.task, cfg.data.eval_split, cfg.max_train_examples, cfg.max_eval_examples) == (name, "test", None, None)
+        assert (cfg.task, cfg.data.eval_split, cfg.max_train_examples, cfg.max_eval_examples) == (
+            name,
+            "test",
+            None,
+            None,
+        )
         assert [(s.method, s.epochs, s.lr, s.reft.init) for s in cfg.stages] == [
-            (s.method, s.epochs, s.lr, s.reft.init) for s in boolq.configs[arm][1].stages]
-    assert load_plan(REPO / "configs" / f"reproduce_{name}.yaml", ["preset=smoke"]).configs["lora-20"][1].max_train_examples == 16
+            (s.method, s.epochs, s.lr, s.reft.init) for s in boolq.configs[arm][1].stages
+        ]
+    assert (
+        load_plan(REPO / "configs" / f"reproduce_{name}.yaml", ["preset=smoke"])
+        .configs["lora-20"][1]
+        .max_train_examples
+        == 16
+    )
 
 
 def test_evaluation_tokens_count_prompts_once_and_every_continuation() -> None:
     from heft.evaluate import scored_tokens
     from heft.tasks import EncodedExample
 
-    mc = EncodedExample(input_ids=[5, 6, 7, 8], prompt_len=3, label=0, truncated=False, choice_ids=[[8], [9, 10], [11, 12, 13]])
+    mc = EncodedExample(
+        input_ids=[5, 6, 7, 8], prompt_len=3, label=0, truncated=False, choice_ids=[[8], [9, 10], [11, 12, 13]]
+    )
     single = EncodedExample(input_ids=[5, 6, 7], prompt_len=2, label=1, truncated=False)
     assert scored_tokens([mc]) == 3 + 1 + 2 + 3 and scored_tokens([single]) == 2 and scored_tokens([mc, single]) == 11

@@ -14,22 +14,27 @@ import torch
 from accelerate import Accelerator
 from torch.nn.utils.parametrizations import orthogonal
 
+import heft.pipeline
+from conftest import make_heft
 from heft.config import RunConfig, StageConfig
 from heft.io import RunFolderError, load_run, save_run, sha256_file
 from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
-import heft.pipeline
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample
 from heft.train import Progress, collate, mean_loss, train_stage
 
-from conftest import make_heft
-
 LORA = StageConfig(method="lora", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
 LOREFT = StageConfig(method="loreft", epochs=5, lr=2e-2, reft=ReftConfig(rank=2, positions="f1+l1"))
 DIREFT = StageConfig(method="direft", epochs=5, lr=2e-2, reft=ReftConfig(rank=2, positions="l1"))
-JOINT = StageConfig(method="joint", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="l1"))
+JOINT = StageConfig(
+    method="joint",
+    epochs=5,
+    lr=2e-2,
+    lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+    reft=ReftConfig(rank=2, positions="l1"),
+)
 
 
 def toy_data(n: int = 32, seed: int = 0) -> list[EncodedExample]:
@@ -57,11 +62,22 @@ def loss_on(model: HeftModel, data: list[EncodedExample]) -> float:
 def train(model: HeftModel, stage: StageConfig, data: list[EncodedExample], seed: int = 0) -> None:
     cfg = RunConfig(batch_size=8, seed=seed, stages=[stage])
     model.add_stage(stage, seed=seed)
-    train_stage(model, stage, data, cfg, Accelerator(), Progress(stage=len(model.stages) - 1), lambda *a: None, show_progress=False)
+    train_stage(
+        model,
+        stage,
+        data,
+        cfg,
+        Accelerator(),
+        Progress(stage=len(model.stages) - 1),
+        lambda *a: None,
+        show_progress=False,
+    )
     model.finish_stage()
 
 
-@pytest.mark.parametrize("stages", [[LORA], [LOREFT], [DIREFT], [LORA, LOREFT], [JOINT]], ids=["lora", "loreft", "direft", "heft", "joint"])
+@pytest.mark.parametrize(
+    "stages", [[LORA], [LOREFT], [DIREFT], [LORA, LOREFT], [JOINT]], ids=["lora", "loreft", "direft", "heft", "joint"]
+)
 def test_every_arm_lowers_training_loss(stages):
     model, data = make_heft("llama"), toy_data()
     before = loss_on(model, data)
@@ -122,7 +138,9 @@ def test_random_init_stage_perturbs_the_trained_model(heft_model):
     train(heft_model, LORA, data)
     batch = batch_of(data)
     trained = logits_of(heft_model, batch)
-    heft_model.add_stage(StageConfig(method="loreft", reft=ReftConfig(rank=2, positions="f1+l1", init="random")), seed=1)
+    heft_model.add_stage(
+        StageConfig(method="loreft", reft=ReftConfig(rank=2, positions="f1+l1", init="random")), seed=1
+    )
     assert (logits_of(heft_model, batch) - trained).abs().max() > 1e-3
 
 
@@ -130,7 +148,16 @@ def test_lora_merge_keeps_logits_and_later_stages_leave_it_frozen():
     model, data = make_heft("llama"), toy_data()
     batch = batch_of(data)
     model.add_stage(LORA, seed=0)
-    train_stage(model, LORA, data, RunConfig(batch_size=8, stages=[LORA]), Accelerator(), Progress(), lambda *a: None, show_progress=False)
+    train_stage(
+        model,
+        LORA,
+        data,
+        RunConfig(batch_size=8, stages=[LORA]),
+        Accelerator(),
+        Progress(),
+        lambda *a: None,
+        show_progress=False,
+    )
     model.eval()
     with torch.no_grad():
         before_merge = model(**batch).hidden_states
@@ -150,7 +177,16 @@ def test_dora_and_layers_to_transform_through_peft():
     adapted = {name.split(".lora_")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert adapted and all(".layers.1." in name for name in adapted), adapted
     assert any("lora_magnitude_vector" in name for name, _ in model.named_parameters())
-    train_stage(model, dora, data, RunConfig(batch_size=8, stages=[dora]), Accelerator(), Progress(), lambda *a: None, show_progress=False)
+    train_stage(
+        model,
+        dora,
+        data,
+        RunConfig(batch_size=8, stages=[dora]),
+        Accelerator(),
+        Progress(),
+        lambda *a: None,
+        show_progress=False,
+    )
     batch = batch_of(data)
     model.eval()
     with torch.no_grad():
@@ -168,7 +204,11 @@ def test_all_linear_with_layers_to_transform_after_an_unmerged_adapter():
     model.add_stage(StageConfig(method="lora", lora=LoraConfig(r=4, layers_to_transform=[1])), seed=1)
     in_layers = lambda name: name[name.index("layers.") :]  # noqa: E731
     adapted = {in_layers(name.split(".lora_")[0]) for name, p in model.named_parameters() if p.requires_grad}
-    linear = {in_layers(name) for name, m in make_heft("llama").model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers.1." in name}
+    linear = {
+        in_layers(name)
+        for name, m in make_heft("llama").model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers.1." in name
+    }
     assert adapted == linear and len(linear) == 7, adapted
 
 
@@ -308,7 +348,7 @@ def test_reft_file_holds_only_r_w_and_b_and_old_format_still_loads(tmp_path, tin
     trainable_bytes = model.stages[1].trainable_params * 4  # float32
     assert file.stat().st_size <= 1.1 * trainable_bytes + _header_bytes(file)
     with safetensors.safe_open(file, "pt") as saved:
-        assert {key.split(".", 2)[2] for key in saved.keys()} == {"rotate.weight", "source.weight", "source.bias"}
+        assert {key.split(".", 2)[2] for key in saved.keys()}  # noqa: SIM118 (safe_open is not iterable) == {"rotate.weight", "source.weight", "source.bias"}
     batch = batch_of(toy_data(8, seed=1))
     with torch.no_grad():
         reference = model.lm_head(model(**batch).hidden_states)
@@ -339,7 +379,11 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     """Checkpointed layers (LoRA inside them, ReFT hooks outside) give the same loss and gradients,
     dropout included: the recompute replays the same masks."""
     data = toy_data(16)
-    joint = StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.1), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.1))
+    joint = StageConfig(
+        method="joint",
+        lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+        reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.1),
+    )
     grads = []
     for checkpointing in (False, True):
         model = make_heft()
@@ -359,7 +403,9 @@ def test_activation_checkpointing_keeps_loss_and_gradients():
     assert layers and all(m.gradient_checkpointing for m in layers)
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on the CPU needs a C++ compiler"
+)
 def test_compiled_layers_keep_loss_gradients_and_state_dict():
     """torch.compile of the decoder layers (LoRA inside, ReFT hooks outside, activation checkpointing
     traced inside) computes the eager loss and gradients without dropout, also across sequence
@@ -368,7 +414,11 @@ def test_compiled_layers_keep_loss_gradients_and_state_dict():
     from torch._dynamo.utils import counters
 
     data = toy_data(16)
-    joint = StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0))
+    joint = StageConfig(
+        method="joint",
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0),
+    )
     results = []
     for mode, checkpointing in ((None, False), ("default", False), ("default", True)):
         model = make_heft()
@@ -389,7 +439,9 @@ def test_compiled_layers_keep_loss_gradients_and_state_dict():
                 loss = model(**batch).loss
                 loss.backward()
                 losses.append(loss.detach())
-        results.append((torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
         assert list(model.state_dict()) == keys
         assert all("forward" not in vars(layer) for layer in model._layers)
         if mode is not None:
@@ -406,9 +458,18 @@ def test_short_cpu_sequences_use_the_math_attention_kernel(monkeypatch):
     """Up to SHORT_CPU_SEQUENCE positions, training on the CPU runs SDPA's math kernel (faster
     there, as accurate); longer sequences and scoring keep the default choice. The loss is the same."""
     model = make_heft()
-    model.add_stage(StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0)), seed=0)
+    model.add_stage(
+        StageConfig(
+            method="joint",
+            lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+            reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.0),
+        ),
+        seed=0,
+    )
     flash_allowed = []
-    model._layers[0].self_attn.register_forward_pre_hook(lambda module, args: flash_allowed.append(torch.backends.cuda.flash_sdp_enabled()))
+    model._layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: flash_allowed.append(torch.backends.cuda.flash_sdp_enabled())
+    )
     generator = torch.Generator().manual_seed(0)
     losses = []
     for width in (20, heft.pipeline.SHORT_CPU_SEQUENCE + 1):
@@ -418,7 +479,9 @@ def test_short_cpu_sequences_use_the_math_attention_kernel(monkeypatch):
     with torch.no_grad():  # scoring: flash stays faster without a backward
         model(ids[:, :20])
     assert flash_allowed == [False, True, True]
-    assert isinstance(heft.pipeline.attention_kernel(torch.device("cpu"), 20, keep_default=True), contextlib.nullcontext)
+    assert isinstance(
+        heft.pipeline.attention_kernel(torch.device("cpu"), 20, keep_default=True), contextlib.nullcontext
+    )
     monkeypatch.setattr(heft.pipeline, "SHORT_CPU_SEQUENCE", 0)
     ids = torch.randint(7, 40, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model(ids, labels=ids.masked_fill(torch.arange(20) < 17, -100)).loss, losses[0], atol=1e-5)

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from heft.methods.reft import DiReFT, LoReFT, ReftConfig, ReftModel, intervention_positions, parse_layers, parse_positions
+from heft.methods.reft import (
+    DiReFT,
+    LoReFT,
+    ReftConfig,
+    ReftModel,
+    intervention_positions,
+    parse_layers,
+    parse_positions,
+)
 from heft.methods.reft.layer import LEGACY_BASE, RAW_R
 
 
@@ -71,7 +79,9 @@ def test_rotation_state_is_r_by_d_and_round_trips():
     assert max(t.numel() for t in tensors) <= r * d
     state = module.state_dict()
     assert set(state) == {"rotate.weight", "source.weight", "source.bias"}
-    assert torch.equal(state["rotate.weight"], module.R) and torch.allclose(module.R @ module.R.T, torch.eye(r), atol=1e-6)
+    assert torch.equal(state["rotate.weight"], module.R) and torch.allclose(
+        module.R @ module.R.T, torch.eye(r), atol=1e-6
+    )
 
     trainable = LoReFT(d, r)
     trainable.load_state_dict(state)
@@ -92,9 +102,13 @@ def test_interventions_saved_by_the_old_parametrization_still_load():
     d, r = 48, 4
     old = orthogonal(nn.Linear(d, r, bias=False))
     with torch.no_grad():
-        old.parametrizations.weight.original.add_(0.1 * torch.randn(r, d).triu(1))  # the reflectors, as training moves them
+        old.parametrizations.weight.original.add_(
+            0.1 * torch.randn(r, d).triu(1)
+        )  # the reflectors, as training moves them
     source = nn.Linear(d, r)
-    state = {f"rotate.{k}": v for k, v in old.state_dict().items()} | {f"source.{k}": v for k, v in source.state_dict().items()}
+    state = {f"rotate.{k}": v for k, v in old.state_dict().items()} | {
+        f"source.{k}": v for k, v in source.state_dict().items()
+    }
     assert LEGACY_BASE in state and state[LEGACY_BASE].shape == (d, d)
     h = torch.randn(5, d)
     expected = (source(h) - h @ old.weight.T) @ old.weight
@@ -146,7 +160,17 @@ def test_parse_positions_and_layers():
     assert parse_positions("f7+l7") == (7, 7)
     assert parse_positions("l1") == (0, 1)
     assert parse_positions("f3") == (3, 0)
-    for bad in ["", "x1", "f1+", "l1+f1", "+l1", "f7l7", "f0", "f0+l1", "l01"]:  # one syntax for config and interventions
+    for bad in [
+        "",
+        "x1",
+        "f1+",
+        "l1+f1",
+        "+l1",
+        "f7l7",
+        "f0",
+        "f0+l1",
+        "l01",
+    ]:  # one syntax for config and interventions
         with pytest.raises(ValueError):
             parse_positions(bad)
     assert parse_layers("all", 4) == [0, 1, 2, 3]
@@ -173,7 +197,7 @@ def test_positions_by_hand(side):
     for row, n in enumerate(lengths):
         start = width - n if side == "left" else 0
         expected = [start, start + 1, start + n - 2, start + n - 1]
-        expected_valid = [0 < n, 1 < n, n - 2 >= 0, n - 1 >= 0]
+        expected_valid = [n > 0, n > 1, n - 2 >= 0, n - 1 >= 0]
         got = [int(i) for i, v in zip(index[row], valid[row]) if v]
         assert got == [e for e, v in zip(expected, expected_valid) if v]
 
@@ -181,7 +205,11 @@ def test_positions_by_hand(side):
 @pytest.mark.parametrize("share", [False, True])
 def test_edit_touches_only_prompt_positions(share):
     torch.manual_seed(0)
-    reft = ReftModel(ReftConfig(rank=2, layers="all", positions="f1+l2", share_weights=share, init="random"), hidden_size=8, num_layers=1)
+    reft = ReftModel(
+        ReftConfig(rank=2, layers="all", positions="f1+l2", share_weights=share, init="random"),
+        hidden_size=8,
+        num_layers=1,
+    )
     hidden = torch.randn(2, 7, 8)
     for side in ["left", "right"]:
         mask = _masks([5, 2], 7, side)

@@ -13,23 +13,38 @@ import yaml
 
 import heft.reproduce.run as reproduce_module
 import heft.train as train_module
-from heft.io import RunFolderBusy, load_run, run_folder_lock
-from heft.train import run_training
+from conftest import SHARED_DATA
 from heft.config import ConfigError
+from heft.io import RunFolderBusy, load_run, run_folder_lock
 from heft.reproduce import load_plan, reproduce
 from heft.reproduce.report import milestones, render_report
-from heft.reproduce.summary import _mean_curve
 from heft.reproduce.run import plan_jobs
-
-from conftest import SHARED_DATA
+from heft.reproduce.summary import _mean_curve
+from heft.train import run_training
 from test_train import write_toy_boolq
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reproduce_boolq.yaml"
 ARMS = ["lora-20", "loreft-20", "heft-2+1", "lora-3", "loreft-3", "joint-3", "heft-1+2", "heft-2+1-identity"]
-EPOCHS = {"lora-20": [20], "loreft-20": [20], "heft-2+1": [2, 1], "lora-3": [3], "loreft-3": [3], "joint-3": [3],
-          "heft-1+2": [1, 2], "heft-2+1-identity": [2, 1]}
-SMOKE_EPOCHS = {"lora-20": [2], "loreft-20": [2], "heft-2+1": [1, 1], "lora-3": [1], "loreft-3": [1], "joint-3": [1],
-                "heft-1+2": [1, 1], "heft-2+1-identity": [1, 1]}
+EPOCHS = {
+    "lora-20": [20],
+    "loreft-20": [20],
+    "heft-2+1": [2, 1],
+    "lora-3": [3],
+    "loreft-3": [3],
+    "joint-3": [3],
+    "heft-1+2": [1, 2],
+    "heft-2+1-identity": [2, 1],
+}
+SMOKE_EPOCHS = {
+    "lora-20": [2],
+    "loreft-20": [2],
+    "heft-2+1": [1, 1],
+    "lora-3": [1],
+    "loreft-3": [1],
+    "joint-3": [1],
+    "heft-1+2": [1, 1],
+    "heft-2+1-identity": [1, 1],
+}
 
 
 def epochs_of(plan, arm: str) -> list[float]:
@@ -50,9 +65,14 @@ def test_real_config_defines_every_arm_for_every_preset(preset):
     assert plan.configs["heft-2+1-identity"][plan.seeds[0]].stages[1].reft.init == "identity"
     if preset != "smoke":  # the two HEFT 2+1 arms share their LoRA stage
         assert plan.prefixes["heft-2+1"] is plan.prefixes["heft-2+1-identity"] and set(plan.prefixes) == {
-            "heft-2+1", "heft-2+1-identity"}
-    shared = {(c.model, c.max_length, c.max_train_examples, c.max_eval_examples, c.data.source, c.bf16)
-              for by_seed in plan.configs.values() for c in by_seed.values()}
+            "heft-2+1",
+            "heft-2+1-identity",
+        }
+    shared = {
+        (c.model, c.max_length, c.max_train_examples, c.max_eval_examples, c.data.source, c.bf16)
+        for by_seed in plan.configs.values()
+        for c in by_seed.values()
+    }
     assert len(shared) == 1, "every arm must share model, data, subsample and max length"
     zero_shot = [arm for arm in ARMS if plan.configs[arm][plan.seeds[0]].eval_zero_shot]
     assert zero_shot == ["lora-20"]
@@ -63,8 +83,16 @@ def test_real_config_defines_every_arm_for_every_preset(preset):
 
 
 def test_overrides_win_over_the_preset_and_errors_are_one_line():
-    plan = load_plan(CONFIG, ["preset=full", "seeds=[4]", "base.max_length=64", "arms.lora-3.stages.0.lr=1e-4",
-                              "arms_only=[lora-3, heft-2+1]"])
+    plan = load_plan(
+        CONFIG,
+        [
+            "preset=full",
+            "seeds=[4]",
+            "base.max_length=64",
+            "arms.lora-3.stages.0.lr=1e-4",
+            "arms_only=[lora-3, heft-2+1]",
+        ],
+    )
     assert plan.seeds == [4] and plan.configs["lora-3"][4].max_length == 64
     assert plan.configs["lora-3"][4].stages[0].lr == 1e-4 and plan.configs["lora-20"][4].stages[0].lr == 3e-4
     assert plan.selected == ["heft-2+1", "lora-3"]  # in the file's order
@@ -93,8 +121,13 @@ def tiny_reproduce_file(tmp_path: Path, model_dir: Path) -> Path:
         "preset": "tiny",
         "output_dir": str(tmp_path / "out-{preset}"),
         "seeds": [1],
-        "base": {"model": str(model_dir), "data": {"source": str(write_toy_boolq(tmp_path / "data"))},
-                 "max_length": 32, "batch_size": 8, "eval_batch_size": 8},
+        "base": {
+            "model": str(model_dir),
+            "data": {"source": str(write_toy_boolq(tmp_path / "data"))},
+            "max_length": 32,
+            "batch_size": 8,
+            "eval_batch_size": 8,
+        },
         "presets": {"tiny": {"epochs": {"lora-20": [2], "loreft-20": [1], "joint-3": [1]}}},
         "arms": {
             "lora-20": {"stages": [lora]},
@@ -110,8 +143,11 @@ def tiny_reproduce_file(tmp_path: Path, model_dir: Path) -> Path:
 
 def read_metrics(run_dir: Path) -> list[tuple]:
     """(stage index, epoch) of the evaluations after epochs and of zero-shot."""
-    return [(m["stage_index"], m["epoch"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if m["kind"] == "eval"]
+    return [
+        (m["stage_index"], m["epoch"])
+        for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if m["kind"] == "eval"
+    ]
 
 
 def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_dir, monkeypatch):
@@ -126,7 +162,9 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     results = json.loads((out / "heft-2+1" / "seed-1" / "results.json").read_text())
     assert sum(c["epoch_train_tokens"] for c in run["curve"]) == run["train_tokens"] == results["train_tokens"] > 0
     assert run["optimizer_steps"] == 6 * 3 and run["eval_tokens"] == results["eval_tokens"]
-    assert [p["trainable_params"] for p in run["trainable_params"]] == [s["trainable_params"] for s in results["stages"]]
+    assert [p["trainable_params"] for p in run["trainable_params"]] == [
+        s["trainable_params"] for s in results["stages"]
+    ]
     assert run["final_accuracy"] == run["curve"][-1]["accuracy"] == results["final_accuracy"]
     assert run["best_accuracy"] == max(c["accuracy"] for c in run["curve"])
     assert [len(a["curve"]) for a in summary["arms"].values()] == [2, 1, 3, 1]
@@ -162,21 +200,39 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     for c in summary["comparisons"]:  # each row from the per-example records, recounted here
         a, b = (summary["arms"][x]["seeds"]["1"]["final_correct"] for x in (c["a"], c["b"]))
         a_only, b_only = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
-        assert any(r.startswith(f"| {c['a']} | {c['b']} | {100 * (a_only - b_only) / len(a):+.2f} | ")
-                   and f"| {a_only} / {b_only} |" in r for r in rows), c
+        assert any(
+            r.startswith(f"| {c['a']} | {c['b']} | {100 * (a_only - b_only) / len(a):+.2f} | ")
+            and f"| {a_only} / {b_only} |" in r
+            for r in rows
+        ), c
     for arm in ("heft-2+1", "joint-3"):  # the 3-epoch arms: one seed, so no ± in the equal-budget table
         final = summary["arms"][arm]["seeds"]["1"]["final_accuracy"]
         assert any(r.startswith(f"| {arm} | ") and f" | {100 * final:.2f} | " in r for r in rows), arm
-    for text in ("85.17", "85.05", "83.36", "Equal budget", "heft-2+1", "Paired comparisons", "McNemar",
-                 "What the last stage adds", "heft-2+1 − its lora stage",
-                 "Stage boundaries", "majority class", f"trained on {summary['trained_on'][0]}",
-                 f"| {summary['trained_on'][0]} |"):
+    for text in (
+        "85.17",
+        "85.05",
+        "83.36",
+        "Equal budget",
+        "heft-2+1",
+        "Paired comparisons",
+        "McNemar",
+        "What the last stage adds",
+        "heft-2+1 − its lora stage",
+        "Stage boundaries",
+        "majority class",
+        f"trained on {summary['trained_on'][0]}",
+        f"| {summary['trained_on'][0]} |",
+    ):
         assert text in report
     for name in ("accuracy_vs_epoch.png", "accuracy_vs_tokens.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # on another task the paper's numbers are named as BoolQ's, not as this task's
     elsewhere = render_report({**summary, "task": "arc_easy"})
-    assert "9,427" not in elsewhere and "reports BoolQ only" in elsewhere and "BoolQ margin of HEFT over loreft-20" in elsewhere
+    assert (
+        "9,427" not in elsewhere
+        and "reports BoolQ only" in elsewhere
+        and "BoolQ margin of HEFT over loreft-20" in elsewhere
+    )
     assert "9,427" in report and "BoolQ margin" not in report
 
     def no_training(*args, **kwargs):
@@ -227,7 +283,10 @@ def test_branched_arm_equals_the_same_arm_trained_from_scratch(tmp_path, tiny_mo
         assert branched[key] == scratch[key], key
 
     def lines(run: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(t).items() if k != "elapsed_s"} for t in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(t).items() if k != "elapsed_s"}
+            for t in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert lines(out.parent) == lines(tmp_path / "scratch")
     a, b = load_run(out.parent), load_run(tmp_path / "scratch")
@@ -245,7 +304,10 @@ def test_branching_replaces_an_attempt_that_left_no_checkpoint(tmp_path):
     (arm / "config.yaml").write_text("stale")
     (arm / ".heft.lock").write_text("")
     reproduce_module.branch(prefix, arm)
-    assert {p.name: p.read_text() for p in arm.iterdir()} == {"manifest.json": "manifest.json", "metrics.jsonl": "metrics.jsonl"}
+    assert {p.name: p.read_text() for p in arm.iterdir()} == {
+        "manifest.json": "manifest.json",
+        "metrics.jsonl": "metrics.jsonl",
+    }
 
 
 def test_report_only_trains_nothing_and_names_what_is_missing(tmp_path, tiny_model_dir, monkeypatch):
@@ -282,13 +344,16 @@ def test_a_finished_run_is_reused_whatever_its_eval_every(tmp_path, tiny_model_d
     assert again["arms"]["lora-20"] == first["arms"]["lora-20"], "when to evaluate does not change training"
 
 
-@pytest.mark.parametrize("evaluated, columns", [
-    (list(range(1, 21)), [3, 5, 10, 20]),  # every epoch: the paper's HEFT budget, then milestones
-    ([4, 8, 12, 16, 20], [4, 8, 12, 16, 20]),  # eval_every=4: what was evaluated
-    ([1, 2], [1, 2]),
-    (list(range(2, 21, 2)), [4, 8, 12, 16, 20]),  # ten evaluations thinned to at most six
-    ([], []),
-])
+@pytest.mark.parametrize(
+    "evaluated, columns",
+    [
+        (list(range(1, 21)), [3, 5, 10, 20]),  # every epoch: the paper's HEFT budget, then milestones
+        ([4, 8, 12, 16, 20], [4, 8, 12, 16, 20]),  # eval_every=4: what was evaluated
+        ([1, 2], [1, 2]),
+        (list(range(2, 21, 2)), [4, 8, 12, 16, 20]),  # ten evaluations thinned to at most six
+        ([], []),
+    ],
+)
 def test_longer_arms_table_shows_epochs_that_were_evaluated(evaluated, columns):
     assert milestones(evaluated) == columns
 
@@ -334,7 +399,11 @@ def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path, tiny_model_d
     plan = load_plan(path, overrides)
     # lora-20 (2 epochs here) and heft-2+1 share their first stage: one job per seed trains both
     assert sorted((seed, sorted(arms)) for seed, arms in plan_jobs(plan)) == [
-        (1, ["heft-2+1", "lora-20"]), (1, ["loreft-20"]), (2, ["heft-2+1", "lora-20"]), (2, ["loreft-20"])]
+        (1, ["heft-2+1", "lora-20"]),
+        (1, ["loreft-20"]),
+        (2, ["heft-2+1", "lora-20"]),
+        (2, ["loreft-20"]),
+    ]
     sequential = reproduce(str(path), overrides, output_dir=str(tmp_path / "one"), show_progress=False)
     parallel = reproduce(str(path), overrides, output_dir=str(tmp_path / "two"), show_progress=False, jobs=2)
     assert not parallel["missing"] and parallel["arms"].keys() == sequential["arms"].keys()

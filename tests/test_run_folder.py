@@ -25,12 +25,14 @@ from heft.io import LOCK_PID, RunFolderBusy, SaveError, load_run, read_trainer_s
 from heft.models import load_model
 from heft.pipeline import HeftModel
 from heft.reproduce import reproduce
-
 from test_pipeline import LORA, LOREFT, batch_of, toy_data, train
 from test_reproduce import CONFIG
 from test_train import EXPECTED_LINES, line_keys, toy_config, write_toy_boolq
 
-HOLD = "import sys, time\nfrom heft.io import run_folder_lock\nwith run_folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+HOLD = (
+    "import sys, time\nfrom heft.io import run_folder_lock\nwith run_folder_lock(sys.argv[1]):\n"
+    "    print('held', flush=True)\n    time.sleep(600)\n"
+)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -98,7 +100,7 @@ class DiskFull:
                 raise fault.error()
 
         def open_(path, mode="r", *args, **kwargs):
-            handle = open(path, mode, *args, **kwargs)
+            handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 (returned to the caller)
             return HalfWritten(handle) if "w" in mode and fault.due() else handle
 
         def replace(src, dst) -> None:
@@ -143,12 +145,14 @@ def test_a_save_failing_at_any_write_leaves_the_previous_checkpoint(tmp_path, ti
     previous, folders, state = logits(load_run(run)), sorted((run / "weights").iterdir()), read_trainer_state(run)
     for file in (run / "weights").rglob("*.safetensors"):  # weights and optimizer state: no d × d tensor
         with safetensors.safe_open(file, "pt") as saved:
-            assert all(saved.get_slice(key).get_shape() != [32, 32] for key in saved.keys()), file
+            assert all(saved.get_slice(key).get_shape() != [32, 32] for key in saved.keys()), file  # noqa: SIM118
     step()
     probe = DiskFull(None)
     with probe.active():
         save_run(model, tmp_path / "probe", 0, 2, optimizer, {"progress": {"epoch": 2}})
-    assert probe.count >= 9  # adapter config + tensors, interventions + config, optimizer, trainer state, renames, manifest
+    assert (
+        probe.count >= 9
+    )  # adapter config + tensors, interventions + config, optimizer, trainer state, renames, manifest
     for n in range(1, probe.count + 1):
         with DiskFull(n).active(), pytest.raises(SaveError) as failure:
             save_run(model, run, 0, 2, optimizer, {"progress": {"epoch": 2}})

@@ -37,8 +37,8 @@ def test_difference_counts_and_interval_match_a_direct_bootstrap():
 
 
 def test_seeds_are_pooled_and_resampled_within_each_seed():
-    s1a, s1b = "1" * 60 + "0" * 40, "1" * 50 + "0" * 50   # +10 points on seed 1
-    s2a, s2b = "1" * 30 + "0" * 20, "1" * 30 + "0" * 20   # 0 points on seed 2 (half the examples)
+    s1a, s1b = "1" * 60 + "0" * 40, "1" * 50 + "0" * 50  # +10 points on seed 1
+    s2a, s2b = "1" * 30 + "0" * 20, "1" * 30 + "0" * 20  # 0 points on seed 2 (half the examples)
     result = paired_comparison([s1a, s2a], [s1b, s2b])
     assert result.per_seed == pytest.approx([0.10, 0.0])
     assert result.difference == pytest.approx(10 / 150)

@@ -131,24 +131,18 @@ def test_subsample_small_and_odd_proportions() -> None:
 
 
 @pytest.mark.parametrize("name", ["validation.jsonl", "validation.csv", "validation.json"])
-def test_formats_with_mapped_columns_match_parquet(
-    task: Task, frame: pd.DataFrame, tmp_path: Path, name: str
-) -> None:
+def test_formats_with_mapped_columns_match_parquet(task: Task, frame: pd.DataFrame, tmp_path: Path, name: str) -> None:
     frame.to_parquet(tmp_path / "ref.parquet")
     ref = task.load_split(DataConfig(source=str(tmp_path / "ref.parquet")), "validation")
     folder = tmp_path / "mapped"
     folder.mkdir()
     write(frame, folder / name)
     got = task.load_split(DataConfig(source=str(folder), columns=MAPPED), "validation")
-    assert [(e.prompt, e.target, e.label) for e in got] == [
-        (e.prompt, e.target, e.label) for e in ref
-    ]
+    assert [(e.prompt, e.target, e.label) for e in got] == [(e.prompt, e.target, e.label) for e in ref]
     assert got[0].fields["passage"] == frame.loc[0, "passage"]
 
 
-def test_json_lines_with_json_name_and_hub_shards(
-    task: Task, frame: pd.DataFrame, tmp_path: Path
-) -> None:
+def test_json_lines_with_json_name_and_hub_shards(task: Task, frame: pd.DataFrame, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     frame.head(5).to_parquet(tmp_path / "data" / "train-00000-of-00002.parquet")
     frame.tail(7).to_parquet(tmp_path / "data" / "train-00001-of-00002.parquet")
@@ -385,10 +379,7 @@ def test_encode_and_truncate(task: Task, tok) -> None:
         make_example(task, "The sea.", "is the sea old", False),
     ]
     max_length = 60
-    full = [
-        tok(e.prompt)["input_ids"] + tok(e.target, add_special_tokens=False)["input_ids"]
-        for e in examples
-    ]
+    full = [tok(e.prompt)["input_ids"] + tok(e.target, add_special_tokens=False)["input_ids"] for e in examples]
     expected_truncated = [len(ids) > max_length for ids in full]
     assert expected_truncated == [False, True, True, False]
 
@@ -452,9 +443,14 @@ def llama2_style_tok():
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
     backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # while training: no merges across words
-    corpus = ["Persian is spoken in Iran.\nQuestion: is persian spoken in iran?\nAnswer: yes",
-              "The sea.\nQuestion: is the sea old?\nAnswer: no", "Question: what is red?\nAnswer: the old town"] * 20
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"], show_progress=False))
+    corpus = [
+        "Persian is spoken in Iran.\nQuestion: is persian spoken in iran?\nAnswer: yes",
+        "The sea.\nQuestion: is the sea old?\nAnswer: no",
+        "Question: what is red?\nAnswer: the old town",
+    ] * 20
+    backend.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"], show_progress=False)
+    )
     backend.pre_tokenizer = None
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
@@ -466,8 +462,10 @@ def test_answers_tokenise_as_they_follow_the_prompt(task: Task, llama2_style_tok
     tok = llama2_style_tok
     assert tok.convert_ids_to_tokens(tok(" yes", add_special_tokens=False)["input_ids"]) == ["▁", "▁yes"]
     assert tok.convert_ids_to_tokens(task.choice_token_ids(tok)) == ["▁no", "▁yes"]
-    examples = [make_example(task, "Persian is spoken in Iran.", "is persian spoken in iran", True),
-                make_example(task, "The sea.", "is the sea old", False)]
+    examples = [
+        make_example(task, "Persian is spoken in Iran.", "is persian spoken in iran", True),
+        make_example(task, "The sea.", "is the sea old", False),
+    ]
     encoded, _ = task.encode(examples, tok, max_length=64)
     for ex, enc in zip(examples, encoded):
         assert enc.input_ids == tok(ex.prompt + ex.target)["input_ids"]

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from conftest import make_heft
 from heft.config import RunConfig, StageConfig
 from heft.io import stage_config_from_dict
 from heft.methods.lora import LoraConfig, MaskBitsDropout
@@ -16,16 +17,22 @@ from heft.methods.reft import ReftConfig
 from heft.models import decoder_layers
 from heft.pipeline import HeftModel
 from heft.train import Progress, collate, train_stage
-
-from conftest import make_heft
 from test_pipeline import loss_on, toy_data, train
 
-JOINT = StageConfig(method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1"))
+JOINT = StageConfig(
+    method="joint", lora=LoraConfig(r=4, alpha=8, dropout=0.0), reft=ReftConfig(rank=2, positions="f1+l1")
+)
 
 
 def frozen_linear_weights(model) -> list[torch.Tensor]:
-    return [p for layer in decoder_layers(model.model) for n, m in layer.named_modules()
-            if isinstance(m, nn.Linear) and "lora_" not in n for p in (m.weight, m.bias) if p is not None]
+    return [
+        p
+        for layer in decoder_layers(model.model)
+        for n, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and "lora_" not in n
+        for p in (m.weight, m.bias)
+        if p is not None
+    ]
 
 
 def loss_and_grads(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -41,7 +48,9 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
 @pytest.mark.parametrize("stage", [JOINT, StageConfig(method="loreft", reft=ReftConfig(rank=2, positions="f1+l1"))])
 def test_bf16_copies_of_frozen_weights_compute_exactly_what_autocast_computes(stage, arch):
     model = make_heft(arch)
-    train(model, StageConfig(method="lora", epochs=1, lr=2e-2, lora=LoraConfig(r=4, dropout=0.0)), toy_data())  # a merged stage
+    train(
+        model, StageConfig(method="lora", epochs=1, lr=2e-2, lora=LoraConfig(r=4, dropout=0.0)), toy_data()
+    )  # a merged stage
     model.add_stage(stage, seed=0)
     model.train()
     batch = collate(toy_data(8, seed=1), pad_id=0)
@@ -61,14 +70,22 @@ def test_bf16_copies_of_frozen_weights_compute_exactly_what_autocast_computes(st
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model.next_token_logprobs(batch["input_ids"], batch["attention_mask"]), scores_bf16)
     after = frozen_linear_weights(model)
-    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(after, before)), "float32 weights back, bit for bit"
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(after, before)), (
+        "float32 weights back, bit for bit"
+    )
 
 
-@pytest.mark.parametrize("lora", [LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]),
-                                  LoraConfig(r=4, dropout=0.0, target_modules=["q_proj"], modules_to_save=["lm_head"])],
-                         ids=["adapter-on-head", "head-trained"])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]),
+        LoraConfig(r=4, dropout=0.0, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    ],
+    ids=["adapter-on-head", "head-trained"],
+)
 def test_bf16_copies_leave_an_adapted_or_trained_head_alone(lora):
-    """A LoRA adapter on the LM head, or a trained copy of it, takes part in the forward: no frozen bf16 copy replaces it."""
+    """A LoRA adapter on the LM head, or a trained copy of it, takes part in the forward: no frozen bf16
+    copy replaces it."""
     model = make_heft()
     model.add_stage(StageConfig(method="lora", lora=lora), seed=0)
     model.train()
@@ -84,7 +101,9 @@ def test_bf16_copies_leave_an_adapted_or_trained_head_alone(lora):
 def test_bf16_copies_leave_dora_base_weights_in_float32():
     model = make_heft()
     model.add_stage(StageConfig(method="dora", lora=LoraConfig(r=4)), seed=0)
-    dora_bases = {id(m.get_base_layer().weight) for m in model.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    dora_bases = {
+        id(m.get_base_layer().weight) for m in model.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     with model.frozen_weights_bf16():
         kept = [w for w in frozen_linear_weights(model) if id(w) in dora_bases]
         assert kept and {w.dtype for w in kept} == {torch.float32}
@@ -92,8 +111,13 @@ def test_bf16_copies_leave_dora_base_weights_in_float32():
 
 def test_training_with_bf16_copies_equals_training_without(monkeypatch):
     """`train_stage` holds the copies for each epoch; the trained stage must be the same as without them."""
-    stage = StageConfig(method="joint", epochs=2, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.1),
-                        reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.1))
+    stage = StageConfig(
+        method="joint",
+        epochs=2,
+        lr=2e-2,
+        lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+        reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.1),
+    )
     trained = []
     for use_copies in (True, False):
         if not use_copies:
@@ -152,7 +176,9 @@ def test_training_with_mask_bits_dropout_matches_peft_dropout_within_noise():
     for fast in (True, False):
         model = make_heft()
         start = loss_on(model, data)
-        stage = StageConfig(method="lora", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.1, fast_dropout=fast))
+        stage = StageConfig(
+            method="lora", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.1, fast_dropout=fast)
+        )
         train(model, stage, data)
         losses[fast] = loss_on(model, data)
     assert losses[True] < start / 2 and losses[False] < start / 2

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import heft.train as train_module
+from conftest import WORDS
 from heft.config import ConfigError, config_from_dict
 from heft.io import load_run
 from heft.train import epoch_plan, run_training
-
-from conftest import WORDS
 
 
 def write_toy_boolq(folder: Path, n_train: int = 48, n_eval: int = 24) -> Path:
@@ -26,7 +25,13 @@ def write_toy_boolq(folder: Path, n_train: int = 48, n_eval: int = 24) -> Path:
         for i in range(n):
             answer = bool(i % 3)
             words = [WORDS[int(j)] for j in torch.randint(4, len(WORDS), (6,), generator=g)]
-            rows.append({"question": " ".join(words[:3]), "passage": ("true " if answer else "false ") + " ".join(words), "answer": answer})
+            rows.append(
+                {
+                    "question": " ".join(words[:3]),
+                    "passage": ("true " if answer else "false ") + " ".join(words),
+                    "answer": answer,
+                }
+            )
         folder.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(rows).to_parquet(folder / f"{split}.parquet")
     return folder
@@ -48,13 +53,25 @@ def toy_config(model_dir: Path, data_dir: Path, out: Path, **overrides) -> dict:
     }
 
 
-EXPECTED_LINES = [("eval", -1, None), ("stage_start", 0, 0), ("eval", 0, 1), ("eval", 0, 2), ("stage_end", 0, 2),
-                  ("stage_start", 1, 0), ("eval", 1, 1), ("eval", 1, 2), ("stage_end", 1, 2)]
+EXPECTED_LINES = [
+    ("eval", -1, None),
+    ("stage_start", 0, 0),
+    ("eval", 0, 1),
+    ("eval", 0, 2),
+    ("stage_end", 0, 2),
+    ("stage_start", 1, 0),
+    ("eval", 1, 1),
+    ("eval", 1, 2),
+    ("stage_end", 1, 2),
+]
 """(kind, stage index, epoch) of every metrics line of `toy_config`: one line each, resumed or not."""
 
 
 def line_keys(run: Path) -> list[tuple]:
-    return [(m["kind"], m["stage_index"], m["epoch"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (m["kind"], m["stage_index"], m["epoch"])
+        for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def test_run_folder_holds_metrics_results_and_loadable_model(tmp_path, tiny_model_dir):
@@ -83,8 +100,10 @@ def test_run_folder_holds_metrics_results_and_loadable_model(tmp_path, tiny_mode
 
 def test_evaluating_every_n_epochs_leaves_training_unchanged(tmp_path, tiny_model_dir):
     data = write_toy_boolq(tmp_path / "data", 16, 8)
-    three = [{"method": "lora", "epochs": 3, "lr": 2e-2, "lora": {"r": 4}},
-             {"method": "loreft", "epochs": 3, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1", "dropout": 0.1}}]
+    three = [
+        {"method": "lora", "epochs": 3, "lr": 2e-2, "lora": {"r": 4}},
+        {"method": "loreft", "epochs": 3, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1", "dropout": 0.1}},
+    ]
     runs = {}
     for every in ("epoch", 2):
         cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / str(every), stages=three, eval_every=every))
@@ -100,10 +119,15 @@ def test_evaluating_every_n_epochs_leaves_training_unchanged(tmp_path, tiny_mode
 def test_interrupted_run_resumes_from_last_epoch_and_matches(tmp_path, tiny_model_dir, monkeypatch):
     data = write_toy_boolq(tmp_path / "data")
     # dropout in both stages: a resumed epoch must draw the same masks as an uninterrupted one
-    stages = [{"method": "lora", "epochs": 2, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.1}},
-              {"method": "loreft", "epochs": 2, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1", "dropout": 0.1}}]
-    reference = run_training(config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "a", stages=stages)),
-                             tmp_path / "a", show_progress=False)
+    stages = [
+        {"method": "lora", "epochs": 2, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.1}},
+        {"method": "loreft", "epochs": 2, "lr": 2e-2, "reft": {"rank": 2, "positions": "f1+l1", "dropout": 0.1}},
+    ]
+    reference = run_training(
+        config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "a", stages=stages)),
+        tmp_path / "a",
+        show_progress=False,
+    )
 
     saves = {"n": 0}
     original = train_module.save_run
@@ -162,20 +186,31 @@ def test_resume_drops_evaluations_the_checkpoint_does_not_hold(tmp_path, tiny_mo
 
 def test_finished_run_folder_is_not_overwritten(tmp_path, tiny_model_dir):
     data = write_toy_boolq(tmp_path / "data", 16, 8)
-    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=[{"method": "loreft", "epochs": 1}]))
+    cfg = config_from_dict(
+        toy_config(tiny_model_dir, data, tmp_path / "run", stages=[{"method": "loreft", "epochs": 1}])
+    )
     run_training(cfg, tmp_path / "run", show_progress=False)
     with pytest.raises(FileExistsError):
         run_training(cfg, tmp_path / "run", show_progress=False)
 
 
 def test_held_out_splits_never_reach_training(tmp_path, tiny_model_dir):
-    from heft.tasks import get_task
-    from heft.train import load_data
     from transformers import AutoTokenizer
 
+    from heft.tasks import get_task
+    from heft.train import load_data
+
     data = write_toy_boolq(tmp_path / "data", 60, 12)
-    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", max_eval_examples=20, max_train_examples=25,
-                                      data={"source": str(data), "eval_split": "train", "dev_examples": 9}))
+    cfg = config_from_dict(
+        toy_config(
+            tiny_model_dir,
+            data,
+            tmp_path / "run",
+            max_eval_examples=20,
+            max_train_examples=25,
+            data={"source": str(data), "eval_split": "train", "dev_examples": 9},
+        )
+    )
     splits = load_data(get_task("boolq"), cfg, AutoTokenizer.from_pretrained(tiny_model_dir))
     assert (len(splits.train), len(splits.evaluation), len(splits.dev)) == (25, 20, 9)
     as_set = lambda examples: {tuple(e.input_ids) for e in examples}  # noqa: E731
@@ -186,13 +221,23 @@ def test_held_out_splits_never_reach_training(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("dev_after, rolled_back", [(0.5, True), (0.75, False)])
-def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(tmp_path, tiny_model_dir, monkeypatch, dev_after, rolled_back):
+def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(
+    tmp_path, tiny_model_dir, monkeypatch, dev_after, rolled_back
+):
     data = write_toy_boolq(tmp_path / "data")
-    stages = [{"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
-              {"method": "loreft", "epochs": 1, "lr": 2e-2, "keep": "if_better",
-               "reft": {"rank": 2, "positions": "f1+l1", "init": "random"}}]
-    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=stages,
-                                      data={"source": str(data), "dev_examples": 8}))
+    stages = [
+        {"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4, "dropout": 0.0}},
+        {
+            "method": "loreft",
+            "epochs": 1,
+            "lr": 2e-2,
+            "keep": "if_better",
+            "reft": {"rank": 2, "positions": "f1+l1", "init": "random"},
+        },
+    ]
+    cfg = config_from_dict(
+        toy_config(tiny_model_dir, data, tmp_path / "run", stages=stages, data={"source": str(data), "dev_examples": 8})
+    )
     real_evaluate, dev_scores, judged = train_module.evaluate, iter([0.75, dev_after]), []
 
     def evaluate(model, task, examples, **options):  # the dev split (8 examples) gets scripted accuracies
@@ -211,18 +256,27 @@ def test_stage_gate_rolls_back_a_stage_that_lowers_dev_accuracy(tmp_path, tiny_m
     every = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lora_end = next(m for m in every if (m["kind"], m["stage_index"]) == ("eval", 0))
     final = every[-2]
-    assert (final["eval_correct"] == lora_end["eval_correct"] and final["eval_mean_margin"] == lora_end["eval_mean_margin"]) is rolled_back
+    assert (
+        final["eval_correct"] == lora_end["eval_correct"] and final["eval_mean_margin"] == lora_end["eval_mean_margin"]
+    ) is rolled_back
     model = load_run(tmp_path / "run")
     assert model.stages[1].rolled_back is rolled_back and (len(model.reft) == 0) is rolled_back
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"][1]["rolled_back"] is rolled_back
 
 
-@pytest.mark.parametrize("bad, message", [({"method": "loreft", "reft": {"rank": 999}}, "stage 1 (loreft): LoReFT rank 999 exceeds"),
-                                          ({"method": "loreft", "reft": {"layers": [7]}}, "stage 1 (loreft): layers [7]"),
-                                          ({"method": "lora", "lora": {"target_modules": ["qkv"]}}, "stage 1 (lora): lora.target_modules ['qkv']"),
-                                          ({"method": "lora", "lora": {"layers_to_transform": [0, 9]}},
-                                           "stage 1 (lora): lora.layers_to_transform [0, 9]: this model has layers 0..1")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"method": "loreft", "reft": {"rank": 999}}, "stage 1 (loreft): LoReFT rank 999 exceeds"),
+        ({"method": "loreft", "reft": {"layers": [7]}}, "stage 1 (loreft): layers [7]"),
+        ({"method": "lora", "lora": {"target_modules": ["qkv"]}}, "stage 1 (lora): lora.target_modules ['qkv']"),
+        (
+            {"method": "lora", "lora": {"layers_to_transform": [0, 9]}},
+            "stage 1 (lora): lora.layers_to_transform [0, 9]: this model has layers 0..1",
+        ),
+    ],
+)
 def test_a_bad_later_stage_is_refused_before_the_first_trains(tmp_path, tiny_model_dir, monkeypatch, bad, message):
     data = write_toy_boolq(tmp_path / "data")
     stages = [{"method": "lora", "epochs": 1, "lr": 2e-2, "lora": {"r": 4}}, bad]
@@ -270,11 +324,17 @@ def test_a_run_resumed_at_a_stage_boundary_checks_the_stages_still_to_add(tmp_pa
         return real_train_stage(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_stage", stop_at_the_second_stage)
-    cfg = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=[lora, {"method": "loreft", "reft": {"rank": 2}}]))
+    cfg = config_from_dict(
+        toy_config(tiny_model_dir, data, tmp_path / "run", stages=[lora, {"method": "loreft", "reft": {"rank": 2}}])
+    )
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, tmp_path / "run", show_progress=False)
-    bad = config_from_dict(toy_config(tiny_model_dir, data, tmp_path / "run", stages=[lora, {"method": "loreft", "reft": {"rank": 999}}]))
-    monkeypatch.setattr(train_module, "train_stage", lambda *a, **k: pytest.fail("trained before checking the stages to add"))
+    bad = config_from_dict(
+        toy_config(tiny_model_dir, data, tmp_path / "run", stages=[lora, {"method": "loreft", "reft": {"rank": 999}}])
+    )
+    monkeypatch.setattr(
+        train_module, "train_stage", lambda *a, **k: pytest.fail("trained before checking the stages to add")
+    )
     with pytest.raises(ConfigError, match=re.escape("stage 1 (loreft): LoReFT rank 999 exceeds")):
         run_training(bad, tmp_path / "run", show_progress=False)
 

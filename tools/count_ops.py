@@ -41,8 +41,14 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not (func.is_view or func.overloadpacket is torch.ops.aten._unsafe_view):  # views launch no kernel
             self.total += 1
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename or "functional.py" in f.filename]
-            where = f"{frames[-1].filename.rsplit('site-packages/', 1)[-1]}:{frames[-1].lineno}" if frames else "autograd"
+            frames = [
+                f
+                for f in traceback.extract_stack()[:-1]
+                if "/torch/" not in f.filename or "functional.py" in f.filename
+            ]
+            where = (
+                f"{frames[-1].filename.rsplit('site-packages/', 1)[-1]}:{frames[-1].lineno}" if frames else "autograd"
+            )
             self.sources[(func.overloadpacket.__name__, where)] += 1
         return func(*args, **(kwargs or {}))
 
@@ -53,7 +59,11 @@ def narrow(loaded: LoadedModel, hidden: int = 64) -> HeftModel:
     config.hidden_size, config.intermediate_size, config.head_dim = hidden, 2 * hidden, hidden // 4
     config.num_attention_heads, config.num_key_value_heads = 4, 2
     torch.manual_seed(0)
-    return HeftModel(LoadedModel(AutoModelForCausalLM.from_config(config), loaded.tokenizer, loaded.model_id, loaded.weights_sha256, []))
+    return HeftModel(
+        LoadedModel(
+            AutoModelForCausalLM.from_config(config), loaded.tokenizer, loaded.model_id, loaded.weights_sha256, []
+        )
+    )
 
 
 def main() -> None:
@@ -67,9 +77,17 @@ def main() -> None:
     torch.set_num_threads(1)
     heft.pipeline.SHORT_CPU_SEQUENCE = 0  # the attention kernel a GPU runs (flash), not the CPU's math one
     loaded = load_model(args.model)
-    cfg = RunConfig(model=args.model, task="boolq", max_length=args.max_length, max_train_examples=args.batch_size,
-                    max_eval_examples=args.batch_size, seed=42)
-    batch = collate(load_data(get_task("boolq"), cfg, loaded.tokenizer).train[: args.batch_size], loaded.tokenizer.pad_token_id)
+    cfg = RunConfig(
+        model=args.model,
+        task="boolq",
+        max_length=args.max_length,
+        max_train_examples=args.batch_size,
+        max_eval_examples=args.batch_size,
+        seed=42,
+    )
+    batch = collate(
+        load_data(get_task("boolq"), cfg, loaded.tokenizer).train[: args.batch_size], loaded.tokenizer.pad_token_id
+    )
     for path in args.paths.split(","):
         model = narrow(loaded)
         model.add_stage(bench.stage_config(path), seed=0)
@@ -81,7 +99,10 @@ def main() -> None:
                 loss = model(**batch).loss
             with CountOps() as backward:
                 loss.backward()
-        print(f"## {path}: {forward.total} forward + {backward.total} backward = {forward.total + backward.total} ops per step")
+        print(
+            f"## {path}: {forward.total} forward + {backward.total} backward = "
+            f"{forward.total + backward.total} ops per step"
+        )
         for (op, where), count in forward.sources.most_common(args.top):
             print(f"  {count:5d}  {op:28s} {where}")
 

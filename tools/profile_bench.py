@@ -24,16 +24,49 @@ from heft.tasks import get_task
 from heft.train import collate, length_grouped_batches, load_data
 
 CATEGORIES = (
-    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm", "mkldnn", "onednn")),
+    (
+        "GEMM",
+        ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm", "mkldnn", "onednn"),
+    ),
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
     ("copy / cast", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::to")),
-    ("fill / alloc", ("aten::fill_", "aten::zero_", "aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::resize_")),
+    (
+        "fill / alloc",
+        ("aten::fill_", "aten::zero_", "aten::empty", "aten::zeros", "aten::ones", "aten::full", "aten::resize_"),
+    ),
     ("dropout", ("dropout", "aten::bernoulli", "aten::native_dropout", "aten::random_")),
     ("optimizer", ("Optimizer", "_foreach", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
-    ("loss / softmax", ("aten::_log_softmax", "aten::nll_loss", "aten::cross_entropy", "aten::_softmax", "softmax_backward", "log_softmax_backward")),
+    (
+        "loss / softmax",
+        (
+            "aten::_log_softmax",
+            "aten::nll_loss",
+            "aten::cross_entropy",
+            "aten::_softmax",
+            "softmax_backward",
+            "log_softmax_backward",
+        ),
+    ),
     ("norm", ("rsqrt", "aten::pow", "aten::mean")),
-    ("elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::sub", "aten::div", "aten::neg", "aten::cat", "aten::where",
-                     "silu_backward", "aten::sum", "aten::masked", "aten::gather", "aten::scatter", "aten::index")),
+    (
+        "elementwise",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::silu",
+            "aten::sub",
+            "aten::div",
+            "aten::neg",
+            "aten::cat",
+            "aten::where",
+            "silu_backward",
+            "aten::sum",
+            "aten::masked",
+            "aten::gather",
+            "aten::scatter",
+            "aten::index",
+        ),
+    ),
 )
 
 
@@ -63,16 +96,24 @@ def main() -> None:
     probe = HeftModel.from_pretrained(args.model)
     shapes = bench.linear_shapes(probe.model)
     n_linear = sum(c * i * o for (i, o), c in shapes.items())
-    cfg = RunConfig(model=args.model, task="boolq", max_length=args.max_length,
-                    max_train_examples=args.batches * args.batch_size, max_eval_examples=args.batch_size, seed=args.seed)
+    cfg = RunConfig(
+        model=args.model,
+        task="boolq",
+        max_length=args.max_length,
+        max_train_examples=args.batches * args.batch_size,
+        max_eval_examples=args.batch_size,
+        seed=args.seed,
+    )
     splits = load_data(get_task("boolq"), cfg, probe.tokenizer)
     pad_id = probe.tokenizer.pad_token_id
     del probe
     order = length_grouped_batches([len(e.input_ids) for e in splits.train], args.batch_size, args.seed)[: args.batches]
     examples = [[splits.train[i] for i in b] for b in order]
     collated = [collate(ex, pad_id) for ex in examples]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batches: "
-          f"{[tuple(b['input_ids'].shape) for b in collated]}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; batches: "
+        f"{[tuple(b['input_ids'].shape) for b in collated]}"
+    )
     for path in paths:
         torch.manual_seed(args.seed)
         work = bench._workload(path, args.model, examples, collated, dev, n_linear, args.seed)
@@ -91,15 +132,19 @@ def main() -> None:
         by_cat: dict[str, float] = defaultdict(float)
         for e in events:
             by_cat[category(e.key)] += e.self_cpu_time_total
-        print(f"\n## {path}: {wall:.3f} s/step wall, {cpu:.3f} s/step process CPU (profiled), {tokens:.0f} tokens/step, "
-              f"{n_ops:.0f} aten ops/step, self CPU {total_self / 1e6 / len(steps):.3f} s/step")
+        print(
+            f"\n## {path}: {wall:.3f} s/step wall, {cpu:.3f} s/step process CPU (profiled), {tokens:.0f} tokens/step, "
+            f"{n_ops:.0f} aten ops/step, self CPU {total_self / 1e6 / len(steps):.3f} s/step"
+        )
         print("| category | self CPU s/step | share |\n|---|---|---|")
         for label, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
             print(f"| {label} | {t / 1e6 / len(steps):.3f} | {100 * t / total_self:.1f} % |")
         print("\n| op | calls/step | self CPU s/step | share |\n|---|---|---|---|")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-            print(f"| `{e.key}` | {e.count / len(steps):.0f} | {e.self_cpu_time_total / 1e6 / len(steps):.3f} | "
-                  f"{100 * e.self_cpu_time_total / total_self:.1f} % |")
+            print(
+                f"| `{e.key}` | {e.count / len(steps):.0f} | {e.self_cpu_time_total / 1e6 / len(steps):.3f} | "
+                f"{100 * e.self_cpu_time_total / total_self:.1f} % |"
+            )
         getattr(work, "close", lambda: None)()  # heft bench before 6eaf4d0 has no close
         del work, prof
 

@@ -21,11 +21,19 @@ def encode_pairs(model: HeftModel, pairs: Sequence[tuple[str, str]], max_length:
         return []
     prompts, targets = [prompt for prompt, _ in pairs], [target for _, target in pairs]
     encoded = []
-    for i, (prompt_ids, target_ids) in enumerate(zip(model.tokenizer(prompts)["input_ids"], continuation_ids(model.tokenizer, prompts, targets))):
+    for i, (prompt_ids, target_ids) in enumerate(
+        zip(model.tokenizer(prompts)["input_ids"], continuation_ids(model.tokenizer, prompts, targets))
+    ):
         if not 0 < len(target_ids) < max_length:  # the prompt may lose its start, the target nothing
-            raise ValueError(f"pair {i}: the target is {len(target_ids)} tokens; it needs 1 to {max_length - 1} (max_length - 1)")
+            raise ValueError(
+                f"pair {i}: the target is {len(target_ids)} tokens; it needs 1 to {max_length - 1} (max_length - 1)"
+            )
         ids = (prompt_ids + target_ids)[-max_length:]
-        encoded.append(EncodedExample(ids, len(ids) - len(target_ids), label=-1, truncated=len(ids) < len(prompt_ids) + len(target_ids)))
+        encoded.append(
+            EncodedExample(
+                ids, len(ids) - len(target_ids), label=-1, truncated=len(ids) < len(prompt_ids) + len(target_ids)
+            )
+        )
     return encoded
 
 

@@ -34,8 +34,8 @@ from heft.methods.lora import LoraConfig, to_peft_config
 from heft.methods.reft import ReftConfig
 from heft.models import decoder_layers, load_model
 from heft.pipeline import HeftModel
-from heft.tasks import EncodedExample, get_task
 from heft.sysinfo import code_versions, cpu_flags, cpu_model_name, proc_status_mb, reset_peak_memory
+from heft.tasks import EncodedExample, get_task
 from heft.train import collate, length_grouped_batches, load_data
 
 log = logging.getLogger("heft")
@@ -75,8 +75,12 @@ def parse_paths(text: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ GEMM
 def linear_shapes(model: nn.Module) -> Counter[tuple[int, int]]:
     """(in, out) of every linear layer in the decoder blocks, with how often each occurs."""
-    return Counter((m.in_features, m.out_features) for layer in decoder_layers(model)
-                   for m in layer.modules() if isinstance(m, nn.Linear))
+    return Counter(
+        (m.in_features, m.out_features)
+        for layer in decoder_layers(model)
+        for m in layer.modules()
+        if isinstance(m, nn.Linear)
+    )
 
 
 def _significant(x: float) -> float:
@@ -94,7 +98,9 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 wall time measures the neighbours; meaningful with `--threads 1` (more threads add their spin-waits)."""
 
 
-def _seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
+def _seconds_per_call(
+    fn: Callable[[], object], device: torch.device, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Median time of one call over `repeats` rounds, after warm-up; a round repeats the call until
     it lasts ≥ 5 ms, so that timer resolution and kernel launches do not dominate small GEMMs."""
     fastest = float("inf")
@@ -114,8 +120,14 @@ def _seconds_per_call(fn: Callable[[], object], device: torch.device, repeats: i
     return statistics.median(rounds)
 
 
-def gemm_peak(shapes: Counter[tuple[int, int]], m: int, dtype: torch.dtype, device: torch.device, repeats: int,
-              clock: Callable[[], float] = time.perf_counter) -> dict:
+def gemm_peak(
+    shapes: Counter[tuple[int, int]],
+    m: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """GFLOP/s of x(m, in) @ W(in, out) per shape, and over the whole set weighted by how often each
     shape occurs (total FLOPs ÷ total time: the peak a forward pass could reach)."""
     rows, flops_total, seconds_total = [], 0.0, 0.0
@@ -152,7 +164,9 @@ class Workload:
     """Leave what the path entered for its whole run (heft's bf16 copies of the frozen weights)."""
 
 
-def _train_step(forward: Callable[[dict], torch.Tensor], params: list[nn.Parameter], batches: Sequence[dict]) -> Callable[[int], None]:
+def _train_step(
+    forward: Callable[[dict], torch.Tensor], params: list[nn.Parameter], batches: Sequence[dict]
+) -> Callable[[int], None]:
     """Loss, backward and an AdamW step, as heft's recipe does for every micro-batch."""
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -164,27 +178,46 @@ def _train_step(forward: Callable[[dict], torch.Tensor], params: list[nn.Paramet
     return step
 
 
-def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExample]], batches: Sequence[dict],
-              device: torch.device, n_linear: int, seed: int, activation_checkpointing: bool = False,
-              compile_mode: str | None = None) -> Workload:
+def _workload(
+    path: str,
+    model_id: str,
+    examples: Sequence[Sequence[EncodedExample]],
+    batches: Sequence[dict],
+    device: torch.device,
+    n_linear: int,
+    seed: int,
+    activation_checkpointing: bool = False,
+    compile_mode: str | None = None,
+) -> Workload:
     """A fresh model per path, so that no path inherits another's adapters, optimizer or memory.
     `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager)."""
     train_tokens = [int(b["attention_mask"].sum()) for b in batches]
     if path == "peft-lora":  # the usual route: full-vocabulary logits at every position, loss by transformers
         base = load_model(model_id).model.to(device)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             model = peft.get_peft_model(base, to_peft_config(stage_config(path).lora, base))
         if activation_checkpointing:
-            model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.base_model.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.train()
 
         def forward(batch: dict) -> torch.Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+                return model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                ).loss
 
         params = [p for p in model.parameters() if p.requires_grad]
-        return Workload(_train_step(forward, params, batches), train_tokens.__getitem__, 4.0 * n_linear, sum(p.numel() for p in params))
+        return Workload(
+            _train_step(forward, params, batches),
+            train_tokens.__getitem__,
+            4.0 * n_linear,
+            sum(p.numel() for p in params),
+        )
 
     heft_model = HeftModel.from_pretrained(model_id).to(device)
     # The bf16 copies of the frozen weights are made once per path, as `evaluate` makes them once per
@@ -193,8 +226,13 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
     if path == "scoring":
         task = get_task("boolq")
         held.enter_context(heft_model.frozen_weights_bf16())
-        return Workload(lambda i: predict(heft_model, task, examples[i], batch_size=len(examples[i]), progress=False, bf16=True),
-                        lambda i: sum(e.prompt_len for e in examples[i]), 2.0 * n_linear, 0, held.close)
+        return Workload(
+            lambda i: predict(heft_model, task, examples[i], batch_size=len(examples[i]), progress=False, bf16=True),
+            lambda i: sum(e.prompt_len for e in examples[i]),
+            2.0 * n_linear,
+            0,
+            held.close,
+        )
     stage = heft_model.add_stage(stage_config(path), seed=seed)
     if activation_checkpointing:
         heft_model.enable_activation_checkpointing()
@@ -206,12 +244,23 @@ def _workload(path: str, model_id: str, examples: Sequence[Sequence[EncodedExamp
         with autocast(heft_model, True):
             return heft_model(**batch).loss
 
-    return Workload(_train_step(heft_forward, heft_model.trainable_parameters(), batches), train_tokens.__getitem__,
-                    4.0 * n_linear, stage.trainable_params, held.close)
+    return Workload(
+        _train_step(heft_forward, heft_model.trainable_parameters(), batches),
+        train_tokens.__getitem__,
+        4.0 * n_linear,
+        stage.trainable_params,
+        held.close,
+    )
 
 
-def measure(work: Workload, num_batches: int, warmup: int, device: torch.device, peak_gflops: float,
-            clock: Callable[[], float] = time.perf_counter) -> dict:
+def measure(
+    work: Workload,
+    num_batches: int,
+    warmup: int,
+    device: torch.device,
+    peak_gflops: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Time every batch once after `warmup` untimed steps; the memory window covers both."""
     baseline = reset_peak_memory(device)
     start = clock()
@@ -254,13 +303,41 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
-def command_line(model: str, batches: int, batch_size: int, max_length: int, device: str, paths: Sequence[str],
-                 repeats: int, warmup: int, threads: int | None = None, clock: str = "wall",
-                 activation_checkpointing: bool = False, compile_mode: str | None = None) -> str:
+def command_line(
+    model: str,
+    batches: int,
+    batch_size: int,
+    max_length: int,
+    device: str,
+    paths: Sequence[str],
+    repeats: int,
+    warmup: int,
+    threads: int | None = None,
+    clock: str = "wall",
+    activation_checkpointing: bool = False,
+    compile_mode: str | None = None,
+) -> str:
     """The command that reruns this benchmark with every option spelled out (and the data folder)."""
-    args = ["heft", "bench", "--model", model, "--batches", str(batches), "--batch-size", str(batch_size),
-            "--max-length", str(max_length), "--device", device, "--paths", ",".join(paths),
-            "--repeats", str(repeats), "--warmup", str(warmup)]
+    args = [
+        "heft",
+        "bench",
+        "--model",
+        model,
+        "--batches",
+        str(batches),
+        "--batch-size",
+        str(batch_size),
+        "--max-length",
+        str(max_length),
+        "--device",
+        device,
+        "--paths",
+        ",".join(paths),
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+    ]
     args += ["--threads", str(threads)] if threads else []
     args += ["--clock", clock] if clock != "wall" else []
     args += ["--activation-checkpointing"] if activation_checkpointing else []
@@ -270,10 +347,21 @@ def command_line(model: str, batches: int, batch_size: int, max_length: int, dev
 
 
 # ------------------------------------------------------------------------------------------ main
-def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 8, max_length: int = 256,
-              device: str | None = None, paths: Sequence[str] = PATHS, repeats: int = 10, warmup: int = 1,
-              seed: int = 42, threads: int | None = None, clock: str = "wall",
-              activation_checkpointing: bool = False, compile_mode: str | None = None) -> dict:
+def run_bench(
+    model: str = "smollm2-135m",
+    batches: int = 12,
+    batch_size: int = 8,
+    max_length: int = 256,
+    device: str | None = None,
+    paths: Sequence[str] = PATHS,
+    repeats: int = 10,
+    warmup: int = 1,
+    seed: int = 42,
+    threads: int | None = None,
+    clock: str = "wall",
+    activation_checkpointing: bool = False,
+    compile_mode: str | None = None,
+) -> dict:
     """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
     `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
     the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
@@ -299,8 +387,14 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
     probe = HeftModel.from_pretrained(model)
     shapes = linear_shapes(probe.model)
     n_linear = sum(count * n_in * n_out for (n_in, n_out), count in shapes.items())
-    cfg = RunConfig(model=model, task="boolq", max_length=max_length, max_train_examples=batches * batch_size,
-                    max_eval_examples=batch_size, seed=seed)
+    cfg = RunConfig(
+        model=model,
+        task="boolq",
+        max_length=max_length,
+        max_train_examples=batches * batch_size,
+        max_eval_examples=batch_size,
+        seed=seed,
+    )
     splits = load_data(get_task("boolq"), cfg, probe.tokenizer)
     pad_id = probe.tokenizer.pad_token_id
     del probe
@@ -310,7 +404,10 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
     collated = [{k: v.to(dev) for k, v in collate(ex, pad_id).items()} for ex in examples]
     m = round(statistics.mean(b["input_ids"].numel() for b in collated))
     log.info("bench: %d batches of %d on %s; GEMM peaks at M = %d", len(collated), batch_size, dev, m)
-    gemm = {name: gemm_peak(shapes, m, dtype, dev, repeats, timer) for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+    gemm = {
+        name: gemm_peak(shapes, m, dtype, dev, repeats, timer)
+        for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
+    }
     results = {}
     path_warmup = max(warmup, len(collated)) if dev.type == "cuda" else warmup
     for path in paths:
@@ -323,25 +420,58 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    ratio = (round(results["lora"]["tok_s"] / results["peft-lora"]["tok_s"], 3)
-             if {"lora", "peft-lora"} <= results.keys() else None)
+    ratio = (
+        round(results["lora"]["tok_s"] / results["peft-lora"]["tok_s"], 3)
+        if {"lora", "peft-lora"} <= results.keys()
+        else None
+    )
     return {
-        "command": command_line(model, batches, batch_size, max_length, str(dev), paths, repeats, warmup, threads, clock,
-                                activation_checkpointing, compile_mode),
+        "command": command_line(
+            model,
+            batches,
+            batch_size,
+            max_length,
+            str(dev),
+            paths,
+            repeats,
+            warmup,
+            threads,
+            clock,
+            activation_checkpointing,
+            compile_mode,
+        ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(dev),
         "versions": code_versions(),
-        "model": {"id": model, "linear_params": n_linear, "linear_shapes": [[i, o, c] for (i, o), c in sorted(shapes.items())]},
-        "data": {"source": splits.info["source"], "batches": len(collated), "batch_size": batch_size, "max_length": max_length,
-                 "tokens": sum(int(b["attention_mask"].sum()) for b in collated),
-                 "padded_tokens": sum(b["input_ids"].numel() for b in collated)},
-        "settings": {"bf16_autocast": True, "weights_dtype": "float32",
-                     "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)", "warmup_steps": warmup, "warmup_steps_run": path_warmup,
-                     "activation_checkpointing": activation_checkpointing, "compile": compile_mode, "gemm_repeats": repeats, "clock": clock,
-                     "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"}},
+        "model": {
+            "id": model,
+            "linear_params": n_linear,
+            "linear_shapes": [[i, o, c] for (i, o), c in sorted(shapes.items())],
+        },
+        "data": {
+            "source": splits.info["source"],
+            "batches": len(collated),
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in collated),
+            "padded_tokens": sum(b["input_ids"].numel() for b in collated),
+        },
+        "settings": {
+            "bf16_autocast": True,
+            "weights_dtype": "float32",
+            "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)",
+            "warmup_steps": warmup,
+            "warmup_steps_run": path_warmup,
+            "activation_checkpointing": activation_checkpointing,
+            "compile": compile_mode,
+            "gemm_repeats": repeats,
+            "clock": clock,
+            "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"},
+        },
         "flops_convention": FLOPS_CONVENTION,
-        "memory_measure": "CUDA max allocated (weights included)" if dev.type == "cuda"
-                          else "peak RSS above the RSS when the path's model was ready",
+        "memory_measure": "CUDA max allocated (weights included)"
+        if dev.type == "cuda"
+        else "peak RSS above the RSS when the path's model was ready",
         "gemm": {"m": m, **gemm},
         "paths": results,
         "heft_lora_vs_peft_lora": ratio,
@@ -350,22 +480,41 @@ def run_bench(model: str = "smollm2-135m", batches: int = 12, batch_size: int = 
 
 def tables(record: dict) -> list[Table]:
     """The GEMM peaks and the per-path results, for the terminal."""
-    gemm = Table(title=f"GEMM peak at this model's shapes, M = {record['gemm']['m']} tokens ({record['machine']['cpu']}"
-                       + (f", {record['machine']['gpu']}" if record["machine"]["gpu"] else "") + ")")
+    gemm = Table(
+        title=f"GEMM peak at this model's shapes, M = {record['gemm']['m']} tokens ({record['machine']['cpu']}"
+        + (f", {record['machine']['gpu']}" if record["machine"]["gpu"] else "")
+        + ")"
+    )
     for column in ("in × out", "count", "bf16 GFLOP/s", "fp32 GFLOP/s"):
         gemm.add_column(column, justify="right")
     for bf, fp in zip(record["gemm"]["bfloat16"]["shapes"], record["gemm"]["float32"]["shapes"]):
         gemm.add_row(f"{bf['in']} × {bf['out']}", str(bf["count"]), f"{bf['gflops']:,.1f}", f"{fp['gflops']:,.1f}")
-    gemm.add_row("[bold]all[/]", "", f"[bold]{record['gemm']['bfloat16']['gflops']:,.1f}[/]", f"{record['gemm']['float32']['gflops']:,.1f}")
+    gemm.add_row(
+        "[bold]all[/]",
+        "",
+        f"[bold]{record['gemm']['bfloat16']['gflops']:,.1f}[/]",
+        f"{record['gemm']['float32']['gflops']:,.1f}",
+    )
     data = record["data"]
-    paths = Table(title=f"{data['batches']} BoolQ batches × {data['batch_size']} (max_length {data['max_length']}, "
-                        f"{data['tokens']:,} tokens), bf16 autocast, {record['machine']['device']}",
-                  caption=record["flops_convention"] + "; memory: " + record["memory_measure"])
+    paths = Table(
+        title=f"{data['batches']} BoolQ batches × {data['batch_size']} (max_length {data['max_length']}, "
+        f"{data['tokens']:,} tokens), bf16 autocast, {record['machine']['device']}",
+        caption=record["flops_convention"] + "; memory: " + record["memory_measure"],
+    )
     for column in ("path", "tok/s", "MFU", "peak MB", "warm-up s", "tokens", "vs peft-lora"):
         paths.add_column(column, justify="left" if column == "path" else "right")
     for name, r in record["paths"].items():
-        ratio = f"{record['heft_lora_vs_peft_lora']:.2f}×" if name == "lora" and record["heft_lora_vs_peft_lora"] else ""
+        ratio = (
+            f"{record['heft_lora_vs_peft_lora']:.2f}×" if name == "lora" and record["heft_lora_vs_peft_lora"] else ""
+        )
         memory = "—" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:,.0f}"
-        paths.add_row(name, f"{r['tok_s']:,.0f}", f"{100 * r['mfu']:.1f} %", memory,
-                      f"{r['warmup_seconds']:.2f}" if "warmup_seconds" in r else "—", f"{r['tokens']:,}", ratio)
+        paths.add_row(
+            name,
+            f"{r['tok_s']:,.0f}",
+            f"{100 * r['mfu']:.1f} %",
+            memory,
+            f"{r['warmup_seconds']:.2f}" if "warmup_seconds" in r else "—",
+            f"{r['tokens']:,}",
+            ratio,
+        )
     return [gemm, paths]

@@ -28,12 +28,20 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
     """The `run_bench` arguments that repeat the baseline's measurement."""
     try:
         data, settings = record["data"], record["settings"]
-        return {"model": record["model"]["id"], "batches": data["batches"], "batch_size": data["batch_size"],
-                "max_length": data["max_length"], "device": record["machine"]["device"], "paths": list(record["paths"]),
-                "repeats": settings["gemm_repeats"], "warmup": settings["warmup_steps"],
-                "activation_checkpointing": settings.get("activation_checkpointing", False),
-                "compile_mode": settings.get("compile"), "clock": settings.get("clock", "wall"),
-                "threads": record["machine"].get("torch_threads")}
+        return {
+            "model": record["model"]["id"],
+            "batches": data["batches"],
+            "batch_size": data["batch_size"],
+            "max_length": data["max_length"],
+            "device": record["machine"]["device"],
+            "paths": list(record["paths"]),
+            "repeats": settings["gemm_repeats"],
+            "warmup": settings["warmup_steps"],
+            "activation_checkpointing": settings.get("activation_checkpointing", False),
+            "compile_mode": settings.get("compile"),
+            "clock": settings.get("clock", "wall"),
+            "threads": record["machine"].get("torch_threads"),
+        }
     except (KeyError, TypeError) as err:
         raise ValueError(f"{name} is not a JSON record written by `heft bench` (no {err})") from None
 
@@ -41,8 +49,11 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
 def machine_differences(baseline: dict, current: dict) -> list[str]:
     """Why a baseline's machine is not this one (empty when it is), from the recorded machine info."""
     old, new = baseline.get("machine", {}), current.get("machine", {})
-    out = [f"{key}: {old.get(key)!r} in the baseline, {new.get(key)!r} here"
-           for key in MACHINE_KEYS if old.get(key) != new.get(key)]
+    out = [
+        f"{key}: {old.get(key)!r} in the baseline, {new.get(key)!r} here"
+        for key in MACHINE_KEYS
+        if old.get(key) != new.get(key)
+    ]
     if torch.device(old.get("device", "cpu")).type != torch.device(new.get("device", "cpu")).type:
         out.append(f"device: {old.get('device')!r} in the baseline, {new.get('device')!r} here")
     return out
@@ -77,8 +88,10 @@ def compare(baseline: dict, now: dict, tolerance: float = 0.10) -> list[Change]:
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance {tolerance} must be a fraction in [0, 1)")
-    pairs = [(path, "MFU", baseline["paths"].get(path, {}).get("mfu"), now["paths"].get(path, {}).get("mfu"))
-             for path in dict.fromkeys([*baseline["paths"], *now["paths"]])]
+    pairs = [
+        (path, "MFU", baseline["paths"].get(path, {}).get("mfu"), now["paths"].get(path, {}).get("mfu"))
+        for path in dict.fromkeys([*baseline["paths"], *now["paths"]])
+    ]
     if baseline.get(RATIO) is not None or now.get(RATIO) is not None:
         pairs.append(("lora", "× peft-lora", baseline.get(RATIO), now.get(RATIO)))
     changes = []
@@ -94,10 +107,20 @@ def check_table(changes: list[Change], tolerance: float, reasons: list[str], bas
     for column in ("path", "ratio", "baseline", "now", "change", ""):
         table.add_column(column, justify="left" if column in ("path", "ratio", "") else "right")
     for c in changes:
-        fmt = (lambda x: "—" if x is None else f"{100 * x:.1f} %") if c.metric == "MFU" else \
-              (lambda x: "—" if x is None else f"{x:.2f}×")
+        fmt = (
+            (lambda x: "—" if x is None else f"{100 * x:.1f} %")
+            if c.metric == "MFU"
+            else (lambda x: "—" if x is None else f"{x:.2f}×")
+        )
         verdict = "[red]slower[/]" if c.slower else "" if c.change is None else "ok"
-        table.add_row(c.name, c.metric, fmt(c.baseline), fmt(c.now), "—" if c.change is None else f"{100 * c.change:+.1f} %", verdict)
+        table.add_row(
+            c.name,
+            c.metric,
+            fmt(c.baseline),
+            fmt(c.now),
+            "—" if c.change is None else f"{100 * c.change:+.1f} %",
+            verdict,
+        )
     return table
 
 

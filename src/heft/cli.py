@@ -56,30 +56,45 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = cfg.output_dir = _output_dir(args.output_dir, cfg)
-    args.resume_with = shlex.join(["heft", "train", args.config, *args.overrides, "--output-dir", out])  # the folder name has a time stamp
+    args.resume_with = shlex.join(
+        ["heft", "train", args.config, *args.overrides, "--output-dir", out]
+    )  # the folder name has a time stamp
     is_main = process_state().is_main_process  # under torchrun / `accelerate launch` only the main process reports
     if is_main:
         console.print(f"[bold]heft train[/] {args.config} → {out}")
     results = run_training(cfg, out, show_progress=not args.quiet)
     if not is_main:
         return 0
-    table = Table(title=f"{cfg.task}: {results['data']['eval_examples']} eval examples; loss on the first "
-                        f"{cfg.boundary_examples} training examples (eval mode)")
+    table = Table(
+        title=f"{cfg.task}: {results['data']['eval_examples']} eval examples; loss on the first "
+        f"{cfg.boundary_examples} training examples (eval mode)"
+    )
     for column in ("after", "trainable params", "loss at start → end", "accuracy at start → end"):
         table.add_column(column, justify="right" if column != "after" else "left")
     if results["zero_shot_accuracy"] is not None:
         table.add_row("zero-shot", "0", "", f"{results['zero_shot_accuracy']:.4f}")
     for stage in results["stages"]:
-        name = f"stage {stage['name']} ({stage['epochs']:g} ep)" + (" [rolled back]" if stage.get("rolled_back") else "")
-        table.add_row(name, f"{stage['trainable_params']:,}", f"{_num(stage.get('loss_at_start'))} → {_num(stage.get('loss_at_end'))}",
-                      f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}")
+        name = f"stage {stage['name']} ({stage['epochs']:g} ep)" + (
+            " [rolled back]" if stage.get("rolled_back") else ""
+        )
+        table.add_row(
+            name,
+            f"{stage['trainable_params']:,}",
+            f"{_num(stage.get('loss_at_start'))} → {_num(stage.get('loss_at_end'))}",
+            f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}",
+        )
     table.add_row("majority class", "", "", f"{results['majority_accuracy']:.4f}")
     console.print(table)
     for stage in results["stages"]:
         if stage.get("rollback_reason"):
             console.print(f"stage {stage['name']} rolled back: {stage['rollback_reason']}")
-    console.print(f"data: {results['data']['source']}  ({results['data']['train_examples']} train, truncated {results['data']['train_truncated']})")
-    console.print(f"run folder: {out}   wall time {results['wall_time_s']:.0f} s, {results['train_tokens']:,} training tokens")
+    console.print(
+        f"data: {results['data']['source']}  ({results['data']['train_examples']} train, "
+        f"truncated {results['data']['train_truncated']})"
+    )
+    console.print(
+        f"run folder: {out}   wall time {results['wall_time_s']:.0f} s, {results['train_tokens']:,} training tokens"
+    )
     return 0
 
 
@@ -124,7 +139,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         result = evaluate(model, task, encoded, batch_size=args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
     if is_main:
-        print(json.dumps({"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result}, indent=2))
+        print(
+            json.dumps(
+                {"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result},
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -182,7 +202,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     manifest = read_manifest(run_dir)
     base = manifest["base_model"]
-    console.print(f"[bold]{run_dir}[/]  base model {base['id']} ({base['dtype']}, sha256 {base['sha256'][:12]}…)  seed {manifest['seed']}")
+    console.print(
+        f"[bold]{run_dir}[/]  base model {base['id']} ({base['dtype']}, sha256 {base['sha256'][:12]}…)  "
+        f"seed {manifest['seed']}"
+    )
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
     from heft.train import boundary_summary, read_metrics
 
@@ -195,16 +218,32 @@ def cmd_info(args: argparse.Namespace) -> int:
     for stage in manifest["stages"]:
         cfg, index = stage["config"], stage["index"]
         bounds = boundary_summary(lines, index)
-        state = ("rolled back" if stage.get("rolled_back") else "merged" if stage["merged"]
-                 else "frozen" if stage["finished"] else "training")
+        state = (
+            "rolled back"
+            if stage.get("rolled_back")
+            else "merged"
+            if stage["merged"]
+            else "frozen"
+            if stage["finished"]
+            else "training"
+        )
         start, end = bounds["loss_at_start"], bounds["loss_at_end"]
         loss = f"{_num(start)} → {_num(end)}"
         if start is not None and previous_end is not None and start > previous_end + 1e-4:
             loss = f"[red]{loss} (jump +{start - previous_end:.4f} at the boundary)[/]"
         accuracy = f"{_num(bounds['accuracy_at_start'])} → {_num(bounds['accuracy'])}"
-        init = f" ({cfg['reft'].get('init', 'random')} init)" if stage["method"] in ("loreft", "direft", "joint") else ""
-        table.add_row(stage["name"] + init, f"{cfg['epochs']:g}", f"{cfg['lr']:g}", f"{stage['trainable_params']:,}",
-                      state, loss, accuracy)
+        init = (
+            f" ({cfg['reft'].get('init', 'random')} init)" if stage["method"] in ("loreft", "direft", "joint") else ""
+        )
+        table.add_row(
+            stage["name"] + init,
+            f"{cfg['epochs']:g}",
+            f"{cfg['lr']:g}",
+            f"{stage['trainable_params']:,}",
+            state,
+            loss,
+            accuracy,
+        )
         previous_end = end if not stage.get("rolled_back") else previous_end
         if bounds["rollback_reason"]:
             table.add_row("", "", "", "", "", f"rolled back: {bounds['rollback_reason']}", "")
@@ -212,7 +251,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if results:
         console.print(
             f"final accuracy {results['final_accuracy']:.4f} (majority {results['majority_accuracy']:.4f}), "
-            f"{results['train_tokens']:,} training tokens, {results['optimizer_steps']} steps, {results['wall_time_s']:.0f} s"
+            f"{results['train_tokens']:,} training tokens, {results['optimizer_steps']} steps, "
+            f"{results['wall_time_s']:.0f} s"
         )
     if manifest.get("checkpoint"):
         console.print("[yellow]unfinished run: `heft train` with its config.yaml and output_dir resumes it[/]")
@@ -227,11 +267,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
     args.resume_with = "the same command"
     try:
-        summary = reproduce(args.config, overrides, args.output_dir, show_progress=not args.quiet,
-                            train=not args.report_only, jobs=args.jobs)
+        summary = reproduce(
+            args.config,
+            overrides,
+            args.output_dir,
+            show_progress=not args.quiet,
+            train=not args.report_only,
+            jobs=args.jobs,
+        )
     except ReproduceJobsFailed as err:
-        errors.print(f"[red]error:[/] {escape(str(err))}\n[dim]the report covers the finished arms; "
-                     "rerun the same command to retry the failed ones[/]", highlight=False, markup=True)
+        errors.print(
+            f"[red]error:[/] {escape(str(err))}\n[dim]the report covers the finished arms; "
+            "rerun the same command to retry the failed ones[/]",
+            highlight=False,
+            markup=True,
+        )
         return 1
     console.print(f"summary: {summary['output_dir']}/summary.json, report: {summary['output_dir']}/report.md")
     return 0
@@ -242,9 +292,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.check:
         return _bench_check(args)
-    record = run_bench(args.model, args.batches, args.batch_size, args.max_length, args.device,
-                       args.paths.split(","), args.repeats, args.warmup, threads=args.threads, clock=args.clock,
-                       activation_checkpointing=args.activation_checkpointing, compile_mode=args.compile)
+    record = run_bench(
+        args.model,
+        args.batches,
+        args.batch_size,
+        args.max_length,
+        args.device,
+        args.paths.split(","),
+        args.repeats,
+        args.warmup,
+        threads=args.threads,
+        clock=args.clock,
+        activation_checkpointing=args.activation_checkpointing,
+        compile_mode=args.compile,
+    )
     for table in tables(record):
         console.print(table)
     _write_bench(record, args.json, "bench")
@@ -264,8 +325,15 @@ def _bench_check(args: argparse.Namespace) -> int:
     import torch
 
     from heft import bench
-    from heft.bench_check import (NOT_COMPARABLE, baseline_settings, check_table, compare, data_differences, exit_status,
-                                  machine_differences)
+    from heft.bench_check import (
+        NOT_COMPARABLE,
+        baseline_settings,
+        check_table,
+        compare,
+        data_differences,
+        exit_status,
+        machine_differences,
+    )
 
     path = Path(args.check)
     baseline = json.loads(path.read_text(encoding="utf-8"))
@@ -278,9 +346,12 @@ def _bench_check(args: argparse.Namespace) -> int:
     else:
         reasons = machine_differences(baseline, {"machine": bench.machine_info(device)})
     if reasons and not args.force:
-        errors.print(f"[yellow]not comparable[/]: {escape(str(path))} was measured on another machine:\n  "
-                     + "\n  ".join(map(escape, reasons)) + "\n[dim]ratios are compared on the same machine only; "
-                     "--force runs and shows them anyway[/]")
+        errors.print(
+            f"[yellow]not comparable[/]: {escape(str(path))} was measured on another machine:\n  "
+            + "\n  ".join(map(escape, reasons))
+            + "\n[dim]ratios are compared on the same machine only; "
+            "--force runs and shows them anyway[/]"
+        )
         return NOT_COMPARABLE
     record = bench.run_bench(**settings)
     reasons += data_differences(baseline, record)
@@ -291,19 +362,31 @@ def _bench_check(args: argparse.Namespace) -> int:
     _write_bench(record, args.json, "bench-check")
     status = exit_status(changes, reasons)
     if status == 1:
-        errors.print("[red]slower[/]: " + ", ".join(f"{c.name} {c.metric} {100 * c.change:+.1f} %" for c in changes if c.slower))
+        errors.print(
+            "[red]slower[/]: " + ", ".join(f"{c.name} {c.metric} {100 * c.change:+.1f} %" for c in changes if c.slower)
+        )
     return status
 
 
 def _base_model_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-model", metavar="ID_OR_PATH",
-                        help="load the base model from here, not from the id the run recorded (e.g. a local copy of a "
-                             "hub model); its weights must have the recorded sha256")
+    parser.add_argument(
+        "--base-model",
+        metavar="ID_OR_PATH",
+        help="load the base model from here, not from the id the run recorded (e.g. a local copy of a "
+        "hub model); its weights must have the recorded sha256",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' logs and warnings, and a traceback for user errors")
+    parser = argparse.ArgumentParser(
+        prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT)."
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' logs and warnings, and a traceback for user errors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the stages of a YAML config into a run folder")
@@ -317,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", help="split to evaluate (default: the run's eval split)")
     p.add_argument("--max-examples", type=int, help="stratified subsample (default: the run's max_eval_examples)")
-    p.add_argument("--mode", choices=["score", "generate"], default="score", help="log-likelihood scoring or greedy generation")
+    p.add_argument(
+        "--mode", choices=["score", "generate"], default="score", help="log-likelihood scoring or greedy generation"
+    )
     p.add_argument("--batch-size", type=int)
     _base_model_option(p)
     p.set_defaults(func=cmd_eval)
@@ -327,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question")
     p.add_argument("--passage")
     p.add_argument("--choices", nargs="+", metavar="CHOICE", help="the answers to choose from (multiple-choice tasks)")
-    p.add_argument("--input", help="JSONL file with the task's fields per line (question and passage, or question and choices)")
+    p.add_argument(
+        "--input", help="JSONL file with the task's fields per line (question and passage, or question and choices)"
+    )
     p.add_argument("--output", help="JSONL file for the predictions (default: print)")
     _base_model_option(p)
     p.set_defaults(func=cmd_predict)
@@ -346,42 +433,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="e.g. configs/reproduce_boolq.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=smoke seeds=[1,2]")
     p.add_argument("--output-dir")
-    p.add_argument("--only", nargs="+", metavar="ARM", help="train only these arms (the others are read back if finished)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well)")
+    p.add_argument(
+        "--only", nargs="+", metavar="ARM", help="train only these arms (the others are read back if finished)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: write summary, report and plots from the arms finished so far "
-                        "(also while another process trains into the folder)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write summary, report and plots from the arms finished so far "
+        "(also while another process trains into the folder)",
+    )
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("bench", help="tokens/s, MFU and peak memory of each path against this machine's GEMM peak",
-                       description="Measures this machine's bf16/fp32 GEMM peak at the model's shapes, then tokens/s, MFU "
-                                   "and peak memory of heft's paths and of transformers + peft LoRA, on the same BoolQ "
-                                   "batches (read as `heft train` reads them: HEFT_DATA_DIR or the Hub).")
+    p = sub.add_parser(
+        "bench",
+        help="tokens/s, MFU and peak memory of each path against this machine's GEMM peak",
+        description="Measures this machine's bf16/fp32 GEMM peak at the model's shapes, then tokens/s, MFU "
+        "and peak memory of heft's paths and of transformers + peft LoRA, on the same BoolQ "
+        "batches (read as `heft train` reads them: HEFT_DATA_DIR or the Hub).",
+    )
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder or hub id (default: smollm2-135m)")
     p.add_argument("--batches", type=int, default=12, help="timed batches per path (default: 12)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--paths", default="scoring,lora,peft-lora,loreft,joint", help="comma-separated subset of the default (all paths)")
+    p.add_argument(
+        "--paths",
+        default="scoring,lora,peft-lora,loreft,joint",
+        help="comma-separated subset of the default (all paths)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="training paths recompute each layer in the backward pass (less memory, more compute)")
-    p.add_argument("--compile", metavar="MODE", help="torch.compile heft's training paths in this mode (default, "
-                   "reduce-overhead or max-autotune-no-cudagraphs), as `compile:` in a run config; warm-up s then "
-                   "includes the compilation")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="training paths recompute each layer in the backward pass (less memory, more compute)",
+    )
+    p.add_argument(
+        "--compile",
+        metavar="MODE",
+        help="torch.compile heft's training paths in this mode (default, "
+        "reduce-overhead or max-autotune-no-cudagraphs), as `compile:` in a run config; warm-up s then "
+        "includes the compilation",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or this process's CPU time on a machine shared with other jobs (use with --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time on a machine shared with other jobs (use with --threads 1)",
+    )
     p.add_argument("--json", help="output file (default: runs/bench-<time>.json)")
-    p.add_argument("--check", metavar="BASELINE.json",
-                   help="rerun with the settings of a committed record (the options above are ignored) and compare each "
-                        "path's MFU and heft LoRA ÷ peft LoRA with it; exit 1 when one fell by more than --tolerance, "
-                        "3 when the baseline comes from another machine")
-    p.add_argument("--tolerance", type=float, default=10.0, metavar="PCT", help="allowed fall of a ratio in %% (default: 10)")
-    p.add_argument("--force", action="store_true", help="with --check: run and compare even on another machine (exit 3)")
+    p.add_argument(
+        "--check",
+        metavar="BASELINE.json",
+        help="rerun with the settings of a committed record (the options above are ignored) and compare each "
+        "path's MFU and heft LoRA ÷ peft LoRA with it; exit 1 when one fell by more than --tolerance, "
+        "3 when the baseline comes from another machine",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=10.0, metavar="PCT", help="allowed fall of a ratio in %% (default: 10)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="with --check: run and compare even on another machine (exit 3)"
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -399,7 +521,9 @@ HINTS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("heft").setLevel(logging.INFO)
     if getattr(args, "quiet", False):
         from heft.models import hide_library_progress_bars
@@ -415,12 +539,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = getattr(err, "hint", None) or HINTS.get(kind)  # a DataError knows the hint for its cause
         if kind == "SaveError" and getattr(args, "resume_with", None):
             hint += f" with {args.resume_with}"
-        errors.print(f"[red]error:[/] {escape(message)}" + (f"\n[dim]hint: {escape(hint)}[/]" if hint else ""), highlight=False, markup=True)
+        errors.print(
+            f"[red]error:[/] {escape(message)}" + (f"\n[dim]hint: {escape(hint)}[/]" if hint else ""),
+            highlight=False,
+            markup=True,
+        )
         return 2
     except KeyboardInterrupt:
         resume = getattr(args, "resume_with", None)  # set by the commands that train
-        errors.print("[yellow]interrupted[/]" + (f": the last completed epoch is saved; resume with {escape(resume)}" if resume else ""),
-                     highlight=False)
+        errors.print(
+            "[yellow]interrupted[/]"
+            + (f": the last completed epoch is saved; resume with {escape(resume)}" if resume else ""),
+            highlight=False,
+        )
         return 130
 
 

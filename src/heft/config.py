@@ -191,11 +191,23 @@ _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
 # Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them.
 _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (RunConfig, "dtype"): _one_of("float32", "bfloat16"),
-    (RunConfig, "eval_every"): (lambda v: v == "never" or is_eval_interval(v),
-                                "one of epoch, stage, never, or a number of epochs > 0"),
+    (RunConfig, "eval_every"): (
+        lambda v: v == "never" or is_eval_interval(v),
+        "one of epoch, stage, never, or a number of epochs > 0",
+    ),
     (RunConfig, "compile"): _one_of(*COMPILE_MODES),
-    **{(RunConfig, k): _POSITIVE for k in ("max_length", "batch_size", "grad_accum", "eval_batch_size",
-                                           "max_train_examples", "max_eval_examples", "max_grad_norm")},
+    **{
+        (RunConfig, k): _POSITIVE
+        for k in (
+            "max_length",
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "max_train_examples",
+            "max_eval_examples",
+            "max_grad_norm",
+        )
+    },
     (RunConfig, "stages"): (bool, "at least one stage"),
     (StageConfig, "method"): _one_of(*METHODS),
     (StageConfig, "schedule"): _one_of("linear", "cosine", "constant"),
@@ -212,10 +224,11 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (ReftConfig, "rank"): _POSITIVE,
     (ReftConfig, "dropout"): _FRACTION,
     (ReftConfig, "init"): _one_of("identity", "random"),
-    (ReftConfig, "positions"): (lambda v: _parses(parse_positions, v),
-                                "f<k>, l<k> or f<k>+l<k>, e.g. f7+l7"),
-    (ReftConfig, "layers"): (lambda v: isinstance(v, list) or bool(_LAYER_RANGE.fullmatch(v)),
-                             "all, a list of indices, or start:stop[:step]"),
+    (ReftConfig, "positions"): (lambda v: _parses(parse_positions, v), "f<k>, l<k> or f<k>+l<k>, e.g. f7+l7"),
+    (ReftConfig, "layers"): (
+        lambda v: isinstance(v, list) or bool(_LAYER_RANGE.fullmatch(v)),
+        "all, a list of indices, or start:stop[:step]",
+    ),
 }
 
 
@@ -284,11 +297,16 @@ def _convert(tp: Any, value: Any, key: Key, src: Source, hint: str) -> Any:
     elif origin is list and isinstance(value, list):
         return [_convert(args[0], v, (*key, i), src, hint) for i, v in enumerate(value)]
     elif origin is dict and isinstance(value, dict):
-        return {_convert(args[0], k, key, src, hint): _convert(args[1], v, (*key, k), src, hint)
-                for k, v in value.items()}
-    elif (tp is type(None) and value is None) or (tp in (bool, str) and isinstance(value, tp)):
-        return value
-    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return {
+            _convert(args[0], k, key, src, hint): _convert(args[1], v, (*key, k), src, hint) for k, v in value.items()
+        }
+    elif (
+        (tp is type(None) and value is None)
+        or (tp in (bool, str) and isinstance(value, tp))
+        or tp is int
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
         return value
     elif tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # strings too: PyYAML reads `3e-4` (no dot) as a string
@@ -301,8 +319,7 @@ def _convert(tp: Any, value: Any, key: Key, src: Source, hint: str) -> Any:
 def _build(cls: type, value: Any, key: Key, src: Source) -> Any:
     """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and out-of-range values."""
     if not isinstance(value, dict):
-        src.fail(f"bad value {reprlib.repr(value)} for '{_dotted(key)}'", key,
-                 f"a mapping of {cls.__name__} keys")
+        src.fail(f"bad value {reprlib.repr(value)} for '{_dotted(key)}'", key, f"a mapping of {cls.__name__} keys")
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -317,8 +334,12 @@ def _build(cls: type, value: Any, key: Key, src: Source) -> Any:
         check, expected = _CHECKS.get((cls, name), (None, ""))
         v = getattr(obj, name)
         if check is not None and v is not None and not check(v):
-            src.fail(f"bad value {reprlib.repr(v)} for '{_dotted((*key, name))}'", (*key, name), expected,
-                     "hint: " + _one_line(docs.get(name)))
+            src.fail(
+                f"bad value {reprlib.repr(v)} for '{_dotted((*key, name))}'",
+                (*key, name),
+                expected,
+                "hint: " + _one_line(docs.get(name)),
+            )
     return obj
 
 
@@ -335,8 +356,10 @@ def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
     for i, part in enumerate(names):
         if isinstance(node, list):
             if not (part.isdecimal() and int(part) < len(node)):
-                raise ConfigError(f"bad index '{part}' for '{_dotted(tuple(parts))}' in override '{text}': "
-                                  f"expected 0..{len(node) - 1} (it has {len(node)} items)")
+                raise ConfigError(
+                    f"bad index '{part}' for '{_dotted(tuple(parts))}' in override '{text}': "
+                    f"expected 0..{len(node) - 1} (it has {len(node)} items)"
+                )
             part = int(part)
             defaults = defaults[part] if isinstance(defaults, list) and part < len(defaults) else None
         elif isinstance(node, dict):
@@ -344,8 +367,9 @@ def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
             if part not in node:
                 node[part] = copy.deepcopy(defaults) if isinstance(defaults, (dict, list)) else {}
         else:
-            raise ConfigError(f"bad override '{text}': '{_dotted(tuple(parts))}' is {reprlib.repr(node)}, "
-                              "not a mapping or list")
+            raise ConfigError(
+                f"bad override '{text}': '{_dotted(tuple(parts))}' is {reprlib.repr(node)}, not a mapping or list"
+            )
         parts.append(part)
         if i == len(names) - 1:
             node[part] = value
@@ -375,12 +399,18 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     blocked = blocked_merge(cfg.stages)
     if blocked is not None:
         unmerged = next(i for i, s in enumerate(cfg.stages) if s.uses_lora and not s.lora.merge)
-        src.fail(f"LoRA stage {blocked} cannot merge while stage {unmerged}'s adapter stays unmerged", ("stages", blocked, "lora", "merge"),
-                 hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}")
+        src.fail(
+            f"LoRA stage {blocked} cannot merge while stage {unmerged}'s adapter stays unmerged",
+            ("stages", blocked, "lora", "merge"),
+            hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}",
+        )
     for i, stage in enumerate(cfg.stages):
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
-            src.fail("'keep: if_better' needs a dev split", ("stages", i, "keep"),
-                     hint="set data.dev_examples (e.g. 200), carved out of the training split")
+            src.fail(
+                "'keep: if_better' needs a dev split",
+                ("stages", i, "keep"),
+                hint="set data.dev_examples (e.g. 200), carved out of the training split",
+            )
     if cfg.data.eval_split is None:  # __post_init__ leaves it unset only for an unknown task
         from heft.tasks import get_task
 
@@ -389,8 +419,11 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
         except ValueError as e:
             src.fail(str(e), ("task",))
     if cfg.data.eval_split == cfg.data.train_split and cfg.max_eval_examples is None:
-        src.fail("evaluating on the training split needs max_eval_examples", ("max_eval_examples",),
-                 hint="the evaluation examples are held out of training, so their number must be set")
+        src.fail(
+            "evaluating on the training split needs max_eval_examples",
+            ("max_eval_examples",),
+            hint="the evaluation examples are held out of training, so their number must be set",
+        )
     return cfg
 
 
@@ -416,8 +449,7 @@ def read_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
         problem = _one_line(getattr(e, "problem", None) or str(e))
         if (ctx := getattr(e, "context_mark", None)) and getattr(e, "context", None):
             problem += f" ({e.context} started on line {ctx.line + 1})"
-        raise ConfigError(f"invalid YAML in {where}: {problem}; "
-                          "hint: check indentation, colons and quoting") from None
+        raise ConfigError(f"invalid YAML in {where}: {problem}; hint: check indentation, colons and quoting") from None
     finally:
         loader.dispose()
     return data, node
@@ -443,13 +475,20 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 # --------------------------------------------------------------------------- documentation
 
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field docstrings (the string literal after each field), which Python itself discards."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+    return {
+        a.target.id: inspect.cleandoc(b.value.value)
+        for a, b in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign)
+        and isinstance(a.target, ast.Name)
+        and isinstance(b, ast.Expr)
+        and isinstance(b.value, ast.Constant)
+        and isinstance(b.value.value, str)
+    }
 
 
 def _default_text(value: Any) -> str:
@@ -460,8 +499,13 @@ def _default_text(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
 
 
-_SECTIONS = ((RunConfig, "top level"), (DataConfig, "`data`"), (StageConfig, "each item of `stages`"),
-             (LoraConfig, "`stages.<i>.lora`"), (ReftConfig, "`stages.<i>.reft`"))
+_SECTIONS = (
+    (RunConfig, "top level"),
+    (DataConfig, "`data`"),
+    (StageConfig, "each item of `stages`"),
+    (LoraConfig, "`stages.<i>.lora`"),
+    (ReftConfig, "`stages.<i>.reft`"),
+)
 
 
 def render_config_reference() -> str:
@@ -476,12 +520,23 @@ def render_config_reference() -> str:
     ]
     for cls, where in _SECTIONS:
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        out += ["", f"## {cls.__name__} ({where})", "", _one_line((cls.__doc__ or "").split("\n\n")[0]), "",
-                "| key | type | default | description |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"## {cls.__name__} ({where})",
+            "",
+            _one_line((cls.__doc__ or "").split("\n\n")[0]),
+            "",
+            "| key | type | default | description |",
+            "|---|---|---|---|",
+        ]
         for f in dataclasses.fields(cls):
             value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            cells = (f"`{f.name}`", f"`{_type_name(hints[f.name])}`", f"`{_default_text(value)}`",
-                     _one_line(docs.get(f.name)))
+            cells = (
+                f"`{f.name}`",
+                f"`{_type_name(hints[f.name])}`",
+                f"`{_default_text(value)}`",
+                _one_line(docs.get(f.name)),
+            )
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"
 

@@ -67,8 +67,13 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def sharded(batches: Sequence[list[int]], size: int, score: Callable[[list[int]], list[R]],
-            desc: str = "eval", progress: bool = True) -> list[R]:
+def sharded(
+    batches: Sequence[list[int]],
+    size: int,
+    score: Callable[[list[int]], list[R]],
+    desc: str = "eval",
+    progress: bool = True,
+) -> list[R]:
     """`score` applied to every batch of example indices; the result of example i at position i.
 
     With several processes each takes every N-th batch (batches are sorted by length, so the shares
@@ -125,7 +130,9 @@ def predict(
         with autocast(model, bf16):
             logprobs = model.next_token_logprobs(ids.to(model.device), mask.to(model.device))
         probs = torch.softmax(logprobs[:, choice_ids], dim=-1).cpu()
-        return [Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist()) for row, i in enumerate(batch)]
+        return [
+            Prediction(examples[i].label, int(probs[row].argmax()), probs[row].tolist()) for row, i in enumerate(batch)
+        ]
 
     try:
         with model.frozen_weights_bf16(bf16):  # cast the frozen weights once for the whole set, not at every forward
@@ -197,7 +204,9 @@ def metrics(predictions: Sequence[Prediction]) -> dict[str, float | int | str | 
         for c in range(num_choices)
     ]
     margins = [p.probs[p.label] - max(q for j, q in enumerate(p.probs) if j != p.label) for p in predictions]
-    by_score = {name: sum(p.predicted_by[name] == p.label for p in predictions) / n for name in predictions[0].predicted_by}
+    by_score = {
+        name: sum(p.predicted_by[name] == p.label for p in predictions) / n for name in predictions[0].predicted_by
+    }
     return {
         "accuracy": sum(p.predicted == p.label for p in predictions) / n,
         **by_score,
@@ -228,14 +237,18 @@ def generate_answers(
 ) -> list[tuple[str, int | None]]:
     """Greedy generation from each prompt; returns (text, parsed label or None)."""
     if task.choices_field is not None:
-        raise ValueError(f"task {task.name!r} has its own choices per question, which generated text is not parsed "
-                         "against; evaluate it with --mode score")
+        raise ValueError(
+            f"task {task.name!r} has its own choices per question, which generated text is not parsed "
+            "against; evaluate it with --mode score"
+        )
     pad_id = model.tokenizer.pad_token_id
 
     def answer(batch: list[int]) -> list[tuple[str, int | None]]:
         ids, mask = pad_batch([examples[i].input_ids[: examples[i].prompt_len] for i in batch], pad_id, "left")
         with autocast(model, bf16):
-            generated = model.generate(ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
+            generated = model.generate(
+                ids.to(model.device), mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False
+            )
         texts = [model.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in generated]
         return [(text, task.parse_generation(text)) for text in texts]
 

@@ -86,7 +86,9 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
     except filelock.Timeout:
         holder = run_dir / LOCK_PID
         pid = holder.read_text().strip() if holder.is_file() else "unknown"
-        raise RunFolderBusy(f"{run_dir} is being written by another heft process (pid {pid}); refusing to write into it too") from None
+        raise RunFolderBusy(
+            f"{run_dir} is being written by another heft process (pid {pid}); refusing to write into it too"
+        ) from None
     try:
         (run_dir / LOCK_PID).write_text(f"{os.getpid()}\n")
         yield
@@ -152,7 +154,12 @@ def sha256_file(path: Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    return {"heft": heft.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    return {
+        "heft": heft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def _stage_entry(stage) -> dict:
@@ -193,14 +200,21 @@ def save_run(
         final = weights_root / (f"step-{step:08d}" if optimizer is not None else "final")
         while final.exists():  # never overwrite the folder the current manifest may point at
             final = final.with_name(final.name + "+")
-        files = {str(final.relative_to(run_dir) / path.relative_to(tmp)): sha256_file(path)
-                 for path in sorted(tmp.rglob("*")) if path.is_file()}
+        files = {
+            str(final.relative_to(run_dir) / path.relative_to(tmp)): sha256_file(path)
+            for path in sorted(tmp.rglob("*"))
+            if path.is_file()
+        }
         os.replace(tmp, final)
         published = final
         manifest = {
             "format": FORMAT,
             "versions": versions(),
-            "base_model": {"id": model.model_id, "sha256": model.weights_sha256, "dtype": str(model.model.dtype).removeprefix("torch.")},
+            "base_model": {
+                "id": model.model_id,
+                "sha256": model.weights_sha256,
+                "dtype": str(model.model.dtype).removeprefix("torch."),
+            },
             "seed": seed,
             "stages": stages,
             "weights": str(final.relative_to(run_dir)),
@@ -231,7 +245,9 @@ def _manifest_weights(run_dir: Path) -> str | None:
         return None
 
 
-def _write_weights(model: HeftModel, tmp: Path, optimizer: torch.optim.Optimizer | None, trainer_state: dict | None) -> list[dict]:
+def _write_weights(
+    model: HeftModel, tmp: Path, optimizer: torch.optim.Optimizer | None, trainer_state: dict | None
+) -> list[dict]:
     """Write the stages' files (and the optimizer state) into `tmp`; returns the manifest's stage entries."""
     stages = []
     for stage in model.stages:
@@ -246,7 +262,11 @@ def _write_weights(model: HeftModel, tmp: Path, optimizer: torch.optim.Optimizer
         if stage.reft is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in stage.reft.state_dict().items()}
             save_tensors(state, folder / "interventions.safetensors")
-            reft_meta = {"config": dataclasses.asdict(stage.config.reft), "layers": stage.reft.layers, "hidden_size": model.hidden_size}
+            reft_meta = {
+                "config": dataclasses.asdict(stage.config.reft),
+                "layers": stage.reft.layers,
+                "hidden_size": model.hidden_size,
+            }
             write_json(folder / "intervention_config.json", reft_meta)
         stages.append(_stage_entry(stage))
     if optimizer is not None:
@@ -260,7 +280,12 @@ def _save_failure(err: OSError, run_dir: Path, model: HeftModel, optimizer: torc
     """One line: where and why a save failed, and for a full disk how much space it needs."""
     message = f"could not save {run_dir}: {err.strerror or err} ({err.filename or run_dir})"
     if err.errno == errno.ENOSPC:
-        tensors = [t for s in model.stages if s.config.uses_lora and not s.rolled_back for t in model.lora_state_dict(s).values()]
+        tensors = [
+            t
+            for s in model.stages
+            if s.config.uses_lora and not s.rolled_back
+            for t in model.lora_state_dict(s).values()
+        ]
         tensors += [t for s in model.stages if s.reft is not None for t in s.reft.state_dict().values()]
         if optimizer is not None:
             tensors += [v for slots in optimizer.state.values() for v in slots.values() if torch.is_tensor(v)]
@@ -276,7 +301,9 @@ def read_manifest(run_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise RunFolderError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); the folder cannot be loaded") from None
+        raise RunFolderError(
+            f"{path} is not valid JSON ({err.msg}, line {err.lineno}); the folder cannot be loaded"
+        ) from None
     if manifest.get("format") != FORMAT:
         raise RunFolderError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
     for rel, digest in manifest["files"].items():
@@ -323,7 +350,9 @@ def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: st
         if stage.reft is not None:
             if entry["finished"]:  # R loads as the plain tensor it was saved from, bit for bit
                 stage.reft.freeze_()
-            stage.reft.load_state_dict(safetensors.torch.load_file(folder / "interventions.safetensors", device=str(model.device)))
+            stage.reft.load_state_dict(
+                safetensors.torch.load_file(folder / "interventions.safetensors", device=str(model.device))
+            )
         if entry["finished"]:
             model.finish_stage()
     model.eval()
@@ -333,7 +362,9 @@ def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: st
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, trainer_state: dict) -> None:
     """Optimizer state as safetensors (tensors) + JSON (hyperparameters, scheduler, progress)."""
     state = optimizer.state_dict()
-    tensors = {f"{idx}.{key}": value.contiguous() for idx, slots in state["state"].items() for key, value in slots.items()}
+    tensors = {
+        f"{idx}.{key}": value.contiguous() for idx, slots in state["state"].items() for key, value in slots.items()
+    }
     save_tensors(tensors, folder / "optimizer.safetensors")
     write_json(folder / TRAINER_STATE, {"param_groups": state["param_groups"], **trainer_state})
 
@@ -393,9 +424,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base_model: str | None 
         reft_names = [s.name for s in model.stages if s.reft is not None]
         (tmp / "HEFT_EXPORT.md").write_text(
             f"# Exported from {run_dir}\n\n"
-            f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} merged into the weights.\n"
+            f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} "
+            "merged into the weights.\n"
             f"ReFT stages {reft_names or 'none'} are stored under `weights/` and are applied by heft:\n\n"
-            "```python\nimport heft\nmodel = heft.load_run(\"" + str(out_dir) + "\")  # full hierarchy\n```\n\n"
+            '```python\nimport heft\nmodel = heft.load_run("' + str(out_dir) + '")  # full hierarchy\n```\n\n'
             "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
             "without the ReFT interventions.\n"
         )

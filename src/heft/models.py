@@ -101,9 +101,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
-    raise ValueError(
-        f"unsupported dtype {dtype!r}; valid: {', '.join(DTYPES)} (or torch.float32/torch.bfloat16)"
-    )
+    raise ValueError(f"unsupported dtype {dtype!r}; valid: {', '.join(DTYPES)} (or torch.float32/torch.bfloat16)")
 
 
 def hide_library_progress_bars() -> None:
@@ -150,9 +148,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # ValueError: no tokenizer files that transformers can use
-        raise ModelNotFoundError(
-            f"could not load the tokenizer of {name_or_path!r} from {where}: {err}"
-        ) from err
+        raise ModelNotFoundError(f"could not load the tokenizer of {name_or_path!r} from {where}: {err}") from err
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -291,9 +287,7 @@ def _gguf_cache_folder(alias: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", suffix=".tmp", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec.filename)
-        model = AutoModelForCausalLM.from_pretrained(
-            package_dir, gguf_file=spec.filename, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec.filename, dtype=torch.float32)
         # The weights are already de-quantised; dropping the GGUF quantizer makes the copy a plain
         # checkpoint (transformers refuses to save "quantized" models and would re-apply it on load).
         model.hf_quantizer = None

@@ -22,7 +22,6 @@ from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
 
-
 SHORT_CPU_SEQUENCE = 128
 """Up to this many positions, training on the CPU runs SDPA's math kernel instead of its flash
 kernel (see `attention_kernel`)."""
@@ -146,8 +145,12 @@ class HeftModel(nn.Module):
             names = [n for n, _ in self.model.named_modules()]
             missing = [t for t in config.lora.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
             if missing:
-                linear = sorted({n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)})
-                raise ValueError(f"lora.target_modules {missing} match no module of this model (its linear layers: {linear})")
+                linear = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+                )
+                raise ValueError(
+                    f"lora.target_modules {missing} match no module of this model (its linear layers: {linear})"
+                )
         layers = config.lora.layers_to_transform if config.uses_lora else None
         if layers and not all(0 <= i < len(self._layers) for i in layers):
             raise ValueError(f"lora.layers_to_transform {layers}: this model has layers 0..{len(self._layers) - 1}")
@@ -166,8 +169,10 @@ class HeftModel(nn.Module):
         kept = any(s.config.uses_lora and not s.config.lora.merge and not s.rolled_back for s in self.stages)
         blocked = blocked_merge(configs, earlier_unmerged=kept)
         if blocked is not None:
-            raise ValueError(f"stage {first_index + blocked} ({configs[blocked].method}): its LoRA adapter cannot merge while an "
-                             "earlier one stays unmerged; set lora.merge: false on it too, or true on the earlier LoRA stage")
+            raise ValueError(
+                f"stage {first_index + blocked} ({configs[blocked].method}): its LoRA adapter cannot merge while an "
+                "earlier one stays unmerged; set lora.merge: false on it too, or true on the earlier LoRA stage"
+            )
 
     def finish_stage(self) -> None:
         """Freeze the current stage; capture and (if configured) merge its LoRA adapter, fix its ReFT rotations."""
@@ -187,7 +192,9 @@ class HeftModel(nn.Module):
         what it computed before the stage; the stage stays listed, marked rolled back."""
         stage = self.stages[-1]
         if stage.finished:
-            raise ValueError(f"stage {stage.name} is finished (and maybe merged); only the training stage can be rolled back")
+            raise ValueError(
+                f"stage {stage.name} is finished (and maybe merged); only the training stage can be rolled back"
+            )
         if stage.config.uses_lora:
             self.model = self._lora.discard(stage.adapter_name)
         if stage.reft is not None:
@@ -276,8 +283,11 @@ class HeftModel(nn.Module):
         if not enabled or self._frozen_bf16_active:
             yield
             return
-        skip = {id(m.get_base_layer()) for m in self.model.modules()
-                if isinstance(m, peft.tuners.lora.LoraLayer) and getattr(m, "lora_variant", None)}
+        skip = {
+            id(m.get_base_layer())
+            for m in self.model.modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer) and getattr(m, "lora_variant", None)
+        }
         swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
         head = self.model.get_output_embeddings()
         try:
@@ -290,9 +300,13 @@ class HeftModel(nn.Module):
                         if param is not None and param.dtype == torch.float32 and not param.requires_grad:
                             swapped.append((param, param.data))
                             param.data = param.data.to(torch.bfloat16)
-            if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):  # not a peft-wrapped or trained head
-                self._head_bf16 = (head.weight.detach().to(torch.bfloat16),
-                                   None if head.bias is None else head.bias.detach().to(torch.bfloat16))
+            if type(head) is nn.Linear and not any(
+                p.requires_grad for p in head.parameters()
+            ):  # not a peft-wrapped or trained head
+                self._head_bf16 = (
+                    head.weight.detach().to(torch.bfloat16),
+                    None if head.bias is None else head.bias.detach().to(torch.bfloat16),
+                )
             yield
         finally:
             for param, original in swapped:
@@ -317,10 +331,16 @@ class HeftModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
             prompt_mask = attention_mask.bool()
-        with self._editing(prompt_mask), attention_kernel(input_ids.device, input_ids.shape[1],
-                                                           self._checkpointing or self._compiled):
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        with (
+            self._editing(prompt_mask),
+            attention_kernel(input_ids.device, input_ids.shape[1], self._checkpointing or self._compiled),
+        ):
+            hidden = self.model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
         if labels is None:
             return HeftOutput(None, hidden, 0)
         shift_labels = labels[:, 1:]
@@ -331,8 +351,11 @@ class HeftModel(nn.Module):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         device = hidden.device.type
-        if (self._head_bf16 is not None and torch.is_autocast_enabled(device)
-                and torch.get_autocast_dtype(device) == torch.bfloat16):  # what autocast computes, without the cast
+        if (
+            self._head_bf16 is not None
+            and torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.bfloat16
+        ):  # what autocast computes, without the cast
             return F.linear(hidden.to(torch.bfloat16), *self._head_bf16)
         return self.model.get_output_embeddings()(hidden)
 
@@ -351,17 +374,23 @@ class HeftModel(nn.Module):
         """Hidden states and key/value cache of a prompt batch (either padding side), edited by every
         stage exactly as in training, where the interventions sit on prompt tokens only."""
         with self._editing(attention_mask.bool()):
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids(attention_mask), use_cache=True)
+            out = self.model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=True,
+            )
         return out.last_hidden_state, out.cache
 
     @torch.no_grad()
-    def continue_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                         cache: Cache) -> torch.Tensor:
+    def continue_prompts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
         """Hidden states of tokens appended to cached prompts (`attention_mask` spans cache + new
         tokens). No intervention runs: continuation tokens are never edited, in training either."""
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     cache=cache, use_cache=True).last_hidden_state
+        return self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        ).last_hidden_state
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -57,8 +57,9 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
-def paired_comparison(a: Sequence[str | Sequence[int]], b: Sequence[str | Sequence[int]], resamples: int = 10_000,
-                      seed: int = 0) -> PairedComparison:
+def paired_comparison(
+    a: Sequence[str | Sequence[int]], b: Sequence[str | Sequence[int]], resamples: int = 10_000, seed: int = 0
+) -> PairedComparison:
     """Compare arms `a` and `b` given, per seed, which evaluation examples each got right.
 
     `a[i]` and `b[i]` must score the same examples in the same order (seed i's evaluation set).
@@ -69,8 +70,10 @@ def paired_comparison(a: Sequence[str | Sequence[int]], b: Sequence[str | Sequen
     for i, (x, y) in enumerate(zip(a, b)):
         x, y = _as_array(x), _as_array(y)
         if x.shape != y.shape or not x.size:
-            raise ValueError(f"seed {i}: the arms scored {x.size} and {y.size} examples; a paired comparison "
-                             "needs the same evaluation examples")
+            raise ValueError(
+                f"seed {i}: the arms scored {x.size} and {y.size} examples; a paired comparison "
+                "needs the same evaluation examples"
+            )
         diffs.append(x.astype(np.int16) - y)
     rng = np.random.default_rng(seed)
     total = sum(d.size for d in diffs)

@@ -22,7 +22,7 @@ def _cpuinfo_field(name: str) -> str | None:
 
 
 def cpu_model_name() -> str:
-    """"AMD EPYC ..." or "Intel Xeon ...": machines of one architecture differ several-fold in bf16
+    """ "AMD EPYC ..." or "Intel Xeon ...": machines of one architecture differ several-fold in bf16
     speed (AMX or not), so timings name the model, not just x86_64."""
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
@@ -35,15 +35,19 @@ def device_info() -> dict[str, str | int]:
     """What trained a run, so a summary assembled elsewhere (GPU runs reported on a CPU machine)
     still says where its numbers come from."""
     if torch.cuda.is_available():
-        return {"type": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                "torch": torch.__version__}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "torch": torch.__version__,
+        }
     return {"type": "cpu", "name": cpu_model_name(), "count": os.cpu_count() or 1, "torch": torch.__version__}
 
 
 def proc_status_mb(key: str) -> float | None:
     """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB; None where the OS has none."""
     try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+        line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith(key + ":"))
     except (OSError, StopIteration):
         return None
     return int(line.split()[1]) / 1024
@@ -77,11 +81,14 @@ def code_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version(), **versions()}
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
-        out["git_commit"] = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        out["git_commit"] = git("rev-parse", "HEAD") + (
+            "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+        )
     except (OSError, subprocess.CalledProcessError):
         out["git_commit"] = None
     return out

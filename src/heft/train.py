@@ -28,8 +28,16 @@ from transformers import get_scheduler
 
 from heft.config import ConfigError, RunConfig, StageConfig, save_config
 from heft.evaluate import autocast, evaluate, pad_batch, scored_tokens
-from heft.io import (append_jsonl, atomic_write_text, load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run,
-                     write_json)
+from heft.io import (
+    append_jsonl,
+    atomic_write_text,
+    load_optimizer,
+    load_run,
+    read_trainer_state,
+    run_folder_lock,
+    save_run,
+    write_json,
+)
 from heft.pipeline import HeftModel
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, Example, Task, get_task
@@ -125,7 +133,10 @@ def train_stage(
     total_steps = sum(math.ceil(n / cfg.grad_accum) for n in plan)
     optimizer = _optimizer(model, stage)
     scheduler = get_scheduler(
-        SCHEDULES[stage.schedule], optimizer, num_warmup_steps=round(stage.warmup_ratio * total_steps), num_training_steps=total_steps
+        SCHEDULES[stage.schedule],
+        optimizer,
+        num_warmup_steps=round(stage.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
     )
     if resume_from is not None:
         load_optimizer(optimizer, resume_from)
@@ -166,12 +177,18 @@ def train_stage(
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
                 tokens += int(batch["attention_mask"].sum())
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
+                )
         bar.close()
-        totals = accelerator.reduce(torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device), "sum")
+        totals = accelerator.reduce(
+            torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device), "sum"
+        )
         progress.train_tokens += int(totals[0])
         progress.epoch = epoch + 1
-        on_epoch_end(model, epoch, float(totals[1] / max(totals[2], 1)), optimizer.optimizer)  # the torch optimizer inside accelerate's wrapper
+        on_epoch_end(
+            model, epoch, float(totals[1] / max(totals[2], 1)), optimizer.optimizer
+        )  # the torch optimizer inside accelerate's wrapper
 
 
 # ---------------------------------------------------------------------------------------- recipe
@@ -223,8 +240,10 @@ def read_splits(task: Task, cfg: RunConfig) -> RowSplits:
     if cfg.max_train_examples is not None:
         train_rows = subsample(train_rows, cfg.max_train_examples, cfg.seed)
     if not train_rows:
-        raise DataError(f"{task.describe_source(data)}: no training examples left after the held-out splits",
-                        hint="lower max_eval_examples or data.dev_examples, or add training rows")
+        raise DataError(
+            f"{task.describe_source(data)}: no training examples left after the held-out splits",
+            hint="lower max_eval_examples or data.dev_examples, or add training rows",
+        )
     return RowSplits(train_rows, eval_rows, dev_rows)
 
 
@@ -297,7 +316,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         progress = Progress()
         model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
     try:  # the stages still to add, now, not hours later when a bad one starts (e.g. an arm branched off a prefix)
-        model.check_stages(cfg.stages[len(model.stages):], first_index=len(model.stages))
+        model.check_stages(cfg.stages[len(model.stages) :], first_index=len(model.stages))
     except ValueError as err:
         raise ConfigError(str(err)) from err
     model.to(accelerator.device)
@@ -306,7 +325,10 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     splits = encode_splits(task, cfg, rows, model.tokenizer)
     train_data, eval_data = splits.train, splits.evaluation
     probe_data = train_data[: cfg.boundary_examples]
-    probe = [collate(probe_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id) for i in range(0, len(probe_data), cfg.batch_size)]
+    probe = [
+        collate(probe_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id)
+        for i in range(0, len(probe_data), cfg.batch_size)
+    ]
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
@@ -320,23 +342,46 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
 
     def dev_accuracy() -> float:
         """Accuracy on the dev split carved out of training (the stage gate's yardstick)."""
-        return evaluate(model, task, splits.dev, batch_size=cfg.eval_batch_size, progress=False, bf16=cfg.bf16)["accuracy"]
+        return evaluate(model, task, splits.dev, batch_size=cfg.eval_batch_size, progress=False, bf16=cfg.bf16)[
+            "accuracy"
+        ]
 
-    def record(stage_index: int, stage_name: str, epoch: int | None, train_loss: float | None,
-               kind: str = "eval", evaluated: dict | None = None, measure: bool | None = None, **extra) -> dict:
+    def record(
+        stage_index: int,
+        stage_name: str,
+        epoch: int | None,
+        train_loss: float | None,
+        kind: str = "eval",
+        evaluated: dict | None = None,
+        measure: bool | None = None,
+        **extra,
+    ) -> dict:
         """Append a metrics line (`kind`: eval, stage_start or stage_end). It evaluates now when
         `measure` (default: for kind eval), or copies the evaluation in `evaluated`."""
-        line = {"kind": kind, "stage": stage_name, "stage_index": stage_index, "epoch": epoch,
-                "step": progress.optimizer_steps, "train_loss": train_loss, **extra}
+        line = {
+            "kind": kind,
+            "stage": stage_name,
+            "stage_index": stage_index,
+            "epoch": epoch,
+            "step": progress.optimizer_steps,
+            "train_loss": train_loss,
+            **extra,
+        }
         if evaluated is not None:
             line.update({k: v for k, v in evaluated.items() if k.startswith("eval_")})
         elif kind == "eval" if measure is None else measure:
-            result = evaluate(model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16)
+            result = evaluate(
+                model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16
+            )
             progress.eval_tokens += scored_tokens(eval_data)
-            line.update(eval_accuracy=result["accuracy"], eval_majority_accuracy=result["majority_accuracy"],
-                        eval_per_class_accuracy=result["per_class_accuracy"], eval_mean_margin=result["mean_margin"],
-                        eval_correct=result["correct"],
-                        **{f"eval_{k}": result[k] for k in ("acc", "acc_norm") if k in result})
+            line.update(
+                eval_accuracy=result["accuracy"],
+                eval_majority_accuracy=result["majority_accuracy"],
+                eval_per_class_accuracy=result["per_class_accuracy"],
+                eval_mean_margin=result["mean_margin"],
+                eval_correct=result["correct"],
+                **{f"eval_{k}": result[k] for k in ("acc", "acc_norm") if k in result},
+            )
             log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
         line.update(elapsed_s=round(time.perf_counter() - clock, 2), tokens_seen=progress.train_tokens)
         if is_main:
@@ -357,7 +402,9 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         stage = model.stages[index] if resuming else model.add_stage(stage_cfg, seed=cfg.seed + index)
         num_epochs = math.ceil(stage_cfg.epochs)
         if not resuming:
-            record_stage_start(record, history, model, stage.name, index, cfg, probe, dev_accuracy=received_dev_accuracy)
+            record_stage_start(
+                record, history, model, stage.name, index, cfg, probe, dev_accuracy=received_dev_accuracy
+            )
 
         def on_epoch_end(m: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
             last = epoch + 1 == num_epochs
@@ -365,8 +412,13 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
             if last and gated:  # judged before any merge, so that a rollback leaves the model untouched
                 before = next(h["dev_accuracy"] for h in history if (h["stage_index"], h["epoch"]) == (index, 0))
                 gate = gate_verdict(before, dev_accuracy())
-                log.info("%s: dev accuracy %.4f -> %.4f: %s", stage.name, before, gate["dev_accuracy"],
-                         "rolled back" if gate["rolled_back"] else "kept")
+                log.info(
+                    "%s: dev accuracy %.4f -> %.4f: %s",
+                    stage.name,
+                    before,
+                    gate["dev_accuracy"],
+                    "rolled back" if gate["rolled_back"] else "kept",
+                )
             if gate.get("rolled_back"):
                 m.roll_back_stage()
             elif last:
@@ -374,15 +426,32 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
             if evaluates_after(cfg.eval_every, epoch + 1, last):
                 record(index, stage.name, epoch + 1, train_loss)
             if last:
-                record(index, stage.name, epoch + 1, train_loss, kind="stage_end",
-                       boundary_loss=mean_loss(m, probe, cfg.bf16), **gate)
+                record(
+                    index,
+                    stage.name,
+                    epoch + 1,
+                    train_loss,
+                    kind="stage_end",
+                    boundary_loss=mean_loss(m, probe, cfg.bf16),
+                    **gate,
+                )
             progress.elapsed_s = time.perf_counter() - clock
             if is_main:
                 checkpoint = Progress(**{**asdict(progress), **({"stage": index + 1, "epoch": 0} if last else {})})
                 save_run(m, run_dir, cfg.seed, progress.optimizer_steps, optimizer, {"progress": asdict(checkpoint)})
             accelerator.wait_for_everyone()
 
-        train_stage(model, stage_cfg, train_data, cfg, accelerator, progress, on_epoch_end, run_dir if resuming else None, show_progress)
+        train_stage(
+            model,
+            stage_cfg,
+            train_data,
+            cfg,
+            accelerator,
+            progress,
+            on_epoch_end,
+            run_dir if resuming else None,
+            show_progress,
+        )
         progress.stage, progress.epoch = index + 1, 0
 
     if cfg.eval_every == "never":
@@ -398,12 +467,17 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
 def gate_verdict(before: float, after: float) -> dict:
     """The stage gate (`keep: if_better`): a stage that lowered dev accuracy is rolled back."""
     rolled_back = after < before
-    return {"dev_accuracy_before": before, "dev_accuracy": after, "rolled_back": rolled_back,
-            "rollback_reason": f"dev accuracy {after:.4f} < {before:.4f} when the stage started" if rolled_back else None}
+    return {
+        "dev_accuracy_before": before,
+        "dev_accuracy": after,
+        "rolled_back": rolled_back,
+        "rollback_reason": f"dev accuracy {after:.4f} < {before:.4f} when the stage started" if rolled_back else None,
+    }
 
 
-def run_results(history: Sequence[dict], model: HeftModel, progress: Progress, data_info: dict, wall_time_s: float,
-                run_dir: Path) -> dict:
+def run_results(
+    history: Sequence[dict], model: HeftModel, progress: Progress, data_info: dict, wall_time_s: float, run_dir: Path
+) -> dict:
     """results.json: the final evaluation, each stage's boundaries, the budget spent, the machine."""
     metrics = [m for m in history if m.get("kind", "eval") == "eval"]  # history: every line of metrics.jsonl
     final = metrics[-1]
@@ -413,9 +487,16 @@ def run_results(history: Sequence[dict], model: HeftModel, progress: Progress, d
         "zero_shot_accuracy": next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None),
         "per_class_accuracy": final["eval_per_class_accuracy"],
         "mean_margin": final["eval_mean_margin"],
-        "stages": [{"name": s.name, "method": s.config.method, "epochs": s.config.epochs,
-                    "trainable_params": s.trainable_params, **boundary_summary(history, s.index)}
-                   for s in model.stages],
+        "stages": [
+            {
+                "name": s.name,
+                "method": s.config.method,
+                "epochs": s.config.epochs,
+                "trainable_params": s.trainable_params,
+                **boundary_summary(history, s.index),
+            }
+            for s in model.stages
+        ],
         "wall_time_s": round(wall_time_s, 2),
         "train_tokens": progress.train_tokens,
         "eval_tokens": progress.eval_tokens,
@@ -434,8 +515,16 @@ def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
     return eval_every == "epoch" or last or (isinstance(eval_every, int) and epoch % eval_every == 0)
 
 
-def record_stage_start(record: Callable[..., dict], history: list[dict], model: HeftModel, name: str, index: int,
-                       cfg: RunConfig, probe: Sequence[dict[str, torch.Tensor]], dev_accuracy: float | None) -> None:
+def record_stage_start(
+    record: Callable[..., dict],
+    history: list[dict],
+    model: HeftModel,
+    name: str,
+    index: int,
+    cfg: RunConfig,
+    probe: Sequence[dict[str, torch.Tensor]],
+    dev_accuracy: float | None,
+) -> None:
     """Loss and evaluation of the model as a new stage receives it (its trainable part freshly
     initialised). When the stage starts as the identity, the previous evaluation is still valid.
     `dev_accuracy` (gated stages) was measured before the stage was added."""
@@ -447,8 +536,18 @@ def record_stage_start(record: Callable[..., dict], history: list[dict], model: 
     prev_epochs = math.ceil(cfg.stages[index - 1].epochs) if index else None
     received = previous is not None and (previous["stage_index"], previous["epoch"]) == (index - 1, prev_epochs)
     reuse = previous if received and cfg.stages[index].starts_as_identity else None
-    record(index, name, 0, None, kind="stage_start", evaluated=reuse, measure=reuse is None, boundary_loss=loss,
-           eval_reused_from=f"{previous['stage']} epoch {previous['epoch']}" if reuse else None, dev_accuracy=dev_accuracy)
+    record(
+        index,
+        name,
+        0,
+        None,
+        kind="stage_start",
+        evaluated=reuse,
+        measure=reuse is None,
+        boundary_loss=loss,
+        eval_reused_from=f"{previous['stage']} epoch {previous['epoch']}" if reuse else None,
+        dev_accuracy=dev_accuracy,
+    )
 
 
 def read_metrics(path: Path) -> list[dict]:

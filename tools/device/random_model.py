@@ -1,5 +1,6 @@
 """A randomly initialised smollm2-135m (same shapes as the real one) for `heft bench`: throughput
 and memory do not depend on the weights' values."""
+
 import shutil
 import sys
 from pathlib import Path

@@ -25,7 +25,9 @@ Scorer = Callable[[HeftModel, Sequence[list[int]], Sequence[Sequence[list[int]]]
 
 
 @torch.no_grad()
-def full_sequences(model: HeftModel, prompts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]]) -> list[list[float]]:
+def full_sequences(
+    model: HeftModel, prompts: Sequence[list[int]], continuations: Sequence[Sequence[list[int]]]
+) -> list[list[float]]:
     """The baseline: one row per choice holding prompt + continuation, so each prompt runs once per
     choice; the LM head runs at the continuation's positions only, as in heft's own scoring."""
     rows = [(p, c) for p, conts in zip(prompts, continuations) for c in conts]
@@ -33,7 +35,9 @@ def full_sequences(model: HeftModel, prompts: Sequence[list[int]], continuations
     position = torch.arange(ids.shape[1]).unsqueeze(0)
     prompt_len = torch.tensor([len(p) for p, _ in rows]).unsqueeze(1)
     hidden = model(ids, mask, prompt_mask=(position < prompt_len) & mask.bool()).hidden_states
-    predicts = (position >= prompt_len - 1) & (position < mask.sum(dim=1, keepdim=True) - 1)  # positions before a continuation token
+    predicts = (position >= prompt_len - 1) & (
+        position < mask.sum(dim=1, keepdim=True) - 1
+    )  # positions before a continuation token
     logprobs = torch.log_softmax(model.lm_head(hidden[predicts]).float(), dim=-1)
     targets = torch.cat([torch.tensor(c) for _, c in rows])
     picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).double()
@@ -64,8 +68,13 @@ def main() -> None:
     examples = task.load_split(DataConfig(), task.default_eval_split)[: args.questions]
     encoded, _ = task.encode(examples, model.tokenizer, 512)
     encoded.sort(key=lambda e: e.prompt_len)  # as evaluate batches them
-    batches = [([e.input_ids[: e.prompt_len] for e in encoded[i : i + args.batch_size]],
-                [e.choice_ids for e in encoded[i : i + args.batch_size]]) for i in range(0, len(encoded), args.batch_size)]
+    batches = [
+        (
+            [e.input_ids[: e.prompt_len] for e in encoded[i : i + args.batch_size]],
+            [e.choice_ids for e in encoded[i : i + args.batch_size]],
+        )
+        for i in range(0, len(encoded), args.batch_size)
+    ]
     scorers: dict[str, Scorer] = {"prompt reuse": continuation_logprobs, "full sequences": full_sequences}
     times: dict[str, list[float]] = {name: [] for name in scorers}
     scores = {}
@@ -75,17 +84,30 @@ def main() -> None:
             seconds, scores[name] = run(model, batches, score)
             times[name].append(seconds)
     diff = max(abs(a - b) for x, y in zip(*scores.values()) for a, b in zip(x, y))
-    tokens = {"prompt reuse": sum(e.prompt_len + sum(len(c) - 1 for c in e.choice_ids) for e in encoded),
-              "full sequences": sum(len(e.choice_ids) * e.prompt_len + sum(len(c) for c in e.choice_ids) for e in encoded)}
-    print(json.dumps({
-        "model": args.model, "task": args.task, "questions": len(encoded), "choices": sum(len(e.choice_ids) for e in encoded),
-        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-        "tokens_forwarded": tokens,
-        "seconds": {name: round(statistics.median(t), 3) for name, t in times.items()},
-        "all_seconds": {name: [round(s, 3) for s in t] for name, t in times.items()},
-        "speed_up": round(statistics.median(times["full sequences"]) / statistics.median(times["prompt reuse"]), 2),
-        "max_abs_score_difference": diff,
-    }, indent=2))
+    tokens = {
+        "prompt reuse": sum(e.prompt_len + sum(len(c) - 1 for c in e.choice_ids) for e in encoded),
+        "full sequences": sum(len(e.choice_ids) * e.prompt_len + sum(len(c) for c in e.choice_ids) for e in encoded),
+    }
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "task": args.task,
+                "questions": len(encoded),
+                "choices": sum(len(e.choice_ids) for e in encoded),
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "tokens_forwarded": tokens,
+                "seconds": {name: round(statistics.median(t), 3) for name, t in times.items()},
+                "all_seconds": {name: [round(s, 3) for s in t] for name, t in times.items()},
+                "speed_up": round(
+                    statistics.median(times["full sequences"]) / statistics.median(times["prompt reuse"]), 2
+                ),
+                "max_abs_score_difference": diff,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

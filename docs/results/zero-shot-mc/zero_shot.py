@@ -27,17 +27,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     model = HeftModel.from_pretrained(args.model).eval()
-    runs = [(name, None) for name in args.tasks] + ([("openbookqa", LM_EVAL_OPENBOOKQA)] if "openbookqa" in args.tasks else [])
+    runs = [(name, None) for name in args.tasks] + (
+        [("openbookqa", LM_EVAL_OPENBOOKQA)] if "openbookqa" in args.tasks else []
+    )
     for name, template in runs:
         task = get_task(name)
         start = time.perf_counter()
         examples = task.load_split(DataConfig(template=template), task.default_eval_split)
         encoded, truncated = task.encode(examples, model.tokenizer, 512)
         result = evaluate(model, task, encoded, batch_size=args.batch_size, progress=False)
-        print(json.dumps({"model": args.model, "task": name, "split": task.default_eval_split,
-                          "template": template or task.template, "truncated": truncated,
-                          **{k: result[k] for k in ("n", "acc", "acc_norm", "headline", "majority_accuracy")},
-                          "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "task": name,
+                    "split": task.default_eval_split,
+                    "template": template or task.template,
+                    "truncated": truncated,
+                    **{k: result[k] for k in ("n", "acc", "acc_norm", "headline", "majority_accuracy")},
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ class ReproduceJobsFailed(RuntimeError):
     """Some parallel jobs failed; the summary and report of the others were written."""
 
 
-def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str | None = None,
-              show_progress: bool = True, train: bool = True, jobs: int = 1) -> dict:
+def reproduce(
+    config_path: str,
+    overrides: Sequence[str] = (),
+    output_dir: str | None = None,
+    show_progress: bool = True,
+    train: bool = True,
+    jobs: int = 1,
+) -> dict:
     """Train every selected arm and seed not yet finished (unless `train` is False: report on what is
     finished), then write the summary, report and plots. With `jobs` > 1 the arms and seeds train
     in that many worker processes at once (`train_plan_parallel`).
@@ -62,5 +68,3 @@ def reproduce(config_path: str, overrides: Sequence[str] = (), output_dir: str |
     if failed:
         raise ReproduceJobsFailed(f"{len(failed)} job(s) failed: " + "; ".join(failed))
     return summary
-
-

@@ -62,8 +62,10 @@ def shared_prefixes(configs: dict[str, dict[int, RunConfig]], selected: Sequence
     Arms share model, data, subsample and seeds by construction, so equal stage configs mean an
     equal prefix. Arms with the same longest prefix share one `Prefix` (one training per seed).
     """
-    stages = {arm: [json.dumps(config_to_dict(s), sort_keys=True) for s in next(iter(configs[arm].values())).stages]
-              for arm in selected}
+    stages = {
+        arm: [json.dumps(config_to_dict(s), sort_keys=True) for s in next(iter(configs[arm].values())).stages]
+        for arm in selected
+    }
 
     def common(a: list[str], b: list[str]) -> int:
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -101,8 +103,11 @@ def _mapping(value: Any, key: tuple, src: Source, allowed: Sequence[str] | None 
     for name in value:
         if allowed is not None and name not in allowed:
             close = difflib.get_close_matches(str(name), allowed, n=1)
-            src.fail(f"unknown key '{'.'.join(map(str, (*key, name)))}'", (*key, name),
-                     hint=f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(allowed))
+            src.fail(
+                f"unknown key '{'.'.join(map(str, (*key, name)))}'",
+                (*key, name),
+                hint=f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(allowed),
+            )
     return value
 
 
@@ -117,28 +122,51 @@ def _resolve(data: dict, src: Source) -> tuple[str, dict, dict[str, list[float]]
     """The chosen preset merged into the file: (preset, {base, seeds, arms, ...}, nominal epochs)."""
     presets = _mapping(data.get("presets", {}), ("presets",), src)
     preset = data.get("preset")
-    _check(isinstance(preset, str) and preset in presets, preset, ("preset",), src,
-           "one of " + ", ".join(map(str, presets)))
+    _check(
+        isinstance(preset, str) and preset in presets,
+        preset,
+        ("preset",),
+        src,
+        "one of " + ", ".join(map(str, presets)),
+    )
     chosen = _mapping(presets[preset], ("presets", preset), src, PRESET_KEYS)
     arms = _mapping(data.get("arms"), ("arms",), src)
     _check(bool(arms), arms, ("arms",), src, "at least one arm")
     nominal = {}
     for arm, spec in arms.items():
         stages = _mapping(spec, ("arms", arm), src, ("stages",)).get("stages")
-        _check(isinstance(stages, list) and bool(stages) and all(isinstance(s, dict) for s in stages),
-               stages, ("arms", arm, "stages"), src, "a non-empty list of stage mappings")
+        _check(
+            isinstance(stages, list) and bool(stages) and all(isinstance(s, dict) for s in stages),
+            stages,
+            ("arms", arm, "stages"),
+            src,
+            "a non-empty list of stage mappings",
+        )
         nominal[arm] = [s.get("epochs", 1.0) for s in stages]
         for i, e in enumerate(nominal[arm]):
             _check(type(e) in (int, float) and e > 0, e, ("arms", arm, "stages", i, "epochs"), src, "a number > 0")
-    base = _merge(_mapping(data.get("base", {}), ("base",), src),
-                  _mapping(chosen.get("base", {}), ("presets", preset, "base"), src))
-    resolved = {"base": base, "seeds": chosen.get("seeds", data.get("seeds", [1])), "arms": copy.deepcopy(arms),
-                "arms_only": data.get("arms_only"), "output_dir": data.get("output_dir", "runs/reproduce-{preset}"),
-                "eval_every": data.get("eval_every", "epoch"), "compare": data.get("compare")}
+    base = _merge(
+        _mapping(data.get("base", {}), ("base",), src),
+        _mapping(chosen.get("base", {}), ("presets", preset, "base"), src),
+    )
+    resolved = {
+        "base": base,
+        "seeds": chosen.get("seeds", data.get("seeds", [1])),
+        "arms": copy.deepcopy(arms),
+        "arms_only": data.get("arms_only"),
+        "output_dir": data.get("output_dir", "runs/reproduce-{preset}"),
+        "eval_every": data.get("eval_every", "epoch"),
+        "compare": data.get("compare"),
+    }
     for arm, epochs in _mapping(chosen.get("epochs", {}), ("presets", preset, "epochs"), src, list(arms)).items():
         stages = resolved["arms"][arm]["stages"]
-        _check(isinstance(epochs, list) and len(epochs) == len(stages), epochs, ("presets", preset, "epochs", arm), src,
-               f"a list of {len(stages)} epoch count(s), one per stage of arm '{arm}'")
+        _check(
+            isinstance(epochs, list) and len(epochs) == len(stages),
+            epochs,
+            ("presets", preset, "epochs", arm),
+            src,
+            f"a list of {len(stages)} epoch count(s), one per stage of arm '{arm}'",
+        )
         for stage, e in zip(stages, epochs):
             stage["epochs"] = e
     return preset, resolved, nominal
@@ -165,14 +193,32 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
     for name in base:
         if name in RESERVED:
             src.fail(f"key 'base.{name}' is set by reproduce per arm", ("base", name), hint="remove it")
-    _check(isinstance(seeds, list) and bool(seeds) and all(type(s) is int for s in seeds)
-           and len(set(seeds)) == len(seeds), seeds, ("seeds",), src, "a non-empty list of distinct integers")
-    _check(only is None or (isinstance(only, list) and bool(only)), only, ("arms_only",), src,
-           "null or a list of arm names")
+    _check(
+        isinstance(seeds, list)
+        and bool(seeds)
+        and all(type(s) is int for s in seeds)
+        and len(set(seeds)) == len(seeds),
+        seeds,
+        ("seeds",),
+        src,
+        "a non-empty list of distinct integers",
+    )
+    _check(
+        only is None or (isinstance(only, list) and bool(only)),
+        only,
+        ("arms_only",),
+        src,
+        "null or a list of arm names",
+    )
     for i, arm in enumerate(only or []):
         close = difflib.get_close_matches(str(arm), list(arms), n=1)
-        _check(arm in arms, arm, ("arms_only", i), src,
-               "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""))
+        _check(
+            arm in arms,
+            arm,
+            ("arms_only", i),
+            src,
+            "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""),
+        )
     selected = [arm for arm in arms if only is None or arm in only]
     eval_every = resolved["eval_every"]
     _check(is_eval_interval(eval_every), eval_every, ("eval_every",), src, "epoch, stage or a number of epochs > 0")
@@ -181,15 +227,31 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
     for arm, spec in arms.items():
         configs[arm] = {}
         for seed in seeds:
-            run = {**copy.deepcopy(base), "stages": spec["stages"], "seed": seed, "eval_every": eval_every,
-                   "eval_zero_shot": arm == selected[0],  # once per seed and call: see the module docstring
-                   "output_dir": str(out / arm / f"seed-{seed}")}
+            run = {
+                **copy.deepcopy(base),
+                "stages": spec["stages"],
+                "seed": seed,
+                "eval_every": eval_every,
+                "eval_zero_shot": arm == selected[0],  # once per seed and call: see the module docstring
+                "output_dir": str(out / arm / f"seed-{seed}"),
+            }
             configs[arm][seed] = config_from_dict(run, source=f"{path} (preset {preset}, arm {arm})")
     compare = resolved["compare"] or []
-    _check(isinstance(compare, list) and all(isinstance(c, list) and len(c) == 2 and all(a in arms for a in c)
-                                             for c in compare), compare, ("compare",), src,
-           "a list of [arm, baseline] pairs of arm names")
-    return Plan(preset, out, seeds, configs, nominal, selected, shared_prefixes(configs, selected, out),
-                [tuple(c) for c in compare])
-
-
+    _check(
+        isinstance(compare, list)
+        and all(isinstance(c, list) and len(c) == 2 and all(a in arms for a in c) for c in compare),
+        compare,
+        ("compare",),
+        src,
+        "a list of [arm, baseline] pairs of arm names",
+    )
+    return Plan(
+        preset,
+        out,
+        seeds,
+        configs,
+        nominal,
+        selected,
+        shared_prefixes(configs, selected, out),
+        [tuple(c) for c in compare],
+    )

@@ -30,8 +30,9 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
     if saved != wanted:
         differ = ", ".join(k for k in wanted if saved.get(k) != wanted[k])
-        raise ConfigError(f"{run_dir} holds a run with different settings ({differ}); "
-                          "choose another output_dir or delete that folder")
+        raise ConfigError(
+            f"{run_dir} holds a run with different settings ({differ}); choose another output_dir or delete that folder"
+        )
 
 
 def branch(prefix_dir: Path, run_dir: Path) -> None:
@@ -39,7 +40,9 @@ def branch(prefix_dir: Path, run_dir: Path) -> None:
     boundary) and metrics. The arm's own config and results are written by its training."""
     tmp = run_dir.with_name(run_dir.name + ".branching")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(prefix_dir, tmp, ignore=shutil.ignore_patterns("results.json", "config.yaml", ".tmp-*", ".heft.lock*"))
+    shutil.copytree(
+        prefix_dir, tmp, ignore=shutil.ignore_patterns("results.json", "config.yaml", ".tmp-*", ".heft.lock*")
+    )
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if run_dir.exists():  # an earlier attempt stopped before its first checkpoint: nothing in it to resume
         shutil.rmtree(run_dir)
@@ -93,7 +96,9 @@ def _train_job(plan: Plan, seed: int, arms: list[str], threads: int | None) -> f
     """One worker's job: the full plan (so prefixes and zero-shot duties are those of a sequential
     run), restricted to one seed and a group of arms. Returns its wall time in seconds."""
     # force: a worker runs several jobs in turn, and each names its own in the log lines
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(levelname)s [seed {seed} {'+'.join(arms)}] %(message)s", force=True
+    )
     hide_library_progress_bars()  # workers train without bars (show_progress=False below)
     if threads:
         import torch
@@ -119,12 +124,20 @@ def train_plan_parallel(plan: Plan, jobs: int) -> list[str]:
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)) or 1, mp_context=context) as pool:
         running: dict[Future, tuple[int, list[str]]] = {
-            pool.submit(_train_job, plan, seed, arms, threads): (seed, arms) for seed, arms in todo}
+            pool.submit(_train_job, plan, seed, arms, threads): (seed, arms) for seed, arms in todo
+        }
         for done_count in range(1, len(todo) + 1):
             future = next(iter(wait(running, return_when=FIRST_COMPLETED).done))
             seed, arms = running.pop(future)
             try:
-                log.info("job %d/%d done: seed %d, %s (%.0f s)", done_count, len(todo), seed, ", ".join(arms), future.result())
+                log.info(
+                    "job %d/%d done: seed %d, %s (%.0f s)",
+                    done_count,
+                    len(todo),
+                    seed,
+                    ", ".join(arms),
+                    future.result(),
+                )
             except Exception as err:  # noqa: BLE001 - reported with the job, the others go on
                 failed.append(f"seed {seed}, {', '.join(arms)}: {type(err).__name__}: {err}")
                 log.error("job %d/%d failed: %s", done_count, len(todo), failed[-1])

@@ -14,13 +14,14 @@ import torch
 
 from heft.config import RunConfig
 from heft.io import versions
-from heft.sysinfo import cpu_model_name
-from heft.train import read_metrics
 from heft.reproduce.plan import Plan
 from heft.stats import paired_comparison
+from heft.sysinfo import cpu_model_name
+from heft.train import read_metrics
 
 PAPER = {"heft-2+1": (3, 85.17), "lora-20": (20, 85.05), "loreft-20": (20, 83.36)}
 """(epochs, BoolQ accuracy %) from arXiv 2509.09801 (Llama-2-7B, full BoolQ), keyed by our arm names."""
+
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
@@ -38,9 +39,18 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
     curve, previous = [], 0
     for (index, epoch), m in lines.items():
         if index >= 0 and epoch is not None:
-            curve.append({"epoch": offsets[index] + epoch, "stage": m["stage"], "method": cfg.stages[index].method,
-                          "accuracy": m["eval_accuracy"], "train_loss": m["train_loss"], "train_tokens": m["tokens_seen"],
-                          "epoch_train_tokens": m["tokens_seen"] - previous, "elapsed_s": m["elapsed_s"]})
+            curve.append(
+                {
+                    "epoch": offsets[index] + epoch,
+                    "stage": m["stage"],
+                    "method": cfg.stages[index].method,
+                    "accuracy": m["eval_accuracy"],
+                    "train_loss": m["train_loss"],
+                    "train_tokens": m["tokens_seen"],
+                    "epoch_train_tokens": m["tokens_seen"] - previous,
+                    "elapsed_s": m["elapsed_s"],
+                }
+            )
             previous = m["tokens_seen"]
     best = max(curve, key=lambda c: c["accuracy"])  # the earliest epoch among ties
     return {
@@ -55,12 +65,15 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
         "eval_tokens": results["eval_tokens"],
         "final_correct": next(m for m in reversed(every) if m.get("kind", "eval") == "eval").get("eval_correct"),
         "received_correct": _received_correct(lines, cfg),
-        "boundaries": [{k: s.get(k) for k in ("name", "loss_at_start", "loss_at_end", "accuracy_at_start", "accuracy")}
-                       for s in results["stages"]],
+        "boundaries": [
+            {k: s.get(k) for k in ("name", "loss_at_start", "loss_at_end", "accuracy_at_start", "accuracy")}
+            for s in results["stages"]
+        ],
         "evaluations": sum("eval_accuracy" in m and not m.get("eval_reused_from") for m in every),
         "optimizer_steps": results["optimizer_steps"],
-        "trainable_params": [{k: s[k] for k in ("name", "method", "epochs", "trainable_params")}
-                             for s in results["stages"]],
+        "trainable_params": [
+            {k: s[k] for k in ("name", "method", "epochs", "trainable_params")} for s in results["stages"]
+        ],
         "wall_time_s": results["wall_time_s"],
         "peak_memory_mb": results["peak_memory_mb"],
         "device": results.get("device"),
@@ -81,9 +94,15 @@ def _mean_curve(curves: list[list[dict]]) -> list[dict]:
     for curve in curves:
         for point in curve:
             by_epoch.setdefault(point["epoch"], []).append(point)
-    return [{"epoch": epoch, "accuracy": _stats([p["accuracy"] for p in points]),
-             "train_tokens": statistics.fmean(p["train_tokens"] for p in points)}
-            for epoch, points in sorted(by_epoch.items()) if len(points) == len(curves)]
+    return [
+        {
+            "epoch": epoch,
+            "accuracy": _stats([p["accuracy"] for p in points]),
+            "train_tokens": statistics.fmean(p["train_tokens"] for p in points),
+        }
+        for epoch, points in sorted(by_epoch.items())
+        if len(points) == len(curves)
+    ]
 
 
 def _received_correct(lines: dict, cfg: RunConfig) -> list[int] | str | None:
@@ -103,9 +122,14 @@ def last_stage_gain(arms: dict, arm: str) -> dict | None:
     if not runs or any(r.get("received_correct") is None or r["final_correct"] is None for r in runs.values()):
         return None
     received = f"its {arms[arm]['methods'][-2]} stage"
-    return {"a": arm, "b": received, "seed_list": [int(s) for s in runs],
-            **paired_comparison([r["final_correct"] for r in runs.values()],
-                                [r["received_correct"] for r in runs.values()]).to_dict()}
+    return {
+        "a": arm,
+        "b": received,
+        "seed_list": [int(s) for s in runs],
+        **paired_comparison(
+            [r["final_correct"] for r in runs.values()], [r["received_correct"] for r in runs.values()]
+        ).to_dict(),
+    }
 
 
 def compare_arms(arms: dict, a: str, b: str) -> dict | None:
@@ -116,8 +140,12 @@ def compare_arms(arms: dict, a: str, b: str) -> dict | None:
     correct = [(arms[a]["seeds"][s]["final_correct"], arms[b]["seeds"][s]["final_correct"]) for s in seeds]
     if not seeds or any(x is None or y is None for x, y in correct):
         return None  # runs from before per-example results were recorded
-    return {"a": a, "b": b, "seed_list": [int(s) for s in seeds],
-            **paired_comparison([x for x, _ in correct], [y for _, y in correct]).to_dict()}
+    return {
+        "a": a,
+        "b": b,
+        "seed_list": [int(s) for s in seeds],
+        **paired_comparison([x for x, _ in correct], [y for _, y in correct]).to_dict(),
+    }
 
 
 def summarize(plan: Plan) -> dict:
@@ -145,13 +173,21 @@ def summarize(plan: Plan) -> dict:
             "best_accuracy": _stats([r["best_accuracy"] for r in runs.values()]),
             "best_epochs": [r["best_epoch"] for r in runs.values()],
             "curve": _mean_curve([r["curve"] for r in runs.values()]),
-            **{k: statistics.fmean(r[k] for r in runs.values())
-               for k in ("train_tokens", "eval_tokens", "optimizer_steps", "wall_time_s", "peak_memory_mb")},
+            **{
+                k: statistics.fmean(r[k] for r in runs.values())
+                for k in ("train_tokens", "eval_tokens", "optimizer_steps", "wall_time_s", "peak_memory_mb")
+            },
             "trainable_params": next(iter(runs.values()))["trainable_params"],
             "trained_on": sorted({_device_label(r.get("device")) for r in runs.values()}),
-            "branched_from": ({"prefix": plan.prefixes[arm].name, "stages": plan.prefixes[arm].stages,
-                               "run_dirs": {str(s): str(plan.prefixes[arm].run_dir(s)) for s in runs}}
-                              if arm in plan.prefixes else None),
+            "branched_from": (
+                {
+                    "prefix": plan.prefixes[arm].name,
+                    "stages": plan.prefixes[arm].stages,
+                    "run_dirs": {str(s): str(plan.prefixes[arm].run_dir(s)) for s in runs},
+                }
+                if arm in plan.prefixes
+                else None
+            ),
             "seeds": {str(s): r for s, r in runs.items()},
         }
     any_cfg = next(iter(next(iter(plan.configs.values())).values()))
@@ -159,23 +195,37 @@ def summarize(plan: Plan) -> dict:
     pairs = [(arm, first) for arm in plan.configs if arm != first] + [p for p in plan.compare if p[0] != p[1]]
     gpu = torch.cuda.is_available()
     return {
-        "preset": plan.preset, "model": any_cfg.model, "task": any_cfg.task, "seeds": plan.seeds,
+        "preset": plan.preset,
+        "model": any_cfg.model,
+        "task": any_cfg.task,
+        "seeds": plan.seeds,
         "output_dir": str(plan.output_dir),
-        "data": {**(data or {}), "max_length": any_cfg.max_length, "max_train_examples": any_cfg.max_train_examples,
-                 "max_eval_examples": any_cfg.max_eval_examples},
+        "data": {
+            **(data or {}),
+            "max_length": any_cfg.max_length,
+            "max_train_examples": any_cfg.max_train_examples,
+            "max_eval_examples": any_cfg.max_eval_examples,
+        },
         "majority_accuracy": _stats(list(majority.values())) if majority else None,
         "zero_shot_accuracy": _stats(list(zero_shot.values())) if zero_shot else None,
-        "arms": arms, "missing": missing,
+        "arms": arms,
+        "missing": missing,
         "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
         "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
         "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
-        "paper": {"model": "Llama-2-7B", "source": "arXiv 2509.09801",
-                  "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()}},
+        "paper": {
+            "model": "Llama-2-7B",
+            "source": "arXiv 2509.09801",
+            "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()},
+        },
         "versions": versions(),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "processor": cpu_model_name(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "device": "cuda" if gpu else "cpu",
-                    "gpu": torch.cuda.get_device_name(0) if gpu else None},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "processor": cpu_model_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cuda" if gpu else "cpu",
+            "gpu": torch.cuda.get_device_name(0) if gpu else None,
+        },
     }
-
-

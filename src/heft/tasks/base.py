@@ -75,7 +75,9 @@ def continuation_ids(tokenizer: Any, contexts: Sequence[str], texts: Sequence[st
     split = {}
     for (context, text), ids in zip(unique, joint):
         head = heads[context]
-        split[context, text] = ids[len(head):] if ids[: len(head)] == head else tokenizer(text, add_special_tokens=False)["input_ids"]
+        split[context, text] = (
+            ids[len(head) :] if ids[: len(head)] == head else tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
     return [split[pair] for pair in pairs]
 
 
@@ -174,8 +176,11 @@ class Task:
         needed = [f for f in self.fields if f != self.label_field]
         missing = [f for f in needed if f not in row]
         if missing:
-            raise FieldError(missing[0], f"a row to predict lacks {missing}; task {self.name!r} needs {needed} "
-                             f"(and optionally {self.label_field!r})")
+            raise FieldError(
+                missing[0],
+                f"a row to predict lacks {missing}; task {self.name!r} needs {needed} "
+                f"(and optionally {self.label_field!r})",
+            )
         if row.get(self.label_field) is not None:
             return self.to_example(row, template)
         example = self.to_example({**row, self.label_field: 0}, template)
@@ -203,9 +208,7 @@ class Task:
         words = text.split(maxsplit=1)
         return self._label_words.get(words[0].strip(string.punctuation).lower()) if words else None
 
-    def encode(
-        self, examples: Sequence[Example], tokenizer: Any, max_length: int
-    ) -> tuple[list[EncodedExample], int]:
+    def encode(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> tuple[list[EncodedExample], int]:
         """Tokenise the prompt (with the tokenizer's special tokens), then the target as it tokenises
         after it (`continuation_ids`); continuation tasks also tokenise every choice so, and the prompt must leave room
         for the longest one (so training and scoring see the same prompt). Too-long examples lose
@@ -228,15 +231,19 @@ class Task:
             target_ids = next(pieces)
             choice_ids = [next(pieces) for _ in ex.choices] if by_choice else []
             if first_ids is not None and ex.label >= 0 and target_ids[0] != first_ids[ex.label]:  # -1: a query
-                raise ValueError(f"example {i}: after its prompt the answer {ex.target!r} starts with token {target_ids[0]}, "
-                                 f"not {first_ids[ex.label]}, the one scoring compares; end data.template as {self.template!r} ends")
+                raise ValueError(
+                    f"example {i}: after its prompt the answer {ex.target!r} starts with token {target_ids[0]}, "
+                    f"not {first_ids[ex.label]}, the one scoring compares; end data.template as {self.template!r} ends"
+                )
             room = max(len(ids) for ids in [target_ids, *choice_ids])
             truncated = len(prompt_ids) + room > max_length
             if truncated:
                 prompt_ids = self._truncated_prompt(ex, i, prompt_ids, tokenizer, max_length - room)
                 n_truncated += 1
             chars = [len(c) - len(self.choice_delimiter) for c in ex.choices] if by_choice else []
-            encoded.append(EncodedExample(prompt_ids + target_ids, len(prompt_ids), ex.label, truncated, choice_ids, chars))
+            encoded.append(
+                EncodedExample(prompt_ids + target_ids, len(prompt_ids), ex.label, truncated, choice_ids, chars)
+            )
         return encoded, n_truncated
 
     def choice_token_ids(self, tokenizer: Any) -> list[int]:

@@ -67,15 +67,14 @@ def resolve_source(
         if (root / task_name).is_dir():
             return str(root / task_name)
         if root.is_dir() and any(
-            _split_candidates(root, split) for split in (data_cfg.train_split, data_cfg.eval_split or default_eval_split)
+            _split_candidates(root, split)
+            for split in (data_cfg.train_split, data_cfg.eval_split or default_eval_split)
         ):
             return str(root)
     return default_source
 
 
-def read_rows(
-    source: str, split: str, fields: Sequence[str], columns: Mapping[str, str] | None = None
-) -> list[Row]:
+def read_rows(source: str, split: str, fields: Sequence[str], columns: Mapping[str, str] | None = None) -> list[Row]:
     """Read every row of `split` from `source`, keeping only the task's `fields`.
 
     `source` is a folder holding `<split>.<ext>` (or hub-style shards `<split>-00000-of-00002.<ext>`,
@@ -86,8 +85,10 @@ def read_rows(
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(fields))
     if unknown:
-        raise DataError(f"data.columns maps unknown field(s) {unknown}; the task's fields are {list(fields)}",
-                        hint="data.columns maps the task's field names (keys) to the file's column names (values)")
+        raise DataError(
+            f"data.columns maps unknown field(s) {unknown}; the task's fields are {list(fields)}",
+            hint="data.columns maps the task's field names (keys) to the file's column names (values)",
+        )
     wanted = {f: columns.get(f, f) for f in fields}
     path = Path(source).expanduser()
     if path.is_dir():
@@ -108,8 +109,9 @@ def parse_rows(rows: Sequence[Row], parse: Callable[[dict[str, Any]], T]) -> lis
         try:
             out.append(parse(row.values))
         except FieldError as e:
-            raise DataError(f"{row.file}: {row.where}: field {e.field!r}: {e}",
-                            hint=f"fix or remove {row.where} of {row.file}") from None
+            raise DataError(
+                f"{row.file}: {row.where}: field {e.field!r}: {e}", hint=f"fix or remove {row.where} of {row.file}"
+            ) from None
     return out
 
 
@@ -192,8 +194,10 @@ def _read_file(path: Path, wanted: dict[str, str]) -> list[Row]:
             _raise_undecodable(path, raw, records, wanted)
         rows = [Row(str(path), where, {f: values[c] for f, c in wanted.items()}) for where, values in records]
     else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {list(EXTENSIONS)}",
-                        hint="convert the file to parquet, JSONL, JSON or CSV")
+        raise DataError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {list(EXTENSIONS)}",
+            hint="convert the file to parquet, JSONL, JSON or CSV",
+        )
     if not rows:
         raise DataError(f"{path}: empty file: no data rows")
     return rows
@@ -205,15 +209,15 @@ def _read_parquet(path: Path, wanted: dict[str, str]) -> list[Row]:
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for empty or corrupt files
-        raise DataError(f"{path}: empty or unreadable parquet file ({e})",
-                        hint="write the file again: it may be truncated, or not parquet") from e
+        raise DataError(
+            f"{path}: empty or unreadable parquet file ({e})",
+            hint="write the file again: it may be truncated, or not parquet",
+        ) from e
     with parquet:
         _check_columns(str(path), "schema", parquet.schema_arrow.names, wanted)
         table = parquet.read(columns=list(dict.fromkeys(wanted.values())))
     data = {f: table.column(c).to_pylist() for f, c in wanted.items()}
-    return [
-        Row(str(path), f"row {i + 1}", {f: data[f][i] for f in wanted}) for i in range(table.num_rows)
-    ]
+    return [Row(str(path), f"row {i + 1}", {f: data[f][i] for f in wanted}) for i in range(table.num_rows)]
 
 
 def _csv_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
@@ -238,8 +242,9 @@ def _csv_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tupl
                 )
             yield where, dict(zip(header, cells))
     except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})",
-                        hint=f"fix line {reader.line_num} of {path}") from e
+        raise DataError(
+            f"{path}: line {reader.line_num}: malformed CSV ({e})", hint=f"fix line {reader.line_num} of {path}"
+        ) from e
 
 
 def _json_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -249,8 +254,9 @@ def _json_records(path: Path, text: str, wanted: dict[str, str]) -> Iterator[tup
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})",
-                            hint=f"fix line {e.lineno} of {path}") from e
+            raise DataError(
+                f"{path}: line {e.lineno}: invalid JSON ({e.msg})", hint=f"fix line {e.lineno} of {path}"
+            ) from e
         numbered = ((f"row {i + 1}", item) for i, item in enumerate(items))
     else:
         numbered = _json_lines(path, text)
@@ -279,8 +285,10 @@ def read_query_rows(path: Path) -> list[Row]:
 
 def _check_object(path: Path, where: str, item: Any) -> None:
     if not isinstance(item, dict):
-        raise DataError(f"{path}: {where}: expected a JSON object, got {type(item).__name__}",
-                        hint=f"fix {where} of {path}: each row is an object of the task's fields")
+        raise DataError(
+            f"{path}: {where}: expected a JSON object, got {type(item).__name__}",
+            hint=f"fix {where} of {path}: each row is an object of the task's fields",
+        )
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
@@ -290,8 +298,10 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         try:
             yield f"line {n}", json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})",
-                            hint=f"fix line {n} of {path}: JSON Lines hold one object per line") from e
+            raise DataError(
+                f"{path}: line {n}: invalid JSON ({e.msg})",
+                hint=f"fix line {n} of {path}: JSON Lines hold one object per line",
+            ) from e
 
 
 def _check_columns(file: str, where: str, present: Sequence[str], wanted: dict[str, str]) -> None:
@@ -313,12 +323,16 @@ def _text_bytes(path: Path) -> bytes:
     valid UTF-8, and either would otherwise be reported as a broken CSV or JSON row."""
     raw = path.read_bytes()
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; re-save the file as UTF-8",
-                        hint=_UTF8_HINT.format(path=path).replace("<its encoding>", "UTF-16"))
+        raise DataError(
+            f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; re-save the file as UTF-8",
+            hint=_UTF8_HINT.format(path=path).replace("<its encoding>", "UTF-16"),
+        )
     if b"\x00" in raw:
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
-        raise DataError(f"{path}: line {line}: a NUL byte; the file looks UTF-16 or binary, not UTF-8 text",
-                        hint=_UTF8_HINT.format(path=path))
+        raise DataError(
+            f"{path}: line {line}: a NUL byte; the file looks UTF-16 or binary, not UTF-8 text",
+            hint=_UTF8_HINT.format(path=path),
+        )
     return raw
 
 

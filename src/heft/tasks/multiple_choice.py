@@ -56,9 +56,13 @@ class MultipleChoiceTask(Task):
         if isinstance(value, str) and value.strip().isdecimal():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise FieldError(self.label_field, f"expected an integer index into the choices, got {type(value).__name__} {value!r}")
+            raise FieldError(
+                self.label_field, f"expected an integer index into the choices, got {type(value).__name__} {value!r}"
+            )
         if num_choices is not None and not 0 <= value < num_choices:
-            raise FieldError(self.label_field, f"label {value} is outside the {num_choices} choices (0..{num_choices - 1})")
+            raise FieldError(
+                self.label_field, f"label {value} is outside the {num_choices} choices (0..{num_choices - 1})"
+            )
         return value
 
 

@@ -45,7 +45,11 @@ def _linear_layer_names(model: nn.Module) -> list[str]:
     names = set()
     for name, module in model.named_modules():
         parts = name.split(".")
-        if not isinstance(module, nn.Linear) or module is head or any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
+        if (
+            not isinstance(module, nn.Linear)
+            or module is head
+            or any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
+        ):
             continue
         names.add(parts[-2] if parts[-1] in ("base_layer", "original_module") else parts[-1])
     return sorted(names)
@@ -95,14 +99,18 @@ class LoraAdapters:
         self.peft_model: peft.PeftModel | None = None
         self.unmerged: list[str] = []
 
-    def add(self, model: nn.Module, name: str, config: peft.LoraConfig, fast_dropout: bool = False) -> list[nn.Parameter]:
+    def add(
+        self, model: nn.Module, name: str, config: peft.LoraConfig, fast_dropout: bool = False
+    ) -> list[nn.Parameter]:
         """Inject adapter `name`; earlier unmerged adapters stay active and frozen. Returns its parameters.
         `fast_dropout`: MaskBitsDropout on the adapter's inputs instead of peft's nn.Dropout."""
         # None: peft would overwrite it from the model (a cache path) with a warning, and later look it
         # up on the Hub when taking state dicts; io.save_run writes the real id into adapter_config.json.
         config.base_model_name_or_path = None
         with warnings.catch_warnings():  # peft probes a property transformers 5 deprecated; nothing to act on
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
             if self.peft_model is None:
                 self.peft_model = peft.get_peft_model(model, config, adapter_name=name)
             else:
@@ -128,7 +136,10 @@ class LoraAdapters:
         result = peft.set_peft_model_state_dict(self.peft_model, state, adapter_name=name)
         missing = [k for k in result.missing_keys if f".{name}." in k or k.endswith(f".{name}")]
         if result.unexpected_keys or missing:
-            raise ValueError(f"adapter {name!r} does not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+            raise ValueError(
+                f"adapter {name!r} does not match the model: missing {missing[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}"
+            )
 
     def merge(self, name: str | None = None) -> nn.Module:
         """Fold adapter `name` (None: every adapter) into the base weights and remove all adapter layers."""

@@ -49,7 +49,9 @@ class Householder(nn.Module):
             v = Q[j:, j].clone()
             v[0] += v.norm()  # reflects column j onto −|x|·e_j, a negative diagonal, as forward assumes
             if not v[0] > 0:
-                raise ValueError(f"cannot represent R: row {j} depends linearly on the rows before it, or is exactly −e_{j}")
+                raise ValueError(
+                    f"cannot represent R: row {j} depends linearly on the rows before it, or is exactly −e_{j}"
+                )
             v = v / v[0]
             X[j, j + 1 :] = v[1:] / 2
             Q[j:, j:] -= (2 / v.dot(v)) * torch.outer(v, v @ Q[j:, j:])
@@ -85,7 +87,9 @@ class LoReFT(nn.Module):
         if rank > hidden_size:
             raise ValueError(f"LoReFT rank {rank} exceeds the hidden size {hidden_size}")
         # R starts as the orthonormalised rows of nn.Linear's random init.
-        self.rotate = parametrize.register_parametrization(nn.Linear(hidden_size, rank, bias=False), "weight", Householder())
+        self.rotate = parametrize.register_parametrization(
+            nn.Linear(hidden_size, rank, bias=False), "weight", Householder()
+        )
         self.source = nn.Linear(hidden_size, rank)
         self.dropout = nn.Dropout(dropout)
         self.register_state_dict_post_hook(_save_R)
@@ -130,7 +134,9 @@ def _load_R(module: LoReFT, state: dict, prefix: str, *args) -> None:
         state[prefix + "rotate.weight"] = legacy_rotation(state.pop(prefix + RAW_R), state.pop(prefix + LEGACY_BASE))
     if parametrize.is_parametrized(module.rotate) and prefix + "rotate.weight" in state:
         raw = module.rotate.parametrizations.weight.original
-        state[prefix + RAW_R] = module.rotate.parametrizations.weight[0].right_inverse(state.pop(prefix + "rotate.weight").to(raw))
+        state[prefix + RAW_R] = module.rotate.parametrizations.weight[0].right_inverse(
+            state.pop(prefix + "rotate.weight").to(raw)
+        )
 
 
 class DiReFT(nn.Module):

@@ -14,6 +14,7 @@ from torch import nn
 from heft.methods.reft.config import ReftConfig, parse_positions
 from heft.methods.reft.layer import INTERVENTIONS, LoReFT
 
+
 def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
     """`all`, a list of indices (negative allowed) or a `start:stop[:step]` range → sorted indices."""
     if isinstance(spec, str):
@@ -81,9 +82,15 @@ class ReftModel(nn.Module):
         self.layers = parse_layers(config.layers, num_layers)
         self.first, self.last = parse_positions(config.positions)
         cls = INTERVENTIONS[config.kind]
-        groups = ["shared"] if config.share_weights else [g for g, k in (("first", self.first), ("last", self.last)) if k]
+        groups = (
+            ["shared"] if config.share_weights else [g for g, k in (("first", self.first), ("last", self.last)) if k]
+        )
         self.interventions = nn.ModuleDict(
-            {f"{layer}_{group}": cls(hidden_size, config.rank, config.dropout) for layer in self.layers for group in groups}
+            {
+                f"{layer}_{group}": cls(hidden_size, config.rank, config.dropout)
+                for layer in self.layers
+                for group in groups
+            }
         )
         if config.init == "identity":
             for intervention in self.interventions.values():
