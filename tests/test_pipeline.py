@@ -17,13 +17,15 @@ from torch.nn.utils.parametrizations import orthogonal
 import heft.pipeline
 from conftest import make_heft
 from heft.config import RunConfig, StageConfig
-from heft.io import RunFolderError, load_run, save_run, sha256_file
+from heft.data import collate
+from heft.files import sha256_file
+from heft.io import RunFolderError, load_run, save_run
 from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample
-from heft.train import Progress, collate, mean_loss, train_stage
+from heft.train import Progress, mean_loss, train_stage
 
 LORA = StageConfig(method="lora", epochs=5, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
 LOREFT = StageConfig(method="loreft", epochs=5, lr=2e-2, reft=ReftConfig(rank=2, positions="f1+l1"))
@@ -264,7 +266,7 @@ def test_generate_edits_prompt_only_and_matches_scoring():
         module.source.bias.data.fill_(3.0)  # a strong edit, so any misplacement shows
     model.eval()
     data = toy_data(3)
-    from heft.evaluate import pad_batch
+    from heft.data import pad_batch
 
     ids, mask = pad_batch([e.input_ids[: e.prompt_len] for e in data], 0, "left")
     out = model.generate(ids, mask, max_new_tokens=3, do_sample=False)

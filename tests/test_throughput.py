@@ -11,12 +11,13 @@ from torch import nn
 
 from conftest import make_heft
 from heft.config import RunConfig, StageConfig
+from heft.data import collate
 from heft.io import stage_config_from_dict
 from heft.methods.lora import LoraConfig, MaskBitsDropout
 from heft.methods.reft import ReftConfig
 from heft.models import decoder_layers
 from heft.pipeline import HeftModel
-from heft.train import Progress, collate, train_stage
+from heft.train import Progress, train_stage
 from test_pipeline import loss_on, toy_data, train
 
 JOINT = StageConfig(

@@ -197,8 +197,8 @@ def test_finished_run_folder_is_not_overwritten(tmp_path, tiny_model_dir):
 def test_held_out_splits_never_reach_training(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from heft.data import load_data
     from heft.tasks import get_task
-    from heft.train import load_data
 
     data = write_toy_boolq(tmp_path / "data", 60, 12)
     cfg = config_from_dict(

@@ -23,11 +23,11 @@ from transformers import AutoModelForCausalLM
 import heft.pipeline
 from heft import bench
 from heft.config import RunConfig
+from heft.data import collate, load_data
 from heft.evaluate import autocast
 from heft.models import LoadedModel, load_model
 from heft.pipeline import HeftModel
 from heft.tasks import get_task
-from heft.train import collate, load_data
 
 
 class CountOps(TorchDispatchMode):

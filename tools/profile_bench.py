@@ -19,9 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from heft import bench
 from heft.config import RunConfig
+from heft.data import collate, length_grouped_batches, load_data
 from heft.pipeline import HeftModel
 from heft.tasks import get_task
-from heft.train import collate, length_grouped_batches, load_data
 
 CATEGORIES = (
     (

@@ -8,7 +8,8 @@ import torch
 from accelerate import Accelerator
 
 from heft.config import RunConfig, StageConfig, config_from_dict
-from heft.evaluate import autocast, pad_batch
+from heft.data import pad_batch
+from heft.evaluate import autocast
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample
 from heft.tasks.base import continuation_ids, first_token_ids

@@ -29,6 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from heft.config import COMPILE_MODES, RunConfig, StageConfig
+from heft.data import collate, length_grouped_batches, load_data
 from heft.evaluate import autocast, predict
 from heft.methods.lora import LoraConfig, to_peft_config
 from heft.methods.reft import ReftConfig
@@ -36,7 +37,6 @@ from heft.models import decoder_layers, load_model
 from heft.pipeline import HeftModel
 from heft.sysinfo import code_versions, cpu_flags, cpu_model_name, proc_status_mb, reset_peak_memory
 from heft.tasks import EncodedExample, get_task
-from heft.train import collate, length_grouped_batches, load_data
 
 log = logging.getLogger("heft")
 

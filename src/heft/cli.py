@@ -105,8 +105,8 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     task = get_task(cfg.task)
     split = split or cfg.data.eval_split
     if split == cfg.data.train_split == cfg.data.eval_split:  # the run's held-out examples, not training ones
+        from heft.data import read_splits
         from heft.tasks.data import subsample
-        from heft.train import read_splits
 
         encoded, _ = task.encode(read_splits(task, cfg).evaluation, model.tokenizer, cfg.max_length)  # not the rest
         return cfg, task, encoded if max_examples is None else subsample(encoded, max_examples, cfg.seed)
@@ -207,7 +207,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"seed {manifest['seed']}"
     )
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
-    from heft.train import boundary_summary, read_metrics
+    from heft.metrics import boundary_summary, read_metrics
 
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     table = Table(title="stages (loss on fixed training batches, eval accuracy: where each stage starts → ends)")

@@ -26,6 +26,8 @@ from heft.methods.reft.config import ReftConfig, parse_positions
 
 METHODS = ("lora", "dora", "loreft", "direft", "joint")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+"""Experiment trackers `report_to` accepts (accelerate's names)."""
 
 
 @dataclass
@@ -142,6 +144,12 @@ class RunConfig:
     boundary_examples: int = 64
     """The first N training examples whose mean loss (eval mode) is recorded when each stage starts
     and ends, so a jump at a stage boundary shows in `metrics.jsonl`; 0 turns it off."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also receive the training curves, evaluations, stage boundaries and
+    results: tensorboard, wandb, mlflow (through accelerate; each needs its package). Local logs go to
+    `<output_dir>/logs`; wandb runs offline unless WANDB_MODE or an API key is set."""
+    log_every: int = 10
+    """Optimizer steps between the training loss, learning rate and tokens/s points sent to `report_to`."""
     output_dir: str = "runs/{task}-{time}"
     """Run folder; `{task}`, `{model}` and `{time}` are filled in."""
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
@@ -209,6 +217,8 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
         )
     },
     (RunConfig, "stages"): (bool, "at least one stage"),
+    (RunConfig, "report_to"): (lambda v: set(v) <= set(TRACKERS), "a list of " + ", ".join(TRACKERS)),
+    (RunConfig, "log_every"): _POSITIVE,
     (StageConfig, "method"): _one_of(*METHODS),
     (StageConfig, "schedule"): _one_of("linear", "cosine", "constant"),
     (StageConfig, "keep"): _one_of("always", "if_better"),

@@ -23,6 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
+from heft.data import pad_batch
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, Task
 
@@ -37,18 +38,6 @@ class Prediction:
     probabilities renormalised over the choices, for `acc_norm` over per-character log-likelihoods."""
     predicted_by: dict[str, int] = field(default_factory=dict)
     """Continuation tasks: the prediction under each score (`acc`, `acc_norm`)."""
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token lists to a (B, T) tensor on `side`; returns input ids and attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        mask[row, span] = 1
-    return ids, mask
 
 
 def _batches(examples: Sequence[EncodedExample], batch_size: int) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""Run folders: atomic writes, the manifest, saving and loading staged models, optimizer state.
+"""Run folders: the manifest, saving and loading staged models, optimizer state.
 
 Layout of a run folder::
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -26,16 +25,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import filelock
-import peft
 import safetensors.torch
 import torch
-import transformers
 
-import heft
 from heft.config import StageConfig
+from heft.files import sha256_file, versions, write_file, write_json
 from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
@@ -97,69 +93,10 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
         lock.release()
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Write and fsync (a save publishes its files by a rename, which must not outrun their data);
-    errors name the file, also those of write and fsync, which Python reports without it."""
-    try:
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as err:
-        err.filename = err.filename or str(path)
-        raise
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file, written by Python: a full disk then raises OSError with its errno
     (safetensors' own writer raises a SafetensorError carrying only text)."""
     write_file(path, safetensors.torch.save(tensors))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """`atomic_write_text` for bytes (plots)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write_file(Path(tmp), data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    return {
-        "heft": heft.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
 
 
 def _stage_entry(stage) -> dict:

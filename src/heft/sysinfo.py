@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from heft.io import versions
+from heft.files import versions
 
 
 def _cpuinfo_field(name: str) -> str | None:

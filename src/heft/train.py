@@ -1,24 +1,27 @@
-"""The training recipe, in one file: data → model → stages (train, evaluate, checkpoint) → results.
+"""The training recipe: data → model → stages (train, evaluate, checkpoint) → results.
+
+`run_training` runs a `TrainingRecipe`, whose state lives on `self` (torchtune's recipe shape):
+`setup` reads the data and loads the model (or the checkpoint to resume), `run_stage` adds and trains
+one stage, `on_epoch_end` judges, evaluates and checkpoints after each epoch, `finish` writes the
+results. `train_stage` is the loop of one stage, also used by the Python API (`heft.api.fit`).
 
 Each stage gets its own AdamW optimizer and schedule. Batches are length-grouped and padded
 dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP/FSDP,
-mixed precision and gradient accumulation, so `accelerate launch -m heft train ...` scales out.
-Every completed epoch is a checkpoint: an interrupted run resumes from its last epoch.
+gradient accumulation and the experiment trackers (`report_to`), so `accelerate launch -m heft
+train ...` scales out. Every completed epoch is a checkpoint: an interrupted run resumes from its
+last epoch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -27,60 +30,34 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from heft.config import ConfigError, RunConfig, StageConfig, save_config
-from heft.evaluate import autocast, evaluate, pad_batch, scored_tokens
-from heft.io import (
-    append_jsonl,
-    atomic_write_text,
-    load_optimizer,
-    load_run,
-    read_trainer_state,
-    run_folder_lock,
-    save_run,
-    write_json,
+from heft.data import collate, encode_splits, fixed_batches, length_grouped_batches, read_splits
+from heft.evaluate import autocast, evaluate, scored_tokens
+from heft.files import write_json
+from heft.io import load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run
+from heft.metrics import (
+    FINAL,
+    ZERO_SHOT,
+    EvalFields,
+    GateVerdict,
+    MetricsLine,
+    append_line,
+    boundary_summary,
+    copied_evaluation,
+    drop_unsaved,
+    evaluation_fields,
+    read_metrics,
+    results_summary,
 )
-from heft.pipeline import HeftModel
+from heft.pipeline import HeftModel, Stage
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
-from heft.tasks import EncodedExample, Example, Task, get_task
-from heft.tasks.data import DataError, subsample
+from heft.tasks import EncodedExample, get_task
+from heft.tracking import StepLog, accelerator_options, end_tracking, line_scalars, results_scalars, start_tracking
 
 log = logging.getLogger("heft")
 
-T = TypeVar("T")
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
-# ------------------------------------------------------------------------------------------ data
-def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a batch; mark prompt tokens (where ReFT may intervene) and target tokens (the loss)."""
-    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id, padding_side)
-    width = input_ids.shape[1]
-    lengths = torch.tensor([len(e.input_ids) for e in examples]).unsqueeze(1)
-    prompt_lens = torch.tensor([e.prompt_len for e in examples]).unsqueeze(1)
-    offset = width - lengths if padding_side == "left" else torch.zeros_like(lengths)
-    rel = torch.arange(width).unsqueeze(0) - offset
-    prompt_mask = (rel >= 0) & (rel < prompt_lens)
-    labels = input_ids.masked_fill(~((rel >= prompt_lens) & (rel < lengths)), -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask, "labels": labels}
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, group: int = 32) -> list[list[int]]:
-    """Shuffle, sort within windows of `group` batches by length, then shuffle the batches.
-
-    Batches hold examples of similar length (little padding) while the order stays random.
-    """
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * group
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-# ------------------------------------------------------------------------------------------ loop
 @dataclass
 class Progress:
     """Budget counters of the whole run; stored in every checkpoint."""
@@ -96,8 +73,10 @@ class Progress:
 
 
 EpochCallback = Callable[[HeftModel, int, float, torch.optim.Optimizer], None]
+"""Called after each epoch with the model, the epoch (0-based), its mean loss and the torch optimizer."""
 
 
+# ------------------------------------------------------------------------------- one stage's loop
 def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
     """AdamW with decay on weight matrices only: not on biases, norms or the raw tensors behind
     LoReFT's orthogonal parametrization (decaying its Householder reflectors would pull R towards
@@ -115,6 +94,25 @@ def epoch_plan(num_batches: int, epochs: float) -> list[int]:
     return [min(num_batches, total - e * num_batches) for e in range(math.ceil(epochs))]
 
 
+def _schedule(
+    optimizer: torch.optim.Optimizer, stage: StageConfig, plan: list[int], grad_accum: int, resume_at_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The stage's learning-rate schedule over all its optimizer steps, fast-forwarded past the
+    epochs a resumed stage already trained."""
+    total_steps = sum(math.ceil(n / grad_accum) for n in plan)
+    scheduler = get_scheduler(
+        SCHEDULES[stage.schedule],
+        optimizer,
+        num_warmup_steps=round(stage.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in range(sum(math.ceil(n / grad_accum) for n in plan[:resume_at_epoch])):
+            scheduler.step()
+    return scheduler
+
+
 def train_stage(
     model: HeftModel,
     stage: StageConfig,
@@ -128,142 +126,83 @@ def train_stage(
 ) -> None:
     """Train the trainable parameters of `model` (the current stage) for `stage.epochs`."""
     lengths = [len(e.input_ids) for e in data]
-    num_batches = math.ceil(len(data) / cfg.batch_size)
-    plan = epoch_plan(num_batches, stage.epochs)
-    total_steps = sum(math.ceil(n / cfg.grad_accum) for n in plan)
+    plan = epoch_plan(math.ceil(len(data) / cfg.batch_size), stage.epochs)
     optimizer = _optimizer(model, stage)
-    scheduler = get_scheduler(
-        SCHEDULES[stage.schedule],
-        optimizer,
-        num_warmup_steps=round(stage.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
     if resume_from is not None:
         load_optimizer(optimizer, resume_from)
-        with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            for _ in range(sum(math.ceil(n / cfg.grad_accum) for n in plan[: progress.epoch])):
-                scheduler.step()
+    scheduler = _schedule(optimizer, stage, plan, cfg.grad_accum, progress.epoch if resume_from else 0)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    pad_id = model.tokenizer.pad_token_id
+    loop = _EpochLoop(model, wrapped, optimizer, scheduler, cfg, accelerator, progress, show_progress)
     for epoch in range(progress.epoch, len(plan)):
         epoch_seed = cfg.seed * 1_000_003 + progress.stage * 1_009 + epoch
         torch.manual_seed(epoch_seed)  # dropout masks: a resumed epoch equals an uninterrupted one
         batches = length_grouped_batches(lengths, cfg.batch_size, epoch_seed)[: plan[epoch]]
         loader = accelerator.prepare_data_loader(
-            DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=pad_id, padding_side="right"))
+            DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id))
         )
-        wrapped.train()
+        tokens, loss_sum, loss_count = loop.run(loader, f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}")
+        progress.train_tokens += int(tokens)
+        progress.epoch = epoch + 1
+        # the torch optimizer inside accelerate's wrapper
+        on_epoch_end(model, epoch, float(loss_sum / max(loss_count, 1)), optimizer.optimizer)
+
+
+@dataclass
+class _EpochLoop:
+    """The optimizer steps of one epoch, with what every epoch of a stage shares."""
+
+    model: HeftModel
+    wrapped: torch.nn.Module
+    """`model` as `accelerator.prepare` returned it (DDP, FSDP or itself)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cfg: RunConfig
+    accelerator: Accelerator
+    progress: Progress
+    show_progress: bool
+
+    def run(self, loader: DataLoader, desc: str) -> torch.Tensor:
+        """Train on every batch of `loader`; returns (tokens, loss sum, micro-batches) summed over processes."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.wrapped.train()
         loss_sum, loss_count, tokens, start = 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}", disable=not show_progress)
+        step_log = StepLog(accelerator, cfg.log_every)
         # accelerate divides each micro-batch's loss by grad_accum; a group cut short by the epoch's end
         # has fewer micro-batches, so theirs are scaled back up to a mean over the group
         last_group = (len(loader) - 1) // cfg.grad_accum * cfg.grad_accum
         short_group_scale = cfg.grad_accum / (len(loader) - last_group)
+        bar = tqdm(loader, desc=desc, disable=not self.show_progress)
         # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
         # results); the float32 weights are back before on_epoch_end evaluates and saves.
-        with model.frozen_weights_bf16(cfg.bf16), model.compiled_layers(cfg.compile):
+        with self.model.frozen_weights_bf16(cfg.bf16), self.model.compiled_layers(cfg.compile):
             for i, batch in enumerate(bar):
-                with accelerator.accumulate(wrapped):
-                    with autocast(model, cfg.bf16):
-                        loss = wrapped(**batch).loss
-                    accelerator.backward(loss * short_group_scale if i >= last_group else loss)
-                    if accelerator.sync_gradients:
-                        if cfg.max_grad_norm is not None:
-                            accelerator.clip_grad_norm_(model.trainable_parameters(), cfg.max_grad_norm)
-                        progress.optimizer_steps += 1
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-                tokens += int(batch["attention_mask"].sum())
+                batch_tokens = int(batch["attention_mask"].sum())
+                loss = self._step(batch, batch_tokens, short_group_scale if i >= last_group else 1.0, step_log)
+                loss_sum, loss_count, tokens = loss_sum + loss, loss_count + 1, tokens + batch_tokens
                 bar.set_postfix(
                     loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
                 )
         bar.close()
-        totals = accelerator.reduce(
-            torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device), "sum"
-        )
-        progress.train_tokens += int(totals[0])
-        progress.epoch = epoch + 1
-        on_epoch_end(
-            model, epoch, float(totals[1] / max(totals[2], 1)), optimizer.optimizer
-        )  # the torch optimizer inside accelerate's wrapper
+        local = torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device)
+        return accelerator.reduce(local, "sum")
 
-
-# ---------------------------------------------------------------------------------------- recipe
-def split_off(items: Sequence[T], n: int, seed: int) -> tuple[list[T], list[T]]:
-    """A stratified sample of `n` items and the rest, both in their original order."""
-    chosen = set(subsample(range(len(items)), n, seed, label=lambda i: items[i].label))
-    return [x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen]
-
-
-@dataclass
-class Splits:
-    """Encoded examples of a run: training, evaluation and the optional dev split of the gate."""
-
-    train: list[EncodedExample]
-    evaluation: list[EncodedExample]
-    dev: list[EncodedExample]
-    info: dict
-
-
-@dataclass
-class RowSplits:
-    """Rendered examples of a run, not yet tokenised: read and validated before the model loads."""
-
-    train: list[Example]
-    evaluation: list[Example]
-    dev: list[Example]
-
-
-def load_data(task: Task, cfg: RunConfig, tokenizer) -> Splits:
-    """Read and tokenise the splits (`read_splits`, then `encode_splits`)."""
-    return encode_splits(task, cfg, read_splits(task, cfg), tokenizer)
-
-
-def read_splits(task: Task, cfg: RunConfig) -> RowSplits:
-    """Read, validate and subsample the splits; needs no tokenizer, so bad data fails fast.
-
-    Held-out examples never reach training: the dev split (`data.dev_examples`), and the evaluation
-    examples when they come from the training split, are carved out before `max_train_examples`.
-    """
-    data = cfg.data
-    train_rows = task.load_split(data, data.train_split, None, cfg.seed)
-    if data.eval_split == data.train_split:
-        eval_rows, train_rows = split_off(train_rows, cfg.max_eval_examples, cfg.seed)
-    else:
-        eval_rows = task.load_split(data, data.eval_split, cfg.max_eval_examples, cfg.seed)
-    dev_rows: list = []
-    if data.dev_examples is not None:
-        dev_rows, train_rows = split_off(train_rows, data.dev_examples, cfg.seed)
-    if cfg.max_train_examples is not None:
-        train_rows = subsample(train_rows, cfg.max_train_examples, cfg.seed)
-    if not train_rows:
-        raise DataError(
-            f"{task.describe_source(data)}: no training examples left after the held-out splits",
-            hint="lower max_eval_examples or data.dev_examples, or add training rows",
-        )
-    return RowSplits(train_rows, eval_rows, dev_rows)
-
-
-def encode_splits(task: Task, cfg: RunConfig, rows: RowSplits, tokenizer) -> Splits:
-    """Tokenise the splits; report truncation and where the data came from."""
-    data = cfg.data
-    train, train_truncated = task.encode(rows.train, tokenizer, cfg.max_length)
-    evaluation, eval_truncated = task.encode(rows.evaluation, tokenizer, cfg.max_length)
-    dev, _ = task.encode(rows.dev, tokenizer, cfg.max_length)
-    info = {
-        "source": task.describe_source(data),
-        "train_examples": len(train),
-        "eval_examples": len(evaluation),
-        "eval_split": data.eval_split + (" (held out of training)" if data.eval_split == data.train_split else ""),
-        "dev_examples": len(dev),
-        "train_truncated": train_truncated,
-        "eval_truncated": eval_truncated,
-    }
-    log.info("data: %s", info)
-    return Splits(train, evaluation, dev, info)
+    def _step(self, batch: dict[str, torch.Tensor], tokens: int, scale: float, step_log: StepLog) -> float:
+        """Forward and backward one micro-batch; step the optimizer where its accumulation group ends."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.wrapped):
+            with autocast(self.model, self.cfg.bf16):
+                loss = self.wrapped(**batch).loss
+            accelerator.backward(loss * scale)
+            step_log.add(loss.item(), tokens)
+            if accelerator.sync_gradients:
+                if self.cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.max_grad_norm)
+                self.progress.optimizer_steps += 1
+                step_log.step(self.progress.optimizer_steps, self.scheduler.get_last_lr()[0])
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
 
 @torch.no_grad()
@@ -284,187 +223,7 @@ def mean_loss(model: HeftModel, batches: Sequence[dict[str, torch.Tensor]], bf16
     return total / max(count, 1)
 
 
-def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
-    """Train every stage of `cfg` into `run_dir`, resuming from its last checkpoint if it has one.
-
-    The folder is locked for the whole call: a second writer gets RunFolderBusy and writes nothing.
-    Returns the content of `results.json`.
-    """
-    with run_folder_lock(run_dir):
-        return _run_training(cfg, Path(run_dir), show_progress)
-
-
-def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reset_peak_memory()
-    # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
-    # accelerate's state is process-global, and runs with different settings share a process.
-    # cpu=True on GPU-less hosts lets `torchrun --nproc_per_node N` run data-parallel on CPU (gloo).
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
-    is_main = accelerator.is_main_process
-    show_progress = show_progress and is_main
-    task = get_task(cfg.task)
-    if (run_dir / "results.json").exists():
-        raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
-    rows = read_splits(task, cfg)  # before the model: bad data must not wait for a model download
-    trainer_state = read_trainer_state(run_dir) if (run_dir / "manifest.json").exists() else None
-    if trainer_state is not None:
-        progress = Progress(**trainer_state["progress"])
-        model = load_run(run_dir)
-        log.info("resuming %s at stage %d after epoch %d", run_dir, progress.stage, progress.epoch)
-    else:
-        progress = Progress()
-        model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
-    try:  # the stages still to add, now, not hours later when a bad one starts (e.g. an arm branched off a prefix)
-        model.check_stages(cfg.stages[len(model.stages) :], first_index=len(model.stages))
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    model.to(accelerator.device)
-    if cfg.activation_checkpointing:
-        model.enable_activation_checkpointing()
-    splits = encode_splits(task, cfg, rows, model.tokenizer)
-    train_data, eval_data = splits.train, splits.evaluation
-    probe_data = train_data[: cfg.boundary_examples]
-    probe = [
-        collate(probe_data[i : i + cfg.batch_size], model.tokenizer.pad_token_id)
-        for i in range(0, len(probe_data), cfg.batch_size)
-    ]
-    if is_main:
-        save_config(cfg, run_dir / "config.yaml")
-    metrics_path = run_dir / "metrics.jsonl"
-    if is_main and metrics_path.exists():  # lines from an attempt that reached no checkpoint, or past it
-        if trainer_state is None:
-            metrics_path.unlink()
-        else:
-            _drop_unsaved_metrics(metrics_path, progress)
-    clock = time.perf_counter() - progress.elapsed_s
-    history = read_metrics(metrics_path) if trainer_state is not None else []
-
-    def dev_accuracy() -> float:
-        """Accuracy on the dev split carved out of training (the stage gate's yardstick)."""
-        return evaluate(model, task, splits.dev, batch_size=cfg.eval_batch_size, progress=False, bf16=cfg.bf16)[
-            "accuracy"
-        ]
-
-    def record(
-        stage_index: int,
-        stage_name: str,
-        epoch: int | None,
-        train_loss: float | None,
-        kind: str = "eval",
-        evaluated: dict | None = None,
-        measure: bool | None = None,
-        **extra,
-    ) -> dict:
-        """Append a metrics line (`kind`: eval, stage_start or stage_end). It evaluates now when
-        `measure` (default: for kind eval), or copies the evaluation in `evaluated`."""
-        line = {
-            "kind": kind,
-            "stage": stage_name,
-            "stage_index": stage_index,
-            "epoch": epoch,
-            "step": progress.optimizer_steps,
-            "train_loss": train_loss,
-            **extra,
-        }
-        if evaluated is not None:
-            line.update({k: v for k, v in evaluated.items() if k.startswith("eval_")})
-        elif kind == "eval" if measure is None else measure:
-            result = evaluate(
-                model, task, eval_data, batch_size=cfg.eval_batch_size, progress=show_progress, bf16=cfg.bf16
-            )
-            progress.eval_tokens += scored_tokens(eval_data)
-            line.update(
-                eval_accuracy=result["accuracy"],
-                eval_majority_accuracy=result["majority_accuracy"],
-                eval_per_class_accuracy=result["per_class_accuracy"],
-                eval_mean_margin=result["mean_margin"],
-                eval_correct=result["correct"],
-                **{f"eval_{k}": result[k] for k in ("acc", "acc_norm") if k in result},
-            )
-            log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
-        line.update(elapsed_s=round(time.perf_counter() - clock, 2), tokens_seen=progress.train_tokens)
-        if is_main:
-            append_jsonl(metrics_path, line)
-        history.append(line)
-        return line
-
-    if trainer_state is None and cfg.eval_zero_shot:
-        record(-1, "zero-shot", None, None)
-
-    for index, stage_cfg in enumerate(cfg.stages):
-        if index < progress.stage:
-            continue
-        resuming = trainer_state is not None and index == progress.stage and progress.epoch > 0
-        gated = stage_cfg.keep == "if_better"
-        # the gate's yardstick: the model the stage receives, before its (maybe random) init changes it
-        received_dev_accuracy = dev_accuracy() if gated and not resuming else None
-        stage = model.stages[index] if resuming else model.add_stage(stage_cfg, seed=cfg.seed + index)
-        num_epochs = math.ceil(stage_cfg.epochs)
-        if not resuming:
-            record_stage_start(
-                record, history, model, stage.name, index, cfg, probe, dev_accuracy=received_dev_accuracy
-            )
-
-        def on_epoch_end(m: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
-            last = epoch + 1 == num_epochs
-            gate = {}
-            if last and gated:  # judged before any merge, so that a rollback leaves the model untouched
-                before = next(h["dev_accuracy"] for h in history if (h["stage_index"], h["epoch"]) == (index, 0))
-                gate = gate_verdict(before, dev_accuracy())
-                log.info(
-                    "%s: dev accuracy %.4f -> %.4f: %s",
-                    stage.name,
-                    before,
-                    gate["dev_accuracy"],
-                    "rolled back" if gate["rolled_back"] else "kept",
-                )
-            if gate.get("rolled_back"):
-                m.roll_back_stage()
-            elif last:
-                m.finish_stage()
-            if evaluates_after(cfg.eval_every, epoch + 1, last):
-                record(index, stage.name, epoch + 1, train_loss)
-            if last:
-                record(
-                    index,
-                    stage.name,
-                    epoch + 1,
-                    train_loss,
-                    kind="stage_end",
-                    boundary_loss=mean_loss(m, probe, cfg.bf16),
-                    **gate,
-                )
-            progress.elapsed_s = time.perf_counter() - clock
-            if is_main:
-                checkpoint = Progress(**{**asdict(progress), **({"stage": index + 1, "epoch": 0} if last else {})})
-                save_run(m, run_dir, cfg.seed, progress.optimizer_steps, optimizer, {"progress": asdict(checkpoint)})
-            accelerator.wait_for_everyone()
-
-        train_stage(
-            model,
-            stage_cfg,
-            train_data,
-            cfg,
-            accelerator,
-            progress,
-            on_epoch_end,
-            run_dir if resuming else None,
-            show_progress,
-        )
-        progress.stage, progress.epoch = index + 1, 0
-
-    if cfg.eval_every == "never":
-        record(len(cfg.stages) - 1, "final", None, None)
-    results = run_results(history, model, progress, splits.info, time.perf_counter() - clock, run_dir)
-    if is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
-        progress.elapsed_s = time.perf_counter() - clock
-        save_run(model, run_dir, cfg.seed, progress.optimizer_steps, trainer_state={"progress": asdict(progress)})
-        write_json(run_dir / "results.json", results)
-    return results
-
-
-def gate_verdict(before: float, after: float) -> dict:
+def gate_verdict(before: float, after: float) -> GateVerdict:
     """The stage gate (`keep: if_better`): a stage that lowered dev accuracy is rolled back."""
     rolled_back = after < before
     return {
@@ -475,18 +234,24 @@ def gate_verdict(before: float, after: float) -> dict:
     }
 
 
+def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
+    """Whether `eval_every` asks for an evaluation after `epoch` (1-based within its stage)."""
+    if eval_every == "never":
+        return False
+    return eval_every == "epoch" or last or (isinstance(eval_every, int) and epoch % eval_every == 0)
+
+
 def run_results(
-    history: Sequence[dict], model: HeftModel, progress: Progress, data_info: dict, wall_time_s: float, run_dir: Path
+    history: Sequence[MetricsLine],
+    model: HeftModel,
+    progress: Progress,
+    data_info: dict,
+    wall_time_s: float,
+    run_dir: Path,
 ) -> dict:
     """results.json: the final evaluation, each stage's boundaries, the budget spent, the machine."""
-    metrics = [m for m in history if m.get("kind", "eval") == "eval"]  # history: every line of metrics.jsonl
-    final = metrics[-1]
     return {
-        "final_accuracy": final["eval_accuracy"],
-        "majority_accuracy": final["eval_majority_accuracy"],
-        "zero_shot_accuracy": next((m["eval_accuracy"] for m in metrics if m["stage"] == "zero-shot"), None),
-        "per_class_accuracy": final["eval_per_class_accuracy"],
-        "mean_margin": final["eval_mean_margin"],
+        **results_summary(history),
         "stages": [
             {
                 "name": s.name,
@@ -508,80 +273,250 @@ def run_results(
     }
 
 
-def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
-    """Whether `eval_every` asks for an evaluation after `epoch` (1-based within its stage)."""
-    if eval_every == "never":
-        return False
-    return eval_every == "epoch" or last or (isinstance(eval_every, int) and epoch % eval_every == 0)
+# ------------------------------------------------------------------------------------- the recipe
+def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
+    """Train every stage of `cfg` into `run_dir`, resuming from its last checkpoint if it has one.
+
+    The folder is locked for the whole call: a second writer gets RunFolderBusy and writes nothing.
+    Returns the content of `results.json`.
+    """
+    with run_folder_lock(run_dir):
+        return TrainingRecipe(cfg, Path(run_dir), show_progress).run()
 
 
-def record_stage_start(
-    record: Callable[..., dict],
-    history: list[dict],
-    model: HeftModel,
-    name: str,
-    index: int,
-    cfg: RunConfig,
-    probe: Sequence[dict[str, torch.Tensor]],
-    dev_accuracy: float | None,
-) -> None:
-    """Loss and evaluation of the model as a new stage receives it (its trainable part freshly
-    initialised). When the stage starts as the identity, the previous evaluation is still valid.
-    `dev_accuracy` (gated stages) was measured before the stage was added."""
-    loss = mean_loss(model, probe, cfg.bf16)
-    if cfg.eval_every == "never":
-        record(index, name, 0, None, kind="stage_start", measure=False, boundary_loss=loss, dev_accuracy=dev_accuracy)
-        return
-    previous = next((m for m in reversed(history) if "eval_accuracy" in m), None)
-    prev_epochs = math.ceil(cfg.stages[index - 1].epochs) if index else None
-    received = previous is not None and (previous["stage_index"], previous["epoch"]) == (index - 1, prev_epochs)
-    reuse = previous if received and cfg.stages[index].starts_as_identity else None
-    record(
-        index,
-        name,
-        0,
-        None,
-        kind="stage_start",
-        evaluated=reuse,
-        measure=reuse is None,
-        boundary_loss=loss,
-        eval_reused_from=f"{previous['stage']} epoch {previous['epoch']}" if reuse else None,
-        dev_accuracy=dev_accuracy,
-    )
+class TrainingRecipe:
+    """One training run into a run folder: `setup`, then `run_stage` for each stage still to train
+    (`on_epoch_end` after each of its epochs), then `finish`. Each writes what it learns to `self`."""
 
+    def __init__(self, cfg: RunConfig, run_dir: Path, show_progress: bool = True) -> None:
+        self.cfg, self.run_dir, self.show_progress = cfg, run_dir, show_progress
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    def run(self) -> dict:
+        """The whole run; returns the content of `results.json`."""
+        self.setup()
+        try:
+            if self.trainer_state is None and self.cfg.eval_zero_shot:
+                self.record_evaluation(-1, ZERO_SHOT, None, None)
+            for index in range(self.progress.stage, len(self.cfg.stages)):
+                self.run_stage(index)
+            return self.finish()
+        finally:
+            end_tracking(self.accelerator)
 
+    # ----------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Data, model and run folder, in the order that fails fastest: a finished folder and bad
+        data are refused before the model loads, a bad stage before any training."""
+        cfg, run_dir = self.cfg, self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        reset_peak_memory()
+        # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
+        # accelerate's state is process-global, and runs with different settings share a process.
+        # cpu=True on GPU-less hosts lets `torchrun --nproc_per_node N` run data-parallel on CPU (gloo).
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum,
+            cpu=not torch.cuda.is_available(),
+            **accelerator_options(cfg, run_dir),
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.show_progress = self.show_progress and self.is_main
+        self.task = get_task(cfg.task)
+        if (run_dir / "results.json").exists():
+            raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
+        rows = read_splits(self.task, cfg)  # before the model: bad data must not wait for a model download
+        self._load_model()
+        self.splits = encode_splits(self.task, cfg, rows, self.model.tokenizer)
+        pad_id = self.model.tokenizer.pad_token_id
+        self.probe = fixed_batches(self.splits.train[: cfg.boundary_examples], cfg.batch_size, pad_id)
+        if self.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+        self._open_metrics()
+        start_tracking(self.accelerator, cfg, run_dir)
 
-def boundary_summary(lines: Sequence[dict], index: int) -> dict:
-    """Loss on the fixed probe batches and accuracy when stage `index` started and ended."""
-    starts = [m for m in lines if m["stage_index"] == index and m["epoch"] == 0]
-    ends = [m for m in lines if m["stage_index"] == index and m.get("kind") == "stage_end"]
-    end = ends[-1] if ends else {}
-    # the stage's last evaluation: after an epoch, or the run's final one (eval_every: never)
-    evals = [m for m in lines if m["stage_index"] == index and m.get("kind", "eval") == "eval"]
-    return {
-        "loss_at_start": starts[-1].get("boundary_loss") if starts else None,
-        "loss_at_end": end.get("boundary_loss"),
-        "accuracy_at_start": starts[-1].get("eval_accuracy") if starts else None,
-        "accuracy": evals[-1]["eval_accuracy"] if evals else None,  # at the end (results.json's key)
-        "rolled_back": bool(end.get("rolled_back")),
-        "rollback_reason": end.get("rollback_reason"),
-    }
+    def _load_model(self) -> None:
+        """The checkpoint to resume, or the base model; then the stages still to add are checked now,
+        not hours later when a bad one starts (e.g. an arm branched off a prefix)."""
+        cfg, run_dir = self.cfg, self.run_dir
+        self.trainer_state = read_trainer_state(run_dir) if (run_dir / "manifest.json").exists() else None
+        if self.trainer_state is not None:
+            self.progress = Progress(**self.trainer_state["progress"])
+            self.model = load_run(run_dir)
+            log.info("resuming %s at stage %d after epoch %d", run_dir, self.progress.stage, self.progress.epoch)
+        else:
+            self.progress = Progress()
+            self.model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
+        try:
+            self.model.check_stages(cfg.stages[len(self.model.stages) :], first_index=len(self.model.stages))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.model.to(self.accelerator.device)
+        if cfg.activation_checkpointing:
+            self.model.enable_activation_checkpointing()
 
+    def _open_metrics(self) -> None:
+        """`metrics.jsonl` as the checkpoint left it: lines of an attempt that reached no checkpoint,
+        or that were written after the last one, are dropped; the rest is the run's history."""
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if self.is_main and self.metrics_path.exists():
+            if self.trainer_state is None:
+                self.metrics_path.unlink()
+            else:
+                drop_unsaved(self.metrics_path, self.progress.stage, self.progress.epoch)
+        self.clock = time.perf_counter() - self.progress.elapsed_s
+        self.history: list[MetricsLine] = read_metrics(self.metrics_path) if self.trainer_state is not None else []
 
-def _drop_unsaved_metrics(path: Path, progress: Progress) -> None:
-    """Keep only the lines of epochs the checkpoint holds: a crash between an evaluation and its
-    checkpoint must not leave a duplicate line once the epoch is trained again. A stage's start
-    (epoch 0) belongs to it only once its first epoch is saved."""
-    kept = []
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        if entry["stage"] == "final":  # the run's closing evaluation (eval_every: never) is made again
-            continue
-        index, epoch = entry["stage_index"], entry["epoch"] or 0
-        done = progress.epoch if epoch else progress.epoch - 1
-        if index < progress.stage or (index == progress.stage and epoch <= done):
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+    # ---------------------------------------------------------------------------------- stages
+    def run_stage(self, index: int) -> None:
+        """Add stage `index` (or take it up where the checkpoint left it) and train it."""
+        stage_cfg = self.cfg.stages[index]
+        resuming = self.trainer_state is not None and index == self.progress.stage and self.progress.epoch > 0
+        # the gate's yardstick: the model the stage receives, before its (maybe random) init changes it
+        received_dev_accuracy = self.dev_accuracy() if stage_cfg.keep == "if_better" and not resuming else None
+        if resuming:
+            self.stage = self.model.stages[index]
+        else:
+            self.stage = self.model.add_stage(stage_cfg, seed=self.cfg.seed + index)
+            self.record_stage_start(received_dev_accuracy)
+        resume_from = self.run_dir if resuming else None
+        train_stage(
+            self.model,
+            stage_cfg,
+            self.splits.train,
+            self.cfg,
+            self.accelerator,
+            self.progress,
+            self.on_epoch_end,
+            resume_from,
+            self.show_progress,
+        )
+        self.progress.stage, self.progress.epoch = index + 1, 0
+
+    def on_epoch_end(self, model: HeftModel, epoch: int, train_loss: float, optimizer: torch.optim.Optimizer) -> None:
+        """After each epoch: at the stage's last, judge it (gate) and merge or roll it back; evaluate
+        as `eval_every` asks; record the stage's end; save the checkpoint."""
+        stage, index = self.stage, self.stage.index
+        last = epoch + 1 == math.ceil(self.cfg.stages[index].epochs)
+        gate = self._judge(stage) if last and self.cfg.stages[index].keep == "if_better" else {}
+        if gate.get("rolled_back"):
+            model.roll_back_stage()
+        elif last:
+            model.finish_stage()
+        if evaluates_after(self.cfg.eval_every, epoch + 1, last):
+            self.record_evaluation(index, stage.name, epoch + 1, train_loss)
+        if last:
+            boundary_loss = mean_loss(model, self.probe, self.cfg.bf16)
+            self._record("stage_end", index, stage.name, epoch + 1, train_loss, boundary_loss=boundary_loss, **gate)
+        self._save_checkpoint(optimizer, last)
+
+    def _judge(self, stage: Stage) -> GateVerdict:
+        """The stage gate, judged before any merge, so that a rollback leaves the model untouched."""
+        start = next(h for h in self.history if (h["stage_index"], h["epoch"]) == (stage.index, 0))
+        gate = gate_verdict(start["dev_accuracy"], self.dev_accuracy())
+        verdict = "rolled back" if gate["rolled_back"] else "kept"
+        log.info("%s: dev accuracy %.4f -> %.4f: %s", stage.name, start["dev_accuracy"], gate["dev_accuracy"], verdict)
+        return gate
+
+    def _save_checkpoint(self, optimizer: torch.optim.Optimizer, stage_done: bool) -> None:
+        """Every epoch is a checkpoint; after a stage's last, it resumes at the next stage."""
+        progress = self.progress
+        progress.elapsed_s = time.perf_counter() - self.clock
+        if self.is_main:
+            after = {"stage": self.stage.index + 1, "epoch": 0} if stage_done else {}
+            state = {"progress": asdict(Progress(**{**asdict(progress), **after}))}
+            save_run(self.model, self.run_dir, self.cfg.seed, progress.optimizer_steps, optimizer, state)
+        self.accelerator.wait_for_everyone()
+
+    # ----------------------------------------------------------------------- evaluations, lines
+    def dev_accuracy(self) -> float:
+        """Accuracy on the dev split carved out of training (the stage gate's yardstick)."""
+        cfg = self.cfg
+        return evaluate(
+            self.model, self.task, self.splits.dev, batch_size=cfg.eval_batch_size, progress=False, bf16=cfg.bf16
+        )["accuracy"]
+
+    def _evaluation(self, stage_name: str, epoch: int | None) -> EvalFields:
+        """Evaluate the model now, on the evaluation split."""
+        cfg, examples = self.cfg, self.splits.evaluation
+        result = evaluate(
+            self.model, self.task, examples, batch_size=cfg.eval_batch_size, progress=self.show_progress, bf16=cfg.bf16
+        )
+        self.progress.eval_tokens += scored_tokens(examples)
+        log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
+        return evaluation_fields(result)
+
+    def record_evaluation(self, index: int, stage_name: str, epoch: int | None, train_loss: float | None) -> None:
+        """Evaluate and write an `eval` line."""
+        self._record("eval", index, stage_name, epoch, train_loss, **self._evaluation(stage_name, epoch))
+
+    def record_stage_start(self, dev_accuracy: float | None) -> None:
+        """Loss and evaluation of the model as the new stage receives it (its trainable part freshly
+        initialised). When the stage starts as the identity, the previous evaluation is still valid.
+        `dev_accuracy` (gated stages) was measured before the stage was added."""
+        index, name = self.stage.index, self.stage.name
+        loss = mean_loss(self.model, self.probe, self.cfg.bf16)
+        if self.cfg.eval_every == "never":
+            self._record("stage_start", index, name, 0, None, boundary_loss=loss, dev_accuracy=dev_accuracy)
+            return
+        reuse = self._received_evaluation(index)
+        evaluation = copied_evaluation(reuse) if reuse else self._evaluation(name, 0)
+        reused_from = f"{reuse['stage']} epoch {reuse['epoch']}" if reuse else None
+        self._record(
+            "stage_start",
+            index,
+            name,
+            0,
+            None,
+            boundary_loss=loss,
+            eval_reused_from=reused_from,
+            dev_accuracy=dev_accuracy,
+            **evaluation,
+        )
+
+    def _received_evaluation(self, index: int) -> MetricsLine | None:
+        """The last evaluation, when it is of the model stage `index` receives and that stage starts
+        as the identity (so the evaluation still holds); else None."""
+        previous = next((m for m in reversed(self.history) if "eval_accuracy" in m), None)
+        prev_epochs = math.ceil(self.cfg.stages[index - 1].epochs) if index else None
+        received = previous is not None and (previous["stage_index"], previous["epoch"]) == (index - 1, prev_epochs)
+        return previous if received and self.cfg.stages[index].starts_as_identity else None
+
+    def _record(
+        self, kind: str, index: int, stage_name: str, epoch: int | None, train_loss: float | None, **fields
+    ) -> None:
+        """Append a metrics line (on the main process), keep it in the history, send it to the trackers."""
+        line = {
+            "kind": kind,
+            "stage": stage_name,
+            "stage_index": index,
+            "epoch": epoch,
+            "step": self.progress.optimizer_steps,
+            "train_loss": train_loss,
+            **fields,
+            "elapsed_s": round(time.perf_counter() - self.clock, 2),
+            "tokens_seen": self.progress.train_tokens,
+        }
+        if self.is_main:
+            append_line(self.metrics_path, line)
+        self.history.append(line)
+        self.accelerator.log(line_scalars(line), step=line["step"])
+
+    # ---------------------------------------------------------------------------------- finish
+    def finish(self) -> dict:
+        """The closing evaluation (`eval_every: never`), the final save and `results.json`."""
+        cfg, progress = self.cfg, self.progress
+        if cfg.eval_every == "never":
+            self.record_evaluation(len(cfg.stages) - 1, FINAL, None, None)
+        wall_time = time.perf_counter() - self.clock
+        results = run_results(self.history, self.model, progress, self.splits.info, wall_time, self.run_dir)
+        if self.is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
+            progress.elapsed_s = time.perf_counter() - self.clock
+            save_run(
+                self.model,
+                self.run_dir,
+                cfg.seed,
+                progress.optimizer_steps,
+                trainer_state={"progress": asdict(progress)},
+            )
+            write_json(self.run_dir / "results.json", results)
+        self.accelerator.log(results_scalars(results), step=progress.optimizer_steps)
+        return results

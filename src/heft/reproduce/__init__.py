@@ -18,7 +18,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from heft.io import atomic_write_text, run_folder_lock, write_json
+from heft.files import atomic_write_text, write_json
+from heft.io import run_folder_lock
 from heft.reproduce.plan import Plan, load_plan
 from heft.reproduce.plots import plot
 from heft.reproduce.report import render_report

@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from heft.io import atomic_write_bytes
+from heft.files import atomic_write_bytes
 
 
 def plot(summary: dict, folder: Path) -> None:

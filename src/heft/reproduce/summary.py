@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from heft.config import RunConfig
-from heft.io import versions
+from heft.files import versions
+from heft.metrics import evaluations, read_metrics
 from heft.reproduce.plan import Plan
 from heft.stats import paired_comparison
 from heft.sysinfo import cpu_model_name
-from heft.train import read_metrics
 
 PAPER = {"heft-2+1": (3, 85.17), "lora-20": (20, 85.05), "loreft-20": (20, 83.36)}
 """(epochs, BoolQ accuracy %) from arXiv 2509.09801 (Llama-2-7B, full BoolQ), keyed by our arm names."""
@@ -31,8 +31,8 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
     """One arm and seed: accuracy per cumulative epoch (counted across stages) and exact budgets."""
     results = json.loads((run_dir / "results.json").read_text())
     every = read_metrics(run_dir / "metrics.jsonl")
-    # one line per evaluated epoch (resume drops unsaved ones); folders from before `kind` hold evaluations only
-    lines = {(m["stage_index"], m["epoch"]): m for m in every if m.get("kind", "eval") == "eval"}
+    # one line per evaluated epoch (resume drops unsaved ones)
+    lines = {(m["stage_index"], m["epoch"]): m for m in evaluations(every)}
     offsets = [0]
     for stage in cfg.stages:
         offsets.append(offsets[-1] + math.ceil(stage.epochs))
@@ -63,7 +63,7 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
         "majority_accuracy": results["majority_accuracy"],
         "train_tokens": results["train_tokens"],
         "eval_tokens": results["eval_tokens"],
-        "final_correct": next(m for m in reversed(every) if m.get("kind", "eval") == "eval").get("eval_correct"),
+        "final_correct": evaluations(every)[-1].get("eval_correct"),
         "received_correct": _received_correct(lines, cfg),
         "boundaries": [
             {k: s.get(k) for k in ("name", "loss_at_start", "loss_at_end", "accuracy_at_start", "accuracy")}
