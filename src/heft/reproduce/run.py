@@ -22,10 +22,10 @@ log = logging.getLogger("heft")
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse to resume or reuse a folder trained with other settings (e.g. another subsample).
     When to evaluate is not one of them: evaluations leave training untouched (each epoch seeds its
-    own batches and dropout), so a long run may go on evaluating less often."""
+    own batches and dropout), so a long run may go on evaluating less often; nor are the trackers."""
     if not (run_dir / "config.yaml").is_file():
         return
-    ignore = ("eval_zero_shot", "output_dir", "eval_every")
+    ignore = ("eval_zero_shot", "output_dir", "eval_every", "report_to", "log_every")
     saved = {k: v for k, v in config_to_dict(load_config(run_dir / "config.yaml")).items() if k not in ignore}
     wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
     if saved != wanted:
