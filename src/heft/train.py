@@ -76,203 +76,6 @@ EpochCallback = Callable[[HeftModel, int, float, torch.optim.Optimizer], None]
 """Called after each epoch with the model, the epoch (0-based), its mean loss and the torch optimizer."""
 
 
-# ------------------------------------------------------------------------------- one stage's loop
-def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
-    """AdamW with decay on weight matrices only: not on biases, norms or the raw tensors behind
-    LoReFT's orthogonal parametrization (decaying its Householder reflectors would pull R towards
-    the first r coordinate axes)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2 and "parametrizations" not in n]
-    no_decay = [p for n, p in named if not (p.ndim >= 2 and "parametrizations" not in n)]
-    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
-
-
-def epoch_plan(num_batches: int, epochs: float) -> list[int]:
-    """Micro-batches per epoch; a fractional last epoch runs part of the data."""
-    total = math.ceil(round(num_batches * epochs, 6))  # 100 * 0.07 is 7.000000000000001: 7 batches, not 8
-    return [min(num_batches, total - e * num_batches) for e in range(math.ceil(epochs))]
-
-
-def _schedule(
-    optimizer: torch.optim.Optimizer, stage: StageConfig, plan: list[int], grad_accum: int, resume_at_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """The stage's learning-rate schedule over all its optimizer steps, fast-forwarded past the
-    epochs a resumed stage already trained."""
-    total_steps = sum(math.ceil(n / grad_accum) for n in plan)
-    scheduler = get_scheduler(
-        SCHEDULES[stage.schedule],
-        optimizer,
-        num_warmup_steps=round(stage.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        for _ in range(sum(math.ceil(n / grad_accum) for n in plan[:resume_at_epoch])):
-            scheduler.step()
-    return scheduler
-
-
-def train_stage(
-    model: HeftModel,
-    stage: StageConfig,
-    data: Sequence[EncodedExample],
-    cfg: RunConfig,
-    accelerator: Accelerator,
-    progress: Progress,
-    on_epoch_end: EpochCallback,
-    resume_from: Path | None = None,
-    show_progress: bool = True,
-) -> None:
-    """Train the trainable parameters of `model` (the current stage) for `stage.epochs`."""
-    lengths = [len(e.input_ids) for e in data]
-    plan = epoch_plan(math.ceil(len(data) / cfg.batch_size), stage.epochs)
-    optimizer = _optimizer(model, stage)
-    if resume_from is not None:
-        load_optimizer(optimizer, resume_from)
-    scheduler = _schedule(optimizer, stage, plan, cfg.grad_accum, progress.epoch if resume_from else 0)
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    loop = _EpochLoop(model, wrapped, optimizer, scheduler, cfg, accelerator, progress, show_progress)
-    for epoch in range(progress.epoch, len(plan)):
-        epoch_seed = cfg.seed * 1_000_003 + progress.stage * 1_009 + epoch
-        torch.manual_seed(epoch_seed)  # dropout masks: a resumed epoch equals an uninterrupted one
-        batches = length_grouped_batches(lengths, cfg.batch_size, epoch_seed)[: plan[epoch]]
-        loader = accelerator.prepare_data_loader(
-            DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id))
-        )
-        tokens, loss_sum, loss_count = loop.run(loader, f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}")
-        progress.train_tokens += int(tokens)
-        progress.epoch = epoch + 1
-        # the torch optimizer inside accelerate's wrapper
-        on_epoch_end(model, epoch, float(loss_sum / max(loss_count, 1)), optimizer.optimizer)
-
-
-@dataclass
-class _EpochLoop:
-    """The optimizer steps of one epoch, with what every epoch of a stage shares."""
-
-    model: HeftModel
-    wrapped: torch.nn.Module
-    """`model` as `accelerator.prepare` returned it (DDP, FSDP or itself)."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    cfg: RunConfig
-    accelerator: Accelerator
-    progress: Progress
-    show_progress: bool
-
-    def run(self, loader: DataLoader, desc: str) -> torch.Tensor:
-        """Train on every batch of `loader`; returns (tokens, loss sum, micro-batches) summed over processes."""
-        cfg, accelerator = self.cfg, self.accelerator
-        self.wrapped.train()
-        loss_sum, loss_count, tokens, start = 0.0, 0, 0, time.perf_counter()
-        step_log = StepLog(accelerator, cfg.log_every)
-        # accelerate divides each micro-batch's loss by grad_accum; a group cut short by the epoch's end
-        # has fewer micro-batches, so theirs are scaled back up to a mean over the group
-        last_group = (len(loader) - 1) // cfg.grad_accum * cfg.grad_accum
-        short_group_scale = cfg.grad_accum / (len(loader) - last_group)
-        bar = tqdm(loader, desc=desc, disable=not self.show_progress)
-        # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
-        # results); the float32 weights are back before on_epoch_end evaluates and saves.
-        with self.model.frozen_weights_bf16(cfg.bf16), self.model.compiled_layers(cfg.compile):
-            for i, batch in enumerate(bar):
-                batch_tokens = int(batch["attention_mask"].sum())
-                loss = self._step(batch, batch_tokens, short_group_scale if i >= last_group else 1.0, step_log)
-                loss_sum, loss_count, tokens = loss_sum + loss, loss_count + 1, tokens + batch_tokens
-                bar.set_postfix(
-                    loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
-                )
-        bar.close()
-        local = torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device)
-        return accelerator.reduce(local, "sum")
-
-    def _step(self, batch: dict[str, torch.Tensor], tokens: int, scale: float, step_log: StepLog) -> float:
-        """Forward and backward one micro-batch; step the optimizer where its accumulation group ends."""
-        accelerator = self.accelerator
-        with accelerator.accumulate(self.wrapped):
-            with autocast(self.model, self.cfg.bf16):
-                loss = self.wrapped(**batch).loss
-            accelerator.backward(loss * scale)
-            step_log.add(loss.item(), tokens)
-            if accelerator.sync_gradients:
-                if self.cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.max_grad_norm)
-                self.progress.optimizer_steps += 1
-                step_log.step(self.progress.optimizer_steps, self.scheduler.get_last_lr()[0])
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-
-@torch.no_grad()
-def mean_loss(model: HeftModel, batches: Sequence[dict[str, torch.Tensor]], bf16: bool) -> float | None:
-    """Target-token-weighted mean loss over fixed batches, in eval mode (no dropout)."""
-    if not batches:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            with autocast(model, bf16):
-                out = model(**{k: v.to(model.device) for k, v in batch.items()})
-            total, count = total + float(out.loss) * out.target_tokens, count + out.target_tokens
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
-
-
-def gate_verdict(before: float, after: float) -> GateVerdict:
-    """The stage gate (`keep: if_better`): a stage that lowered dev accuracy is rolled back."""
-    rolled_back = after < before
-    return {
-        "dev_accuracy_before": before,
-        "dev_accuracy": after,
-        "rolled_back": rolled_back,
-        "rollback_reason": f"dev accuracy {after:.4f} < {before:.4f} when the stage started" if rolled_back else None,
-    }
-
-
-def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
-    """Whether `eval_every` asks for an evaluation after `epoch` (1-based within its stage)."""
-    if eval_every == "never":
-        return False
-    return eval_every == "epoch" or last or (isinstance(eval_every, int) and epoch % eval_every == 0)
-
-
-def run_results(
-    history: Sequence[MetricsLine],
-    model: HeftModel,
-    progress: Progress,
-    data_info: dict,
-    wall_time_s: float,
-    run_dir: Path,
-) -> dict:
-    """results.json: the final evaluation, each stage's boundaries, the budget spent, the machine."""
-    return {
-        **results_summary(history),
-        "stages": [
-            {
-                "name": s.name,
-                "method": s.config.method,
-                "epochs": s.config.epochs,
-                "trainable_params": s.trainable_params,
-                **boundary_summary(history, s.index),
-            }
-            for s in model.stages
-        ],
-        "wall_time_s": round(wall_time_s, 2),
-        "train_tokens": progress.train_tokens,
-        "eval_tokens": progress.eval_tokens,
-        "optimizer_steps": progress.optimizer_steps,
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "device": device_info(),
-        "data": data_info,
-        "run_dir": str(run_dir),
-    }
-
-
 # ------------------------------------------------------------------------------------- the recipe
 def run_training(cfg: RunConfig, run_dir: str | Path, show_progress: bool = True) -> dict:
     """Train every stage of `cfg` into `run_dir`, resuming from its last checkpoint if it has one.
@@ -520,3 +323,201 @@ class TrainingRecipe:
             write_json(self.run_dir / "results.json", results)
         self.accelerator.log(results_scalars(results), step=progress.optimizer_steps)
         return results
+
+
+# ----------------------------------------------------------------------------- one stage's loop
+def train_stage(
+    model: HeftModel,
+    stage: StageConfig,
+    data: Sequence[EncodedExample],
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    progress: Progress,
+    on_epoch_end: EpochCallback,
+    resume_from: Path | None = None,
+    show_progress: bool = True,
+) -> None:
+    """Train the trainable parameters of `model` (the current stage) for `stage.epochs`."""
+    lengths = [len(e.input_ids) for e in data]
+    plan = epoch_plan(math.ceil(len(data) / cfg.batch_size), stage.epochs)
+    optimizer = _optimizer(model, stage)
+    if resume_from is not None:
+        load_optimizer(optimizer, resume_from)
+    scheduler = _schedule(optimizer, stage, plan, cfg.grad_accum, progress.epoch if resume_from else 0)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loop = _EpochLoop(model, wrapped, optimizer, scheduler, cfg, accelerator, progress, show_progress)
+    for epoch in range(progress.epoch, len(plan)):
+        epoch_seed = cfg.seed * 1_000_003 + progress.stage * 1_009 + epoch
+        torch.manual_seed(epoch_seed)  # dropout masks: a resumed epoch equals an uninterrupted one
+        batches = length_grouped_batches(lengths, cfg.batch_size, epoch_seed)[: plan[epoch]]
+        loader = accelerator.prepare_data_loader(
+            DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id))
+        )
+        tokens, loss_sum, loss_count = loop.run(loader, f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}")
+        progress.train_tokens += int(tokens)
+        progress.epoch = epoch + 1
+        # the torch optimizer inside accelerate's wrapper
+        on_epoch_end(model, epoch, float(loss_sum / max(loss_count, 1)), optimizer.optimizer)
+
+
+@dataclass
+class _EpochLoop:
+    """The optimizer steps of one epoch, with what every epoch of a stage shares."""
+
+    model: HeftModel
+    wrapped: torch.nn.Module
+    """`model` as `accelerator.prepare` returned it (DDP, FSDP or itself)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cfg: RunConfig
+    accelerator: Accelerator
+    progress: Progress
+    show_progress: bool
+
+    def run(self, loader: DataLoader, desc: str) -> torch.Tensor:
+        """Train on every batch of `loader`; returns (tokens, loss sum, micro-batches) summed over processes."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.wrapped.train()
+        loss_sum, loss_count, tokens, start = 0.0, 0, 0, time.perf_counter()
+        step_log = StepLog(accelerator, cfg.log_every)
+        # accelerate divides each micro-batch's loss by grad_accum; a group cut short by the epoch's end
+        # has fewer micro-batches, so theirs are scaled back up to a mean over the group
+        last_group = (len(loader) - 1) // cfg.grad_accum * cfg.grad_accum
+        short_group_scale = cfg.grad_accum / (len(loader) - last_group)
+        bar = tqdm(loader, desc=desc, disable=not self.show_progress)
+        # bf16 copies of the frozen weights for the epoch, not cast again at every forward (identical
+        # results); the float32 weights are back before on_epoch_end evaluates and saves.
+        with self.model.frozen_weights_bf16(cfg.bf16), self.model.compiled_layers(cfg.compile):
+            for i, batch in enumerate(bar):
+                batch_tokens = int(batch["attention_mask"].sum())
+                loss = self._step(batch, batch_tokens, short_group_scale if i >= last_group else 1.0, step_log)
+                loss_sum, loss_count, tokens = loss_sum + loss, loss_count + 1, tokens + batch_tokens
+                bar.set_postfix(
+                    loss=f"{loss_sum / loss_count:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}"
+                )
+        bar.close()
+        local = torch.tensor([tokens, loss_sum, loss_count], dtype=torch.float64, device=accelerator.device)
+        return accelerator.reduce(local, "sum")
+
+    def _step(self, batch: dict[str, torch.Tensor], tokens: int, scale: float, step_log: StepLog) -> float:
+        """Forward and backward one micro-batch; step the optimizer where its accumulation group ends."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.wrapped):
+            with autocast(self.model, self.cfg.bf16):
+                loss = self.wrapped(**batch).loss
+            accelerator.backward(loss * scale)
+            step_log.add(loss.item(), tokens)
+            if accelerator.sync_gradients:
+                if self.cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.max_grad_norm)
+                self.progress.optimizer_steps += 1
+                step_log.step(self.progress.optimizer_steps, self.scheduler.get_last_lr()[0])
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only: not on biases, norms or the raw tensors behind
+    LoReFT's orthogonal parametrization (decaying its Householder reflectors would pull R towards
+    the first r coordinate axes)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim >= 2 and "parametrizations" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "parametrizations" not in n)]
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
+
+
+def epoch_plan(num_batches: int, epochs: float) -> list[int]:
+    """Micro-batches per epoch; a fractional last epoch runs part of the data."""
+    total = math.ceil(round(num_batches * epochs, 6))  # 100 * 0.07 is 7.000000000000001: 7 batches, not 8
+    return [min(num_batches, total - e * num_batches) for e in range(math.ceil(epochs))]
+
+
+def _schedule(
+    optimizer: torch.optim.Optimizer, stage: StageConfig, plan: list[int], grad_accum: int, resume_at_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The stage's learning-rate schedule over all its optimizer steps, fast-forwarded past the
+    epochs a resumed stage already trained."""
+    total_steps = sum(math.ceil(n / grad_accum) for n in plan)
+    scheduler = get_scheduler(
+        SCHEDULES[stage.schedule],
+        optimizer,
+        num_warmup_steps=round(stage.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in range(sum(math.ceil(n / grad_accum) for n in plan[:resume_at_epoch])):
+            scheduler.step()
+    return scheduler
+
+
+# --------------------------------------------------------------------------- measures and rules
+@torch.no_grad()
+def mean_loss(model: HeftModel, batches: Sequence[dict[str, torch.Tensor]], bf16: bool) -> float | None:
+    """Target-token-weighted mean loss over fixed batches, in eval mode (no dropout)."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            with autocast(model, bf16):
+                out = model(**{k: v.to(model.device) for k, v in batch.items()})
+            total, count = total + float(out.loss) * out.target_tokens, count + out.target_tokens
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def gate_verdict(before: float, after: float) -> GateVerdict:
+    """The stage gate (`keep: if_better`): a stage that lowered dev accuracy is rolled back."""
+    rolled_back = after < before
+    return {
+        "dev_accuracy_before": before,
+        "dev_accuracy": after,
+        "rolled_back": rolled_back,
+        "rollback_reason": f"dev accuracy {after:.4f} < {before:.4f} when the stage started" if rolled_back else None,
+    }
+
+
+def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
+    """Whether `eval_every` asks for an evaluation after `epoch` (1-based within its stage)."""
+    if eval_every == "never":
+        return False
+    return eval_every == "epoch" or last or (isinstance(eval_every, int) and epoch % eval_every == 0)
+
+
+def run_results(
+    history: Sequence[MetricsLine],
+    model: HeftModel,
+    progress: Progress,
+    data_info: dict,
+    wall_time_s: float,
+    run_dir: Path,
+) -> dict:
+    """results.json: the final evaluation, each stage's boundaries, the budget spent, the machine."""
+    return {
+        **results_summary(history),
+        "stages": [
+            {
+                "name": s.name,
+                "method": s.config.method,
+                "epochs": s.config.epochs,
+                "trainable_params": s.trainable_params,
+                **boundary_summary(history, s.index),
+            }
+            for s in model.stages
+        ],
+        "wall_time_s": round(wall_time_s, 2),
+        "train_tokens": progress.train_tokens,
+        "eval_tokens": progress.eval_tokens,
+        "optimizer_steps": progress.optimizer_steps,
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "device": device_info(),
+        "data": data_info,
+        "run_dir": str(run_dir),
+    }
