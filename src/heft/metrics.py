@@ -74,7 +74,9 @@ class EvalLine(_Where, EvalFields):
     kind: Literal["eval"]
 
 
-class StageStartLine(_Where, EvalFields, total=False):
+class StageStartLine(_Where, total=False):
+    """Also the `EvalFields` of the received model's evaluation, except with `eval_every: never`."""
+
     kind: Literal["stage_start"]
     boundary_loss: float | None
     """Mean loss on the first `boundary_examples` training examples (None when that is 0)."""
@@ -85,6 +87,8 @@ class StageStartLine(_Where, EvalFields, total=False):
 
 
 class StageEndLine(_Where, total=False):
+    """The `GateVerdict` keys are there for gated stages (`keep: if_better`) only."""
+
     kind: Literal["stage_end"]
     boundary_loss: float | None
     dev_accuracy_before: float
