@@ -9,11 +9,11 @@ from heft.config import (
     RunConfig,
     StageConfig,
     config_from_dict,
-    field_docs,
     load_config,
-    render_config_reference,
     save_config,
 )
+from heft.config_loader import field_docs
+from heft.config_reference import render_config_reference
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig
 
@@ -179,7 +179,7 @@ def test_dict_source_named_in_errors() -> None:
 def test_field_docs_and_reference_up_to_date() -> None:
     assert field_docs(StageConfig)["epochs"].startswith("Passes over the training set.")
     readme = Path(__file__).resolve().parents[1] / "configs" / "README.md"
-    assert readme.read_text() == render_config_reference(), "run `python -m heft.config` to regenerate"
+    assert readme.read_text() == render_config_reference(), "run `python -m heft.config_reference` to regenerate"
 
 
 def test_a_merging_lora_stage_after_an_unmerged_one_is_refused_before_training(tmp_path: Path) -> None:

@@ -12,10 +12,11 @@ import pytest
 
 from heft.config import DataConfig
 from heft.tasks import (
-    BoolQ,
     DataError,
     Example,
     Task,
+    YesNoOptions,
+    YesNoTask,
     get_task,
     list_tasks,
     register_task,
@@ -96,7 +97,7 @@ def test_real_boolq_counts_and_prompt(splits: dict[str, list[Example]]) -> None:
     )
     assert first.prompt.startswith("Persian (/ˈpɜːrʒən, -ʃən/), also known by its endonym Farsi")
     assert (first.target, first.label, first.fields["answer"]) == (" yes", 1, True)
-    assert all(e.target == BoolQ.choices[e.label] for e in val)
+    assert all(e.target == [" no", " yes"][e.label] for e in val)
 
 
 def test_subsample_is_stratified_and_seeded(task: Task, splits: dict[str, list[Example]]) -> None:
@@ -321,15 +322,13 @@ def test_heft_data_dir_loads(task: Task, monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_registry() -> None:
     assert "boolq" in list_tasks()
-    assert isinstance(get_task("boolq"), BoolQ)
+    assert isinstance(get_task("boolq"), YesNoTask)
     with pytest.raises(ValueError, match="did you mean 'boolq'"):
         get_task("BoolQQ")
 
-    class Other(BoolQ):
-        pass
-
     with pytest.raises(ValueError, match="already registered"):
-        register_task(Other)
+        register_task(YesNoTask(YesNoOptions(name="boolq", template="{passage}\nQ: {question}?\nA:")))
+    register_task(YesNoTask(YesNoOptions(name="boolq"), default_source="google/boolq"))  # the same again is no clash
 
 
 # --- prompt, labels, generations ---------------------------------------------------------------
@@ -356,11 +355,9 @@ def test_choice_token_ids(task: Task, tok) -> None:
     assert ids == [tok(c, add_special_tokens=False)["input_ids"][0] for c in task.choices]
     assert len(set(ids)) == 2
 
-    class Clash(BoolQ):
-        choices = (" yes", " yes please")
-
+    clash = YesNoTask(YesNoOptions(choices=[" yes", " yes please"]))
     with pytest.raises(ValueError, match="first token"):
-        Clash().choice_token_ids(tok)
+        clash.choice_token_ids(tok)
 
 
 # --- encoding and truncation -------------------------------------------------------------------
