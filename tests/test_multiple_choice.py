@@ -319,6 +319,54 @@ def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir
     assert "--mode score" in capsys.readouterr().err
 
 
+def test_a_folder_of_my_own_questions_trains_with_task_multiple_choice(
+    tmp_path: Path, tiny_model_dir: Path, capsys
+) -> None:
+    """Only train.jsonl and test.jsonl, other column names, no benchmark's name and no eval_split:
+    `task: multiple_choice` and `data.columns` are enough, and the folder's test split is evaluated."""
+    toy = write_toy_mc(tmp_path / "toy", n_train=16, n_test=6)
+    data = tmp_path / "mine"
+    data.mkdir()
+    for split in ("train", "test"):
+        frame = pd.read_parquet(toy / f"{split}.parquet")
+        rows = frame.rename(columns={"question": "stem", "choices": "options", "label": "answer_idx"})
+        rows.to_json(data / f"{split}.jsonl", orient="records", lines=True)
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "task": "multiple_choice",
+                "data": {
+                    "source": str(data),
+                    "columns": {"question": "stem", "choices": "options", "label": "answer_idx"},
+                },
+                "max_length": 32,
+                "eval_zero_shot": False,
+                "output_dir": str(tmp_path / "runs" / "{task}"),
+                "stages": [{"method": "lora", "epochs": 1, "lr": 1e-2, "lora": {"r": 2}}],
+            }
+        )
+    )
+    assert main(["train", str(config), "-q"]) == 0
+    run = tmp_path / "runs" / "multiple_choice"  # the run folder is named after the task's name
+    results = json.loads((run / "results.json").read_text())
+    assert (results["data"]["eval_split"], results["data"]["eval_examples"], results["data"]["train_examples"]) == (
+        "test",
+        6,
+        16,
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["split"], out["n"], out["headline"], out["accuracy"]) == (
+        "test",
+        6,
+        "acc_norm",
+        results["final_accuracy"],
+    )
+
+
 def test_scores_do_not_depend_on_batching() -> None:
     """Padding questions of different lengths and choice counts together changes no score."""
     model = make_heft("qwen2")

@@ -85,7 +85,7 @@ def get_task(spec: str | Mapping[str, Any], src: Source | None = None) -> Task:
         hint = did_you_mean(str(kind), list_kinds(), lower=True) or f"kinds: {list_kinds()}"
         if kind in _PRESETS:
             hint = f"{kind!r} is a task, not a kind: write `task: {kind}`"
-        src.fail(f"unknown task kind {kind!r}", ("task", "kind"), hint=hint)
+        src.fail(f"unknown kind {kind!r} for 'task.kind'", ("task", "kind"), hint=hint)
     cls = _KINDS[kind]
     if cls.Options is None:
         if options:
