@@ -378,6 +378,26 @@ def test_each_kind_refuses_a_bad_row_naming_file_row_field(
     assert str(info.value).startswith(f"{path}: line 2: field '{field}': ") and words in str(info.value)
 
 
+def test_a_kind_joins_by_name_with_or_without_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import heft.tasks as tasks_module
+    from heft.config_loader import ConfigError
+
+    monkeypatch.setattr(tasks_module, "_KINDS", dict(tasks_module._KINDS))  # this test's kinds stay here
+
+    class Plain(Task):  # configured by class attributes alone, as a kind written without `Options`
+        name = "plain"
+        label_field = "answer"
+        template = "{text} ?"
+        choices = (" a", " b")
+
+    tasks_module.register_kind(Plain, "plain_kind")
+    assert isinstance(get_task("plain_kind"), Plain) and get_task({"kind": "plain_kind"}).fields == ("text", "answer")
+    with pytest.raises(ConfigError, match="task kind 'plain_kind' takes no options"):
+        get_task({"kind": "plain_kind", "template": "{x}"})
+    with pytest.raises(ValueError, match="already registered"):
+        tasks_module.register_kind(Plain, "yes_no")
+
+
 def test_a_template_naming_a_missing_column_names_the_template_key(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", [{"stem": "q", "choices": ["a", "b"], "label": 0}])
     task = get_task({"kind": "multiple_choice", "template": "Q: {question}\nA:"})

@@ -52,11 +52,12 @@ def _claim(name: str, new: type[Task] | Task) -> None:
     raise ValueError(f"task name {name!r} is already registered by {holder}")
 
 
-def register_kind(cls: type[Task]) -> type[Task]:
-    """Make `cls` available as `task: <cls.kind>` (its defaults) and `task: {kind: <cls.kind>, ...}`;
-    usable as a class decorator."""
-    _claim(cls.kind, cls)
-    _KINDS[cls.kind] = cls
+def register_kind(cls: type[Task], name: str | None = None) -> type[Task]:
+    """Make `cls` available as `task: <name>` (its defaults) and `task: {kind: <name>, ...}`; the name
+    defaults to `cls.kind`. Usable as a class decorator."""
+    name = name or cls.kind
+    _claim(name, cls)
+    _KINDS[name] = cls
     return cls
 
 
@@ -119,9 +120,14 @@ def list_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
-# The one place kinds join the registry. The completion kind (heft.tasks.completion) joins this tuple:
-# a Task subclass with its `kind` name and, for options in YAML, an `Options` dataclass.
-for _kind in (YesNoTask, MultipleChoiceTask):
-    register_kind(_kind)
+KINDS: dict[str, type[Task]] = {
+    "yes_no": YesNoTask,
+    "multiple_choice": MultipleChoiceTask,
+}
+"""The one place kinds join the registry: the completion kind (heft.tasks.completion) joins here as
+`"completion": CompletionTask`, a Task subclass; its `Options` dataclass, if it has one, holds the
+settings a config's `task: {kind: completion, ...}` may give."""
+for _name, _kind in KINDS.items():
+    register_kind(_kind, _name)
 for _preset in PRESETS:
     register_task(_preset)
