@@ -171,6 +171,10 @@ def test_export_creates_missing_folders_and_leaves_nothing_when_it_fails(trained
     [
         (["train", "configs/boolq_heft.yaml", "stages.0.epoch=3"], "did you mean 'epochs'"),
         (["train", "configs/boolq_heft.yaml", "batch_size=abc"], "batch_size"),
+        (
+            ["train", "configs/boolq_heft.yaml", "task=boolqq", "--output-dir", "{tmp}/r"],
+            "unknown task 'boolqq' in override 'task=boolqq'; did you mean 'boolq'?",
+        ),  # checked where the task is resolved, before a run folder exists
         (["train", "configs/nope.yaml"], "nope.yaml"),
         (
             [

@@ -9,13 +9,14 @@ from heft.config import (
     RunConfig,
     StageConfig,
     config_from_dict,
-    field_docs,
     load_config,
-    render_config_reference,
     save_config,
 )
+from heft.config_loader import field_docs
+from heft.config_reference import render_config_reference
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig
+from heft.tasks import get_task, task_for
 
 EXAMPLE = """\
 model: smollm2-135m
@@ -179,7 +180,7 @@ def test_dict_source_named_in_errors() -> None:
 def test_field_docs_and_reference_up_to_date() -> None:
     assert field_docs(StageConfig)["epochs"].startswith("Passes over the training set.")
     readme = Path(__file__).resolve().parents[1] / "configs" / "README.md"
-    assert readme.read_text() == render_config_reference(), "run `python -m heft.config` to regenerate"
+    assert readme.read_text() == render_config_reference(), "run `python -m heft.config_reference` to regenerate"
 
 
 def test_a_merging_lora_stage_after_an_unmerged_one_is_refused_before_training(tmp_path: Path) -> None:
@@ -191,3 +192,94 @@ def test_a_merging_lora_stage_after_an_unmerged_one_is_refused_before_training(t
         "set lora.merge: false here too, or lora.merge: true on stage 0"
     )
     assert len(load_config(path, ["stages.2.lora.merge=false"]).stages) == 3
+
+
+# --- the task: a name or a mapping of a kind and its options, checked where tasks are resolved -----
+
+TASK_MAPPING = """\
+task:
+  kind: multiple_choice
+  template: "Q: {stem}\\nA:"
+  headline: acc
+data:
+  columns: {choices: options}
+"""
+
+
+def task_error(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    cfg = load_config(path, overrides)  # the schema takes any name or mapping: it knows no registry
+    with pytest.raises(ConfigError) as info:
+        task_for(cfg)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_task_mapping_builds_its_kind_and_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, TASK_MAPPING))
+    task = task_for(cfg)
+    assert (task.kind, task.name, task.fields, task.headline, task.choice_delimiter, task.default_source) == (
+        "multiple_choice",
+        "multiple_choice",
+        ("stem", "choices", "label"),
+        "acc",
+        " ",
+        None,
+    )
+    assert task.to_example({"stem": "red?", "choices": ["a", "b"], "label": 1}).prompt == "Q: red?\nA:"
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg and task_for(again).fields == task.fields
+    # a kind on its own takes its defaults, which are the presets' own settings
+    mc, arc = task_for(config_from_dict({"task": "multiple_choice"})), get_task("arc_easy")
+    assert (mc.template, mc.fields, mc.headline, mc.default_eval_split) == (
+        arc.template,
+        arc.fields,
+        arc.headline,
+        arc.default_eval_split,
+    )
+    yes_no, boolq = get_task("yes_no"), get_task("boolq")
+    assert (yes_no.template, yes_no.fields, yes_no.choices, yes_no.truncate_field) == (
+        boolq.template,
+        boolq.fields,
+        boolq.choices,
+        boolq.truncate_field,
+    )
+    overridden = load_config(write(tmp_path, "model: x\n"), ["task.kind=yes_no", "task.truncate_field=null"])
+    assert overridden.task == {"kind": "yes_no", "truncate_field": None} and task_for(overridden).truncate_field is None
+
+
+@pytest.mark.parametrize(
+    "old, new, key, line, words",
+    [
+        ("  kind: multiple_choice", "  kind: multiple_choise", "task.kind", 2, "did you mean 'multiple_choice'?"),
+        ("  kind: multiple_choice", "  kind: arc_easy", "task.kind", 2, "a task, not a kind: write `task: arc_easy`"),
+        ("  headline: acc", "  headlin: acc", "task.headlin", 4, "did you mean 'headline'?"),
+        ("  headline: acc", "  headline: accuracy", "task.headline", 4, "expected 'acc' | 'acc_norm'"),
+        ("{stem}", "{stem} {label}", "task.template", 3, "it names 'label', the field that holds the answer"),
+        ("{stem}", "{stem", "task.template", 3, "not a template"),
+        ("{stem}", "{0}", "task.template", 3, "fields are plain names"),
+        ("{stem}", "stem", "task.template", 3, "names no field"),
+        ("  headline: acc", "  truncate_field: passage", "task.truncate_field", 4, "template names (stem) or null"),
+        ("{choices: options}", "{choises: options}", "data.columns.choises", 6, "did you mean 'choices'?"),
+    ],
+)
+def test_bad_task_options_name_file_line_key(tmp_path: Path, old: str, new: str, key: str, line: int, words: str):
+    msg = task_error(write(tmp_path, TASK_MAPPING.replace(old, new)))
+    assert f"'{key}' in " in msg and f"bad.yaml line {line}" in msg and words in msg, msg
+
+
+def test_bad_task_names_and_templates(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: x\ntask: boolqq\n")
+    msg = task_error(path)
+    assert msg.startswith(f"unknown task 'boolqq' in {path} line 2; did you mean 'boolq'? registered tasks: [")
+    assert all(f"'{name}'" in msg for name in ("arc_easy", "boolq", "multiple_choice", "openbookqa", "yes_no"))
+    assert "in override 'task=arc_eesy'; did you mean 'arc_easy'?" in task_error(path, ("task=arc_eesy",))
+    msg = task_error(path, ("task=boolq", "data.template=Question {questoin}"))
+    assert "'data.template' in override 'data.template=Question {questoin}'" in msg and "uses ['questoin']" in msg
+    msg = task_error(write(tmp_path, "task:\n  kind: yes_no\n  choices: [' yes', ' yes']\n"))
+    assert "'task.choices' in " in msg and "line 3" in msg and "two different" in msg
+    msg = error(write(tmp_path, "task:\n  template: 'Q: {question}'\n"))  # the shape is the schema's to check
+    assert "'task' in " in msg and "line 1" in msg and "a mapping of a 'kind'" in msg
+    with pytest.raises(ConfigError, match=r"unknown task 'nope' in RunConfig; registered tasks"):
+        task_for(RunConfig(task="nope"))  # a config made in Python is named by its type

@@ -17,7 +17,7 @@ from heft.cli import main
 from heft.config import DataConfig, config_from_dict, load_config
 from heft.evaluate import continuation_logprobs, evaluate, predict
 from heft.pipeline import HeftModel
-from heft.tasks import ArcEasy, DataError, EncodedExample, MultipleChoiceTask, get_task, list_tasks
+from heft.tasks import DataError, EncodedExample, MultipleChoiceTask, get_task, list_tasks
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -170,8 +170,9 @@ def test_registry_and_real_data() -> None:
         "Question: Which statement best explains why photosynthesis"
     ) and first.prompt.endswith("\nAnswer:")
     assert first.target == " Sunlight is the source of energy for nearly all ecosystems."
-    assert config_from_dict({"task": "arc_challenge"}).data.eval_split == "test"
-    assert config_from_dict({"task": "boolq"}).data.eval_split == "validation"
+    for name, split in [("arc_challenge", "test"), ("boolq", "validation")]:  # null: the task's default
+        cfg = config_from_dict({"task": name})
+        assert cfg.data.eval_split is None and get_task(name).eval_split(cfg.data) == split
 
 
 def test_heft_data_dir_columns_and_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,15 +226,12 @@ def test_wrong_parquet_column_type(tmp_path: Path) -> None:
         get_task("arc_challenge").load_split(DataConfig(source=str(tmp_path)), "train")
 
 
-def test_new_dataset_is_a_few_lines() -> None:
-    class Riddles(MultipleChoiceTask):
-        name = "riddles"
-        default_source = "someone/riddles"
-        template = "Riddle: {question}\nAnswer:"
-
-    example = Riddles().to_example({"question": "what is red", "choices": ["a cat", "a dog"], "label": 0})
+def test_new_dataset_is_a_mapping() -> None:
+    riddles = get_task({"kind": "multiple_choice", "name": "riddles", "template": "Riddle: {question}\nAnswer:"})
+    example = riddles.to_example({"question": "what is red", "choices": ["a cat", "a dog"], "label": 0})
     assert (example.prompt, example.choices) == ("Riddle: what is red\nAnswer:", [" a cat", " a dog"])
-    assert issubclass(ArcEasy, MultipleChoiceTask) and EncodedExample([1], 1, 0, False).choice_ids == []
+    assert riddles.name == "riddles" and type(riddles) is type(get_task("arc_easy")) is MultipleChoiceTask
+    assert EncodedExample([1], 1, 0, False).choice_ids == []
 
 
 # --- the command line: train, eval, predict ----------------------------------------------------
@@ -257,7 +255,7 @@ def write_toy_mc(folder: Path, n_train: int = 24, n_test: int = 12) -> Path:
 
 def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
     shipped = load_config(REPO / "configs" / "arc_easy_heft.yaml")
-    assert (shipped.task, shipped.data.eval_split, [s.method for s in shipped.stages]) == (
+    assert (shipped.task, get_task(shipped.task).eval_split(shipped.data), [s.method for s in shipped.stages]) == (
         "arc_easy",
         "test",
         ["lora", "loreft"],
@@ -321,6 +319,54 @@ def test_train_eval_predict_from_the_command_line(tmp_path: Path, tiny_model_dir
     assert "--mode score" in capsys.readouterr().err
 
 
+def test_a_folder_of_my_own_questions_trains_with_task_multiple_choice(
+    tmp_path: Path, tiny_model_dir: Path, capsys
+) -> None:
+    """Only train.jsonl and test.jsonl, other column names, no benchmark's name and no eval_split:
+    `task: multiple_choice` and `data.columns` are enough, and the folder's test split is evaluated."""
+    toy = write_toy_mc(tmp_path / "toy", n_train=16, n_test=6)
+    data = tmp_path / "mine"
+    data.mkdir()
+    for split in ("train", "test"):
+        frame = pd.read_parquet(toy / f"{split}.parquet")
+        rows = frame.rename(columns={"question": "stem", "choices": "options", "label": "answer_idx"})
+        rows.to_json(data / f"{split}.jsonl", orient="records", lines=True)
+    config = tmp_path / "mine.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_model_dir),
+                "task": "multiple_choice",
+                "data": {
+                    "source": str(data),
+                    "columns": {"question": "stem", "choices": "options", "label": "answer_idx"},
+                },
+                "max_length": 32,
+                "eval_zero_shot": False,
+                "output_dir": str(tmp_path / "runs" / "{task}"),
+                "stages": [{"method": "lora", "epochs": 1, "lr": 1e-2, "lora": {"r": 2}}],
+            }
+        )
+    )
+    assert main(["train", str(config), "-q"]) == 0
+    run = tmp_path / "runs" / "multiple_choice"  # the run folder is named after the task's name
+    results = json.loads((run / "results.json").read_text())
+    assert (results["data"]["eval_split"], results["data"]["eval_examples"], results["data"]["train_examples"]) == (
+        "test",
+        6,
+        16,
+    )
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["split"], out["n"], out["headline"], out["accuracy"]) == (
+        "test",
+        6,
+        "acc_norm",
+        results["final_accuracy"],
+    )
+
+
 def test_scores_do_not_depend_on_batching() -> None:
     """Padding questions of different lengths and choice counts together changes no score."""
     model = make_heft("qwen2")
@@ -345,7 +391,7 @@ def test_reproduce_configs_run_the_boolq_arms_on_the_full_task(name: str) -> Non
     assert list(plan.configs) == list(boolq.configs) and plan.seeds == [1, 2]
     for arm, by_seed in plan.configs.items():
         cfg = by_seed[1]
-        assert (cfg.task, cfg.data.eval_split, cfg.max_train_examples, cfg.max_eval_examples) == (
+        assert (cfg.task, get_task(cfg.task).eval_split(cfg.data), cfg.max_train_examples, cfg.max_eval_examples) == (
             name,
             "test",
             None,

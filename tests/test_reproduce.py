@@ -413,3 +413,20 @@ def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path, tiny_model_d
             for key in ("final_accuracy", "final_correct", "train_tokens", "optimizer_steps", "zero_shot_accuracy"):
                 assert other[key] == run[key], (arm, seed, key)
     assert (tmp_path / "two" / "_prefix").is_dir() and (tmp_path / "two" / "report.md").is_file()
+
+
+def test_a_folder_saved_with_the_default_eval_split_by_name_is_the_same_config(tmp_path):
+    """Run folders written when a config's unset eval split was filled in by name (`validation` for
+    BoolQ) are the same settings as today's `data.eval_split: null`, which the task resolves."""
+    from heft.config import config_from_dict, config_to_dict
+
+    cfg = config_from_dict({"data": {"source": str(write_toy_boolq(tmp_path / "data"))}})
+    saved = config_to_dict(cfg)
+    saved["data"]["eval_split"] = "validation"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    reproduce_module._check_same_config(tmp_path / "run", cfg)
+    saved["data"]["eval_split"], saved["max_eval_examples"] = "train", 8
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"different settings \(data, max_eval_examples\)"):
+        reproduce_module._check_same_config(tmp_path / "run", cfg)

@@ -12,10 +12,11 @@ import pytest
 
 from heft.config import DataConfig
 from heft.tasks import (
-    BoolQ,
     DataError,
     Example,
     Task,
+    YesNoOptions,
+    YesNoTask,
     get_task,
     list_tasks,
     register_task,
@@ -96,7 +97,7 @@ def test_real_boolq_counts_and_prompt(splits: dict[str, list[Example]]) -> None:
     )
     assert first.prompt.startswith("Persian (/ˈpɜːrʒən, -ʃən/), also known by its endonym Farsi")
     assert (first.target, first.label, first.fields["answer"]) == (" yes", 1, True)
-    assert all(e.target == BoolQ.choices[e.label] for e in val)
+    assert all(e.target == [" no", " yes"][e.label] for e in val)
 
 
 def test_subsample_is_stratified_and_seeded(task: Task, splits: dict[str, list[Example]]) -> None:
@@ -321,15 +322,147 @@ def test_heft_data_dir_loads(task: Task, monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_registry() -> None:
     assert "boolq" in list_tasks()
-    assert isinstance(get_task("boolq"), BoolQ)
+    assert isinstance(get_task("boolq"), YesNoTask)
     with pytest.raises(ValueError, match="did you mean 'boolq'"):
         get_task("BoolQQ")
 
-    class Other(BoolQ):
-        pass
-
     with pytest.raises(ValueError, match="already registered"):
-        register_task(Other)
+        register_task(YesNoTask(YesNoOptions(name="boolq", template="{passage}\nQ: {question}?\nA:")))
+    register_task(YesNoTask(YesNoOptions(name="boolq"), default_source="google/boolq"))  # the same again is no clash
+
+
+# --- kinds: one code path per row shape, configured in YAML --------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_yes_no_kind_with_its_own_template_and_choices(tmp_path: Path) -> None:
+    spec = {"kind": "yes_no", "template": "Review: {text}\nGood:", "choices": [" no", " yes"], "truncate_field": None}
+    task = get_task(spec)
+    rows = [{"text": "great", "answer": "true"}, {"text": "bad", "answer": False}, {"text": "fine", "answer": " Yes"}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    got = task.load_split(DataConfig(source=str(path)), "train")
+    assert [(e.prompt, e.target, e.label) for e in got] == [
+        ("Review: great\nGood:", " yes", 1),
+        ("Review: bad\nGood:", " no", 0),
+        ("Review: fine\nGood:", " yes", 1),
+    ]
+    assert task.fields == ("text", "answer") and task.scoring == "first_token" and task.default_source is None
+    with pytest.raises(DataError, match="task 'yes_no' has no default data and data.source is unset"):
+        task.load_split(DataConfig(), "train")
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad", "field", "words"),
+    [
+        ("yes_no", {"text": "", "answer": 1}, "text", "empty text"),
+        ("yes_no", {"text": "ok", "answer": "maybe"}, "answer", "cannot parse label 'maybe'"),
+        ("yes_no", {"text": 3, "answer": 1}, "text", "expected text, got int"),
+        ("multiple_choice", {"text": "q", "choices": ["a"], "label": 0}, "choices", "at least two"),
+        ("multiple_choice", {"text": "q", "choices": ["a", "b"], "label": 2}, "label", "outside the 2 choices"),
+        ("multiple_choice", {"text": " ", "choices": ["a", "b"], "label": 0}, "text", "empty text"),
+    ],
+)
+def test_each_kind_refuses_a_bad_row_naming_file_row_field(
+    tmp_path: Path, kind: str, bad: dict, field: str, words: str
+) -> None:
+    task = get_task({"kind": kind, "template": "T: {text}", "truncate_field": None})
+    good = {"text": "fine", "answer": 1, "choices": ["a", "b"], "label": 0}
+    path = write_jsonl(tmp_path / "train.jsonl", [good, {**good, **bad}])
+    with pytest.raises(DataError) as info:
+        task.load_split(DataConfig(source=str(path)), "train")
+    assert str(info.value).startswith(f"{path}: line 2: field '{field}': ") and words in str(info.value)
+
+
+def test_a_kind_joins_by_name_with_or_without_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    import heft.tasks as tasks_module
+    from heft.config_loader import ConfigError
+
+    monkeypatch.setattr(tasks_module, "_KINDS", dict(tasks_module._KINDS))  # this test's kinds stay here
+
+    class Plain(Task):  # configured by class attributes alone, as a kind written without `Options`
+        name = "plain"
+        label_field = "answer"
+        template = "{text} ?"
+        choices = (" a", " b")
+
+    tasks_module.register_kind(Plain, "plain_kind")
+    assert isinstance(get_task("plain_kind"), Plain) and get_task({"kind": "plain_kind"}).fields == ("text", "answer")
+    with pytest.raises(ConfigError, match="task kind 'plain_kind' takes no options"):
+        get_task({"kind": "plain_kind", "template": "{x}"})
+    with pytest.raises(ValueError, match="already registered"):
+        tasks_module.register_kind(Plain, "yes_no")
+
+
+def test_a_template_naming_a_missing_column_names_the_template_key(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"stem": "q", "choices": ["a", "b"], "label": 0}])
+    task = get_task({"kind": "multiple_choice", "template": "Q: {question}\nA:"})
+    with pytest.raises(DataError) as info:
+        task.load_split(DataConfig(source=str(path)), "train")
+    assert f"{path}: line 1: missing column 'question' for field 'question', which task.template names" in str(
+        info.value
+    )
+    assert info.value.hint.startswith("fix task.template, or if the file names it otherwise")
+    with pytest.raises(DataError, match=r"for field 'question', which data.template names; found columns \['stem'"):
+        get_task("arc_easy").load_split(DataConfig(source=str(path), template="Say {question}"), "train")
+    with pytest.raises(DataError, match=r"for field 'question'; found columns"):  # a preset's own template: no key
+        get_task("arc_easy").load_split(DataConfig(source=str(path)), "train")
+
+
+# --- the evaluation split: the task's default, or what a local folder holds --------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "name", "expected"),
+    [
+        (["train", "validation", "test"], "boolq", "validation"),
+        (["train", "test"], "boolq", "test"),
+        (["train", "validation", "test"], "arc_easy", "test"),
+        (["train", "validation"], "multiple_choice", "validation"),
+        (["train"], "arc_easy", "train"),
+    ],
+)
+def test_eval_split_takes_what_the_folder_has(tmp_path: Path, files: list[str], name: str, expected: str) -> None:
+    for split in files:
+        (tmp_path / f"{split}.jsonl").write_text("{}\n")
+    task = get_task(name)
+    assert task.eval_split(DataConfig(source=str(tmp_path))) == expected
+    assert task.eval_split(DataConfig(source=str(tmp_path), eval_split="other")) == "other"  # set: used as is
+
+
+def test_eval_split_when_nothing_fits(tmp_path: Path) -> None:
+    (tmp_path / "dev.jsonl").write_text("{}\n")
+    (tmp_path / "training.csv").write_text("a\n")
+    with pytest.raises(DataError) as info:
+        get_task("arc_easy").eval_split(DataConfig(source=str(tmp_path)))
+    assert str(info.value) == (
+        f"{tmp_path}: no file for an evaluation split (test, validation) nor for the training split 'train'; "
+        "the folder has ['dev.jsonl', 'training.csv']"
+    )
+    assert "data.eval_split=<file stem>" in info.value.hint and "data.train_split=<file stem>" in info.value.hint
+    single = tmp_path / "dev.jsonl"  # a single file serves every split; the hub names its own
+    assert get_task("arc_easy").eval_split(DataConfig(source=str(single))) == "test"
+    assert get_task("boolq").eval_split(DataConfig(source="someone/boolq")) == "validation"
+
+
+def test_a_folder_with_only_train_evaluates_on_held_out_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from heft.config import config_from_dict
+    from heft.train import read_splits
+
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(30)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = config_from_dict({"task": "multiple_choice", "data": {"source": str(tmp_path)}})
+    with caplog.at_level("WARNING", logger="heft"):
+        splits = read_splits(get_task("multiple_choice"), cfg)
+    assert (splits.eval_split, len(splits.evaluation), len(splits.train)) == ("train", 3, 27)
+    assert not {e.prompt for e in splits.evaluation} & {e.prompt for e in splits.train}
+    assert "holds no evaluation split: evaluating on 3 examples held out of 'train'" in caplog.text
+    cfg.max_eval_examples = 6
+    assert len(read_splits(get_task("multiple_choice"), cfg).evaluation) == 6
 
 
 # --- prompt, labels, generations ---------------------------------------------------------------
@@ -356,11 +489,9 @@ def test_choice_token_ids(task: Task, tok) -> None:
     assert ids == [tok(c, add_special_tokens=False)["input_ids"][0] for c in task.choices]
     assert len(set(ids)) == 2
 
-    class Clash(BoolQ):
-        choices = (" yes", " yes please")
-
+    clash = YesNoTask(YesNoOptions(choices=[" yes", " yes please"]))
     with pytest.raises(ValueError, match="first token"):
-        Clash().choice_token_ids(tok)
+        clash.choice_token_ids(tok)
 
 
 # --- encoding and truncation -------------------------------------------------------------------

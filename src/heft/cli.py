@@ -33,7 +33,7 @@ def _run_dir_config(run_dir: Path):
     return load_config(path)
 
 
-def _output_dir(given: str | None, cfg) -> str:
+def _output_dir(given: str | None, cfg, task_name: str) -> str:
     """The run folder: `--output-dir`, else the config's template filled in. Under a launcher every
     process takes the main process's name: processes that start in different seconds would
     otherwise time-stamp different folders."""
@@ -41,7 +41,7 @@ def _output_dir(given: str | None, cfg) -> str:
 
     if given:
         return given
-    out = cfg.output_dir.format(task=cfg.task, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
+    out = cfg.output_dir.format(task=task_name, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
     if process_state().num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -52,10 +52,12 @@ def _output_dir(given: str | None, cfg) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from heft.config import load_config
     from heft.evaluate import process_state
+    from heft.tasks import task_for
     from heft.train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    out = cfg.output_dir = _output_dir(args.output_dir, cfg)
+    task = task_for(cfg)  # a bad task or template ends here, before a run folder exists
+    out = cfg.output_dir = _output_dir(args.output_dir, cfg, task.name)
     args.resume_with = shlex.join(
         ["heft", "train", args.config, *args.overrides, "--output-dir", out]
     )  # the folder name has a time stamp
@@ -66,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main:
         return 0
     table = Table(
-        title=f"{cfg.task}: {results['data']['eval_examples']} eval examples; loss on the first "
+        title=f"{task.name}: {results['data']['eval_examples']} eval examples; loss on the first "
         f"{cfg.boundary_examples} training examples (eval mode)"
     )
     for column in ("after", "trainable params", "loss at start → end", "accuracy at start → end"):
@@ -99,21 +101,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model):
-    from heft.tasks import get_task
+    """The run's config and task, the split evaluated and its encoded examples."""
+    from heft.tasks import task_for
 
     cfg = _run_dir_config(run_dir)
-    task = get_task(cfg.task)
-    split = split or cfg.data.eval_split
-    if split == cfg.data.train_split == cfg.data.eval_split:  # the run's held-out examples, not training ones
+    task = task_for(cfg)
+    run_split = task.eval_split(cfg.data)
+    split = split or run_split
+    if split == cfg.data.train_split == run_split:  # the run's held-out examples, not training ones
         from heft.data import read_splits
         from heft.tasks.data import subsample
 
         encoded, _ = task.encode(read_splits(task, cfg).evaluation, model.tokenizer, cfg.max_length)  # not the rest
-        return cfg, task, encoded if max_examples is None else subsample(encoded, max_examples, cfg.seed)
+        return cfg, task, split, encoded if max_examples is None else subsample(encoded, max_examples, cfg.seed)
     limit = max_examples if max_examples is not None else cfg.max_eval_examples
     rows = task.load_split(cfg.data, split, limit, cfg.seed)
     encoded, _ = task.encode(rows, model.tokenizer, cfg.max_length)
-    return cfg, task, encoded
+    return cfg, task, split, encoded
 
 
 def _load_for_eval(run_dir: Path, base_model: str | None = None):
@@ -132,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     model, is_main = _load_for_eval(run_dir, args.base_model)
-    cfg, task, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
+    cfg, task, split, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
     if args.mode == "generate":
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
         result = generation_metrics(answers, encoded)
@@ -141,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_main:
         print(
             json.dumps(
-                {"run_dir": str(run_dir), "split": args.split or cfg.data.eval_split, "mode": args.mode, **result},
+                {"run_dir": str(run_dir), "split": split, "mode": args.mode, **result},
                 indent=2,
             )
         )
@@ -150,12 +154,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from heft.evaluate import predict
-    from heft.tasks import get_task
+    from heft.tasks import task_for
     from heft.tasks.data import parse_rows, read_query_rows
 
     run_dir = Path(args.run_dir)
     cfg = _run_dir_config(run_dir)
-    task = get_task(cfg.task)
+    task = task_for(cfg)
     if args.input:  # rows are checked before the model loads
         lines = read_query_rows(Path(args.input))
         queries = parse_rows(lines, lambda values: task.to_query(values, cfg.data.template))

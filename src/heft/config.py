@@ -1,19 +1,12 @@
-"""Run configuration: plain dataclasses, filled from YAML files, dicts and key=value overrides."""
+"""The run configuration's schema: plain dataclasses, the constraints their annotations cannot
+express, and the checks across fields. Reading YAML files, dicts and key=value overrides into them
+is `heft.config_loader`'s job; `load_config` and `config_from_dict` bind the two."""
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import copy
 import dataclasses
-import difflib
-import functools
-import inspect
 import re
-import reprlib
-import textwrap
-import types
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from heft.config_loader import Checks, Source, apply_override, build, read_yaml, remember_source
+from heft.config_loader import ConfigError as ConfigError  # raised for every bad config; callers catch it from here
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig, parse_positions
 
@@ -89,7 +84,9 @@ class DataConfig:
     train_split: str = "train"
     """Split (or file stem inside a local folder) used for training."""
     eval_split: str | None = None
-    """Split used for evaluation; None: the task's (validation for BoolQ, test for ARC and OpenBookQA)."""
+    """Split used for evaluation. None: the task's default (validation for BoolQ, test for multiple
+    choice), resolved when the data is read; a local folder without that file evaluates on its
+    validation, else its test file, else on examples held out of the training split (with a warning)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Map from the task's field names to the file's column names, e.g. {question: query}."""
     template: str | None = None
@@ -107,8 +104,10 @@ class RunConfig:
     """Hugging Face hub id, local folder, or the offline alias smollm2-135m."""
     dtype: str = "float32"
     """Weights dtype: float32 or bfloat16."""
-    task: str = "boolq"
-    """Registered task name."""
+    task: str | dict[str, Any] = "boolq"
+    """A registered task (boolq, arc_easy, arc_challenge, openbookqa), a task kind with its defaults
+    (yes_no, multiple_choice), or a mapping of a `kind` and its options, e.g. {kind: multiple_choice,
+    template: "Q: {question}\\nA:", headline: acc}; the kinds' options are listed below."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data source and column mapping."""
     max_length: int = 256
@@ -155,22 +154,8 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     """The hierarchy, trained in order; each stage freezes everything before it."""
 
-    def __post_init__(self) -> None:
-        if self.data.eval_split is None:  # the task's own evaluation split (test for ARC, validation for BoolQ)
-            from heft.tasks import get_task  # here: the tasks module imports this one
 
-            with contextlib.suppress(ValueError):  # an unknown task is reported by _finish, with its line
-                self.data.eval_split = get_task(self.task).default_eval_split
-
-
-# --------------------------------------------------------------------------- loading & validation
-
-Key = tuple[str | int, ...]
-"""A dotted field path as parts, e.g. ("stages", 0, "epochs")."""
-
-
-class ConfigError(ValueError):
-    """A bad config, reported as one line naming the file and line (or override), field and a fix."""
+# --------------------------------------------------------------------------- constraints & checks
 
 
 def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
@@ -196,9 +181,12 @@ def _parses(parse: Callable[[Any], Any], value: Any) -> bool:
 
 _LAYER_RANGE = re.compile(r"all|\d+:\d+(:[1-9]\d*)?")
 
-# Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them.
-_CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
+CHECKS: Checks = {
     (RunConfig, "dtype"): _one_of("float32", "bfloat16"),
+    (RunConfig, "task"): (
+        lambda v: isinstance(v, str) or isinstance(v.get("kind"), str),
+        "a task name, or a mapping of a 'kind' and its options",
+    ),
     (RunConfig, "eval_every"): (
         lambda v: v == "never" or is_eval_interval(v),
         "one of epoch, stage, never, or a number of epochs > 0",
@@ -240,151 +228,7 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
         "all, a list of indices, or start:stop[:step]",
     ),
 }
-
-
-def _dotted(key: Key) -> str:
-    return ".".join(map(str, key)) or "(top level)"
-
-
-def _one_line(text: str | None) -> str:
-    return " ".join((text or "").split())
-
-
-@dataclass
-class Source:
-    """Where values came from, so errors can point at a YAML line or the override that set them."""
-
-    name: str
-    node: yaml.Node | None = None
-    overrides: list[tuple[Key, str]] = field(default_factory=list)
-
-    def where(self, key: Key) -> str:
-        for okey, text in reversed(self.overrides):
-            n = min(len(okey), len(key))
-            if okey[:n] == key[:n]:
-                return f"override '{text}'"
-        return f"{self.name} line {_line(self.node, key)}" if self.node is not None else self.name
-
-    def fail(self, problem: str, key: Key, expected: str = "", hint: str = "") -> typing.NoReturn:
-        msg = f"{problem} in {self.where(key)}" + (f": expected {expected}" if expected else "")
-        raise ConfigError(msg + (f"; {hint}" if hint else ""))
-
-
-def _line(node: yaml.Node, key: Key) -> int:
-    """1-based line of the deepest part of `key` present in the YAML node tree."""
-    line = node.start_mark.line
-    for part in key:
-        if isinstance(node, yaml.MappingNode):
-            hit = next(((k, v) for k, v in node.value if k.value == str(part)), None)
-            if hit is None:
-                break
-            line, node = hit[0].start_mark.line, hit[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line
-        else:
-            break
-    return line + 1
-
-
-def _type_name(tp: Any) -> str:
-    """`list[StageConfig]` rather than `list[heft.config.StageConfig]`, for messages and docs."""
-    name = tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp)
-    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", name)
-
-
-def _convert(tp: Any, value: Any, key: Key, src: Source, hint: str) -> Any:
-    """Check `value` against annotation `tp` (building nested dataclasses) or fail naming `key`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, src)
-    if origin in (types.UnionType, typing.Union):
-        for arg in args:
-            try:
-                return _convert(arg, value, key, src, hint)
-            except ConfigError:
-                pass
-    elif origin is list and isinstance(value, list):
-        return [_convert(args[0], v, (*key, i), src, hint) for i, v in enumerate(value)]
-    elif origin is dict and isinstance(value, dict):
-        return {
-            _convert(args[0], k, key, src, hint): _convert(args[1], v, (*key, k), src, hint) for k, v in value.items()
-        }
-    elif (
-        (tp is type(None) and value is None)
-        or (tp in (bool, str) and isinstance(value, tp))
-        or tp is int
-        and isinstance(value, int)
-        and not isinstance(value, bool)
-    ):
-        return value
-    elif tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:  # strings too: PyYAML reads `3e-4` (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    src.fail(f"bad value {reprlib.repr(value)} for '{_dotted(key)}'", key, _type_name(tp), hint)
-
-
-def _build(cls: type, value: Any, key: Key, src: Source) -> Any:
-    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and out-of-range values."""
-    if not isinstance(value, dict):
-        src.fail(f"bad value {reprlib.repr(value)} for '{_dotted(key)}'", key, f"a mapping of {cls.__name__} keys")
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for name, v in value.items():
-        if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(names)
-            src.fail(f"unknown key '{_dotted((*key, name))}'", (*key, name), hint=hint)
-        kwargs[name] = _convert(hints[name], v, (*key, name), src, "hint: " + _one_line(docs.get(name)))
-    obj = cls(**kwargs)
-    for name in names:
-        check, expected = _CHECKS.get((cls, name), (None, ""))
-        v = getattr(obj, name)
-        if check is not None and v is not None and not check(v):
-            src.fail(
-                f"bad value {reprlib.repr(v)} for '{_dotted((*key, name))}'",
-                (*key, name),
-                expected,
-                "hint: " + _one_line(docs.get(name)),
-            )
-    return obj
-
-
-def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
-    """Set one dotted `key=value` in `data`, creating missing parents from `defaults`."""
-    dotted, sep, raw = text.partition("=")
-    if not sep or not dotted.strip():
-        raise ConfigError(f"bad override '{text}': expected key=value, e.g. stages.0.epochs=3")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:  # e.g. a prompt template such as `Q: {question}`: keep it verbatim
-        value = raw
-    names, parts, node = dotted.strip().split("."), [], data
-    for i, part in enumerate(names):
-        if isinstance(node, list):
-            if not (part.isdecimal() and int(part) < len(node)):
-                raise ConfigError(
-                    f"bad index '{part}' for '{_dotted(tuple(parts))}' in override '{text}': "
-                    f"expected 0..{len(node) - 1} (it has {len(node)} items)"
-                )
-            part = int(part)
-            defaults = defaults[part] if isinstance(defaults, list) and part < len(defaults) else None
-        elif isinstance(node, dict):
-            defaults = defaults.get(part) if isinstance(defaults, dict) else None
-            if part not in node:
-                node[part] = copy.deepcopy(defaults) if isinstance(defaults, (dict, list)) else {}
-        else:
-            raise ConfigError(
-                f"bad override '{text}': '{_dotted(tuple(parts))}' is {reprlib.repr(node)}, not a mapping or list"
-            )
-        parts.append(part)
-        if i == len(names) - 1:
-            node[part] = value
-        node = node[part]
-    src.overrides.append((tuple(parts), text))
+"""Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them."""
 
 
 def blocked_merge(stages: Sequence[StageConfig], earlier_unmerged: bool = False) -> int | None:
@@ -398,14 +242,9 @@ def blocked_merge(stages: Sequence[StageConfig], earlier_unmerged: bool = False)
     return None
 
 
-def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
-    data = copy.deepcopy(data)
-    if not isinstance(data, dict):
-        _build(RunConfig, data, (), src)  # reports the bad top level before overrides touch it
-    defaults = config_to_dict(RunConfig())
-    for text in overrides:
-        apply_override(data, text, defaults, src)
-    cfg = _build(RunConfig, data, (), src)
+def _check_across_fields(cfg: RunConfig, src: Source) -> None:
+    """Rules that tie fields together; the task itself is checked where it is resolved
+    (`heft.tasks.task_for`), with the source this config keeps."""
     blocked = blocked_merge(cfg.stages)
     if blocked is not None:
         unmerged = next(i for i, s in enumerate(cfg.stages) if s.uses_lora and not s.lora.merge)
@@ -421,48 +260,33 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
                 ("stages", i, "keep"),
                 hint="set data.dev_examples (e.g. 200), carved out of the training split",
             )
-    if cfg.data.eval_split is None:  # __post_init__ leaves it unset only for an unknown task
-        from heft.tasks import get_task
-
-        try:
-            get_task(cfg.task)
-        except ValueError as e:
-            src.fail(str(e), ("task",))
     if cfg.data.eval_split == cfg.data.train_split and cfg.max_eval_examples is None:
         src.fail(
             "evaluating on the training split needs max_eval_examples",
             ("max_eval_examples",),
             hint="the evaluation examples are held out of training, so their number must be set",
         )
+
+
+# --------------------------------------------------------------------------- reading & writing
+
+
+def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
+    data = copy.deepcopy(data)
+    if not isinstance(data, dict):
+        build(RunConfig, data, (), src, CHECKS)  # reports the bad top level before overrides touch it
+    defaults = config_to_dict(RunConfig())
+    for text in overrides:
+        apply_override(data, text, defaults, src)
+    cfg = build(RunConfig, data, (), src, CHECKS)
+    _check_across_fields(cfg, src)
+    remember_source(cfg, src)
     return cfg
 
 
 def config_from_dict(d: dict, source: str = "<dict>") -> RunConfig:
     """Build and validate a RunConfig from plain data (the Python API); `source` names it in errors."""
     return _finish(d, Source(source), ())
-
-
-def read_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
-    """Data and node tree of a YAML file; the nodes let errors name the line of a field."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    loader = yaml.SafeLoader(text)
-    try:  # compose first, so that error messages can map field paths to line numbers
-        node = loader.get_single_node()
-        data = {} if node is None else loader.construct_document(node)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path} line {mark.line + 1}" if mark else str(path)
-        problem = _one_line(getattr(e, "problem", None) or str(e))
-        if (ctx := getattr(e, "context_mark", None)) and getattr(e, "context", None):
-            problem += f" ({e.context} started on line {ctx.line + 1})"
-        raise ConfigError(f"invalid YAML in {where}: {problem}; hint: check indentation, colons and quoting") from None
-    finally:
-        loader.dispose()
-    return data, node
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -481,77 +305,3 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
-
-
-# --------------------------------------------------------------------------- documentation
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal after each field), which Python itself discards."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {
-        a.target.id: inspect.cleandoc(b.value.value)
-        for a, b in zip(body, body[1:])
-        if isinstance(a, ast.AnnAssign)
-        and isinstance(a.target, ast.Name)
-        and isinstance(b, ast.Expr)
-        and isinstance(b.value, ast.Constant)
-        and isinstance(b.value.value, str)
-    }
-
-
-def _default_text(value: Any) -> str:
-    if dataclasses.is_dataclass(value):
-        return f"{type(value).__name__}()"
-    if isinstance(value, list) and any(map(dataclasses.is_dataclass, value)):
-        return "[" + ", ".join(map(_default_text, value)) + "]"
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
-
-
-_SECTIONS = (
-    (RunConfig, "top level"),
-    (DataConfig, "`data`"),
-    (StageConfig, "each item of `stages`"),
-    (LoraConfig, "`stages.<i>.lora`"),
-    (ReftConfig, "`stages.<i>.reft`"),
-)
-
-
-def render_config_reference() -> str:
-    """Markdown reference of every config key, generated so that it cannot drift from the code."""
-    out = [
-        "# Config reference (generated by `python -m heft.config`; do not edit by hand)",
-        "",
-        "A run config is a YAML file with the keys below; omitted keys take their defaults. Overrides are "
-        "`key=value` pairs with dotted paths and list indices (`stages.0.epochs=3`, "
-        "`stages.1.reft.layers=[2,4]`, `max_train_examples=null`); values are parsed as YAML. "
-        "`method: dora` implies `lora.use_dora: true`; `method: loreft`/`direft` sets `reft.kind`.",
-    ]
-    for cls, where in _SECTIONS:
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        out += [
-            "",
-            f"## {cls.__name__} ({where})",
-            "",
-            _one_line((cls.__doc__ or "").split("\n\n")[0]),
-            "",
-            "| key | type | default | description |",
-            "|---|---|---|---|",
-        ]
-        for f in dataclasses.fields(cls):
-            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            cells = (
-                f"`{f.name}`",
-                f"`{_type_name(hints[f.name])}`",
-                f"`{_default_text(value)}`",
-                _one_line(docs.get(f.name)),
-            )
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    readme = Path(__file__).resolve().parents[2] / "configs" / "README.md"
-    readme.write_text(render_config_reference())
-    print(f"wrote {readme}")

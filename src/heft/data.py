@@ -80,6 +80,12 @@ def split_off(items: Sequence[T], n: int, seed: int) -> tuple[list[T], list[T]]:
     return [x for i, x in enumerate(items) if i in chosen], [x for i, x in enumerate(items) if i not in chosen]
 
 
+def held_out_size(n_train: int) -> int:
+    """Evaluation examples held out of a training split when the data has no other split and
+    `max_eval_examples` is unset: a tenth, at least one, leaving at least one to train on."""
+    return max(1, min(round(n_train / 10), n_train - 1))
+
+
 @dataclass
 class Splits:
     """Encoded examples of a run: training, evaluation and the optional dev split of the gate."""
@@ -97,6 +103,8 @@ class RowSplits:
     train: list[Example]
     evaluation: list[Example]
     dev: list[Example]
+    eval_split: str
+    """The split `evaluation` came from, as the task resolved it (`Task.eval_split`)."""
 
 
 def load_data(task: Task, cfg: RunConfig, tokenizer) -> Splits:
@@ -111,11 +119,21 @@ def read_splits(task: Task, cfg: RunConfig) -> RowSplits:
     examples when they come from the training split, are carved out before `max_train_examples`.
     """
     data = cfg.data
+    eval_split = task.eval_split(data)
     train_rows = task.load_split(data, data.train_split, None, cfg.seed)
-    if data.eval_split == data.train_split:
-        eval_rows, train_rows = split_off(train_rows, cfg.max_eval_examples, cfg.seed)
+    if eval_split == data.train_split:
+        held_out = cfg.max_eval_examples or held_out_size(len(train_rows))
+        if data.eval_split is None:
+            log.warning(
+                "%s holds no evaluation split: evaluating on %d examples held out of %r; set data.eval_split "
+                "to choose one",
+                task.describe_source(data),
+                held_out,
+                data.train_split,
+            )
+        eval_rows, train_rows = split_off(train_rows, held_out, cfg.seed)
     else:
-        eval_rows = task.load_split(data, data.eval_split, cfg.max_eval_examples, cfg.seed)
+        eval_rows = task.load_split(data, eval_split, cfg.max_eval_examples, cfg.seed)
     dev_rows: list = []
     if data.dev_examples is not None:
         dev_rows, train_rows = split_off(train_rows, data.dev_examples, cfg.seed)
@@ -126,7 +144,7 @@ def read_splits(task: Task, cfg: RunConfig) -> RowSplits:
             f"{task.describe_source(data)}: no training examples left after the held-out splits",
             hint="lower max_eval_examples or data.dev_examples, or add training rows",
         )
-    return RowSplits(train_rows, eval_rows, dev_rows)
+    return RowSplits(train_rows, eval_rows, dev_rows, eval_split)
 
 
 def encode_splits(task: Task, cfg: RunConfig, rows: RowSplits, tokenizer) -> Splits:
@@ -139,7 +157,7 @@ def encode_splits(task: Task, cfg: RunConfig, rows: RowSplits, tokenizer) -> Spl
         "source": task.describe_source(data),
         "train_examples": len(train),
         "eval_examples": len(evaluation),
-        "eval_split": data.eval_split + (" (held out of training)" if data.eval_split == data.train_split else ""),
+        "eval_split": rows.eval_split + (" (held out of training)" if rows.eval_split == data.train_split else ""),
         "dev_examples": len(dev),
         "train_truncated": train_truncated,
         "eval_truncated": eval_truncated,

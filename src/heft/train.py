@@ -50,7 +50,7 @@ from heft.metrics import (
 )
 from heft.pipeline import HeftModel, Stage
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
-from heft.tasks import EncodedExample, get_task
+from heft.tasks import EncodedExample, task_for
 from heft.tracking import StepLog, accelerator_options, end_tracking, line_scalars, results_scalars, start_tracking
 
 log = logging.getLogger("heft")
@@ -123,7 +123,7 @@ class TrainingRecipe:
         )
         self.is_main = self.accelerator.is_main_process
         self.show_progress = self.show_progress and self.is_main
-        self.task = get_task(cfg.task)
+        self.task = task_for(cfg)
         if (run_dir / "results.json").exists():
             raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
         rows = read_splits(self.task, cfg)  # before the model: bad data must not wait for a model download

@@ -4,7 +4,6 @@ seed, and which arms share leading stages (trained once, then branched)."""
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import reprlib
@@ -13,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heft.config import RunConfig, Source, apply_override, config_from_dict, config_to_dict, is_eval_interval, read_yaml
+from heft.config import RunConfig, config_from_dict, config_to_dict, is_eval_interval
+from heft.config_loader import Source, apply_override, did_you_mean, read_yaml
+from heft.tasks import task_for
 
 TOP_KEYS = ("preset", "base", "seeds", "presets", "arms", "arms_only", "output_dir", "eval_every", "compare")
 PRESET_KEYS = ("base", "seeds", "epochs")
@@ -102,12 +103,7 @@ def _mapping(value: Any, key: tuple, src: Source, allowed: Sequence[str] | None 
     _check(isinstance(value, dict), value, key, src, "a mapping")
     for name in value:
         if allowed is not None and name not in allowed:
-            close = difflib.get_close_matches(str(name), allowed, n=1)
-            src.fail(
-                f"unknown key '{'.'.join(map(str, (*key, name)))}'",
-                (*key, name),
-                hint=f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(allowed),
-            )
+            src.unknown_key((*key, name), allowed)
     return value
 
 
@@ -211,14 +207,8 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
         "null or a list of arm names",
     )
     for i, arm in enumerate(only or []):
-        close = difflib.get_close_matches(str(arm), list(arms), n=1)
-        _check(
-            arm in arms,
-            arm,
-            ("arms_only", i),
-            src,
-            "one of " + ", ".join(arms) + (f" (did you mean '{close[0]}'?)" if close else ""),
-        )
+        close = did_you_mean(str(arm), arms)
+        _check(arm in arms, arm, ("arms_only", i), src, "one of " + ", ".join(arms) + (f" ({close})" if close else ""))
     selected = [arm for arm in arms if only is None or arm in only]
     eval_every = resolved["eval_every"]
     _check(is_eval_interval(eval_every), eval_every, ("eval_every",), src, "epoch, stage or a number of epochs > 0")
@@ -236,6 +226,7 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
                 "output_dir": str(out / arm / f"seed-{seed}"),
             }
             configs[arm][seed] = config_from_dict(run, source=f"{path} (preset {preset}, arm {arm})")
+            task_for(configs[arm][seed])  # a bad task fails here, not when its arm starts training
     compare = resolved["compare"] or []
     _check(
         isinstance(compare, list)

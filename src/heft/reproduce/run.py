@@ -14,9 +14,20 @@ from pathlib import Path
 from heft.config import ConfigError, RunConfig, config_to_dict, load_config
 from heft.models import hide_library_progress_bars
 from heft.reproduce.plan import Plan
+from heft.tasks import task_for
 from heft.train import run_training
 
 log = logging.getLogger("heft")
+
+
+def _settings(cfg: RunConfig) -> dict:
+    """A config as `_check_same_config` compares it: without the evaluation schedule and trackers, and with the
+    evaluation split the task resolves (folders saved before `data.eval_split: null` meant "the task's
+    default" hold that default by name)."""
+    ignore = ("eval_zero_shot", "output_dir", "eval_every", "report_to", "log_every")
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
+    settings["data"]["eval_split"] = task_for(cfg).eval_split(cfg.data)
+    return settings
 
 
 def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -25,9 +36,7 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
     own batches and dropout), so a long run may go on evaluating less often; nor are the trackers."""
     if not (run_dir / "config.yaml").is_file():
         return
-    ignore = ("eval_zero_shot", "output_dir", "eval_every", "report_to", "log_every")
-    saved = {k: v for k, v in config_to_dict(load_config(run_dir / "config.yaml")).items() if k not in ignore}
-    wanted = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
+    saved, wanted = _settings(load_config(run_dir / "config.yaml")), _settings(cfg)
     if saved != wanted:
         differ = ", ".join(k for k in wanted if saved.get(k) != wanted[k])
         raise ConfigError(

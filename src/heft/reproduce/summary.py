@@ -18,6 +18,7 @@ from heft.metrics import evaluations, read_metrics
 from heft.reproduce.plan import Plan
 from heft.stats import paired_comparison
 from heft.sysinfo import cpu_model_name
+from heft.tasks import task_for
 
 PAPER = {"heft-2+1": (3, 85.17), "lora-20": (20, 85.05), "loreft-20": (20, 83.36)}
 """(epochs, BoolQ accuracy %) from arXiv 2509.09801 (Llama-2-7B, full BoolQ), keyed by our arm names."""
@@ -197,7 +198,7 @@ def summarize(plan: Plan) -> dict:
     return {
         "preset": plan.preset,
         "model": any_cfg.model,
-        "task": any_cfg.task,
+        "task": task_for(any_cfg).name,  # a name also when the config's task is a mapping of a kind
         "seeds": plan.seeds,
         "output_dir": str(plan.output_dir),
         "data": {

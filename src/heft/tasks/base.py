@@ -5,6 +5,7 @@ compares the choices' first tokens at the last prompt position (BoolQ's " yes"/"
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from heft.config import DataConfig
-from heft.tasks.data import DataError, FieldError, parse_rows, read_rows, resolve_source, subsample
+from heft.config_loader import OptionError
+from heft.tasks.data import (
+    DataError,
+    FieldError,
+    parse_rows,
+    pick_eval_split,
+    read_rows,
+    resolve_source,
+    subsample,
+)
+
+EVAL_SPLITS = ("validation", "test")
+"""Splits a local folder is evaluated on, in this order, when it lacks the task's default one."""
 
 
 @dataclass
@@ -93,16 +106,40 @@ def first_token_ids(tokenizer: Any, choices: Sequence[str], context: str = "") -
     return first
 
 
-class Task:
-    """Base class: subclasses set the class attributes below and register an instance."""
+def template_fields(template: str, reserved: Sequence[str | None] = (), option: str = "template") -> tuple[str, ...]:
+    """The fields a prompt template names, in order. A template that cannot render a row (bad braces,
+    positional or indexed names, no field at all, or a `reserved` field that holds the answer) raises
+    `OptionError` naming `option`."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise OptionError(
+            option, f"not a template ({e}); write fields as {{name}} and braces as {{{{ and }}}}"
+        ) from None
+    if bad := [name for name in names if not name.isidentifier()]:
+        raise OptionError(option, f"it names {bad[0]!r}; fields are plain names such as {{question}}")
+    if leaked := [name for name in names if name in reserved]:
+        raise OptionError(option, f"it names {leaked[0]!r}, the field that holds the answer; a prompt may not show it")
+    if not names:
+        raise OptionError(option, "it names no field of the row; a prompt shows at least one, e.g. {question}")
+    return tuple(dict.fromkeys(names))
 
+
+class Task:
+    """Base class of the task kinds. A kind is a subclass (a row shape and a scoring) whose settings
+    come from `Options`, a dataclass that a config's `task: {kind: ..., <option>: ...}` fills in; a
+    preset such as boolq is an instance with a benchmark's options, data source and evaluation split."""
+
+    kind: str = ""
+    """Registry name of the kind, as a config's `task: {kind: ...}` names it."""
+    Options: type | None = None
+    """Dataclass of the settings a config may give (its `name`, `template`, ...); each one becomes an
+    attribute of the instance. None: a kind configured by its class attributes alone."""
     name: str
-    fields: tuple[str, ...]
-    """Raw fields of a row, including `label_field`."""
     label_field: str
     template: str
-    """`str.format` template over the text fields (all fields but the label and choices)."""
-    choices: tuple[str, ...] = ()
+    """`str.format` template over the text fields; it names them (all fields but the label and choices)."""
+    choices: Sequence[str] = ()
     """Fixed continuations; label i is `choices[i]`. Empty when each row brings its own (`choices_field`)."""
     choices_field: str | None = None
     """Field holding each row's list of answer phrases; None: every row shares `choices`."""
@@ -110,10 +147,10 @@ class Task:
     """Extra words (lower case) accepted as labels in data and generations, e.g. {"true": 1}."""
     truncate_field: str | None = None
     """Field shortened (from its end) when an example is longer than `max_length`; None: too long is an error."""
-    default_source: str
-    """Hub dataset id (or local path) used when no data is configured."""
+    default_source: str | None = None
+    """Hub dataset id (or local path) used when no data is configured; None: `data.source` must say."""
     default_eval_split: str = "validation"
-    """Split evaluated when the config leaves `data.eval_split` unset."""
+    """Split evaluated when the config leaves `data.eval_split` unset and the data has it."""
     scoring: Literal["first_token", "continuation"] = "first_token"
     """`first_token`: the choices' first-token log-probabilities at the last prompt position (their
     first tokens must differ); `continuation`: the log-likelihood of each whole continuation."""
@@ -123,6 +160,24 @@ class Task:
     """Text that starts every continuation (lm-eval's target delimiter); not counted in `acc_norm`'s length."""
     metric = staticmethod(accuracy)
 
+    def __init__(
+        self, options: Any = None, default_source: str | None = None, default_eval_split: str | None = None
+    ) -> None:
+        """Settings from `options` (default: the kind's defaults); a preset also names its data."""
+        if self.Options is not None:
+            options = self.Options() if options is None else options
+            for f in dataclasses.fields(options):
+                setattr(self, f.name, getattr(options, f.name))
+        if default_source is not None:
+            self.default_source = default_source
+        if default_eval_split is not None:
+            self.default_eval_split = default_eval_split
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Raw fields of a row: those the template names, then the choices and the label."""
+        return (*template_fields(self.template), *filter(None, [self.choices_field]), self.label_field)
+
     @property
     def text_fields(self) -> tuple[str, ...]:
         return tuple(f for f in self.fields if f not in (self.label_field, self.choices_field))
@@ -131,10 +186,13 @@ class Task:
         self, data_cfg: DataConfig, split: str, max_examples: int | None = None, seed: int = 0
     ) -> list[Example]:
         """Read, validate and render a split; `max_examples` takes a stratified subsample."""
-        template = self._checked_template(data_cfg.template)
+        try:
+            self.check_template(data_cfg.template)
+        except OptionError as e:
+            raise ValueError(f"data.template: {e}") from None
         source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
-        rows = read_rows(source, split, self.fields, data_cfg.columns)
-        examples = parse_rows(rows, lambda row: self.to_example(row, template))
+        rows = read_rows(source, split, self.fields, data_cfg.columns, self._named_by(data_cfg))
+        examples = parse_rows(rows, lambda row: self.to_example(row, data_cfg.template))
         if max_examples is not None:
             examples = subsample(examples, max_examples, seed)
         if not examples:
@@ -146,6 +204,25 @@ class Task:
         source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
         path = Path(source).expanduser()
         return str(path.resolve()) if path.exists() else f"hub:{source}"
+
+    def eval_split(self, data_cfg: DataConfig) -> str:
+        """The split evaluated: `data.eval_split`; else the task's default, or the first of validation and
+        test, that a local folder holds; else its training split (`read_splits` holds examples out of it).
+        A single file or a hub dataset takes the task's default."""
+        if data_cfg.eval_split is not None:
+            return data_cfg.eval_split
+        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
+        return pick_eval_split(source, (self.default_eval_split, *EVAL_SPLITS), data_cfg.train_split)
+
+    def _named_by(self, data_cfg: DataConfig) -> dict[str, str]:
+        """For messages about a missing column: the config key whose template names each field, where a
+        config wrote that template (a preset's own template is no key to fix)."""
+        named = {}
+        if self.Options is not None and self.template != self.Options().template:
+            named = dict.fromkeys(self.text_fields, "task.template")
+        if data_cfg.template is not None:
+            named |= dict.fromkeys(template_fields(data_cfg.template), "data.template")
+        return named
 
     def to_example(self, row: dict[str, Any], template: str | None = None) -> Example:
         """Render one row (task field -> raw value); bad values raise `FieldError`."""
@@ -254,15 +331,14 @@ class Task:
     def _label_words(self) -> dict[str, int]:
         return {**{c.strip().lower(): i for i, c in enumerate(self.choices)}, **self.aliases}
 
-    def _checked_template(self, template: str | None) -> str | None:
-        """Reject a template override that names unknown fields or leaks the label into the prompt."""
+    def check_template(self, template: str | None) -> None:
+        """Refuse a template override (`data.template`) that names no field, a field the task does not
+        read, or the answer, with an `OptionError`."""
         if template is None:
-            return None
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        bad = sorted(names - set(self.text_fields))
-        if bad:
-            raise ValueError(f"data.template uses {bad}; it may only use the fields {list(self.text_fields)}")
-        return template
+            return
+        names = template_fields(template, reserved=(self.label_field, self.choices_field))
+        if unknown := [name for name in names if name not in self.text_fields]:
+            raise OptionError("template", f"it uses {unknown}; it may only use the fields {list(self.text_fields)}")
 
     def _truncated_prompt(
         self, ex: Example, index: int, prompt_ids: list[int], tokenizer: Any, budget: int

@@ -42,6 +42,23 @@ class FieldError(ValueError):
         self.field = field
 
 
+class MissingColumn(DataError):
+    """A file lacks the column of a field; `named_by` is the config key (a template) that asks for it."""
+
+    def __init__(
+        self, file: str, where: str, field: str, column: str, present: list[str], named_by: str | None = None
+    ) -> None:
+        mapped = "" if column == field else f" (mapped by data.columns to column {column!r})"
+        asked = f", which {named_by} names" if named_by else ""
+        super().__init__(
+            f"{file}: {where}: missing column {column!r} for field {field!r}{mapped}{asked}; found columns {present}",
+            hint=(f"fix {named_by}, or if" if named_by else "if")
+            + f" the file names it otherwise, map it with data.columns.{field}=<column>",
+        )
+        self.field = field
+        self.details = (file, where, field, column, present)
+
+
 @dataclass(frozen=True)
 class Row:
     """One data row, keyed by the task's field names, and where it came from (for messages)."""
@@ -54,11 +71,12 @@ class Row:
 
 
 def resolve_source(
-    task_name: str, data_cfg: DataConfig, default_source: str, default_eval_split: str = "validation"
+    task_name: str, data_cfg: DataConfig, default_source: str | None, default_eval_split: str = "validation"
 ) -> str:
     """Pick the data source: `data.source`, else `$HEFT_DATA_DIR/<task>`, else `$HEFT_DATA_DIR`
     when it directly holds a train or eval split file (`default_eval_split` when `data.eval_split`
-    is unset), else the task's default source."""
+    is unset), else the task's default source; a task without one (a kind such as multiple_choice)
+    needs one of the others."""
     if data_cfg.source:
         return data_cfg.source
     env = os.environ.get("HEFT_DATA_DIR")
@@ -71,16 +89,47 @@ def resolve_source(
             for split in (data_cfg.train_split, data_cfg.eval_split or default_eval_split)
         ):
             return str(root)
+    if default_source is None:
+        env_note = f"HEFT_DATA_DIR={env!r} holds no {task_name}/ folder" if env else "HEFT_DATA_DIR is unset"
+        raise DataError(
+            f"task {task_name!r} has no default data and data.source is unset ({env_note})",
+            hint="set data.source to a folder of <split>.jsonl|.json|.csv|.parquet files, or to one file",
+        )
     return default_source
 
 
-def read_rows(source: str, split: str, fields: Sequence[str], columns: Mapping[str, str] | None = None) -> list[Row]:
+def pick_eval_split(source: str, preferred: Sequence[str], train_split: str) -> str:
+    """The first of `preferred` that a local folder holds, else `train_split` (evaluation then holds
+    examples out of it); a single file or a hub dataset takes `preferred[0]`. A folder with none of
+    them is an error that lists its files and the key to set."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return preferred[0]
+    for split in (*dict.fromkeys(preferred), train_split):
+        if any(_split_candidates(base, split) for base in (folder, folder / "data")):
+            return split
+    listing = sorted(p.name for p in folder.iterdir())
+    raise DataError(
+        f"{folder}: no file for an evaluation split ({', '.join(dict.fromkeys(preferred))}) nor for the training "
+        f"split {train_split!r}; the folder has {listing}",
+        hint="name the files' splits: data.train_split=<file stem> and data.eval_split=<file stem>",
+    )
+
+
+def read_rows(
+    source: str,
+    split: str,
+    fields: Sequence[str],
+    columns: Mapping[str, str] | None = None,
+    named_by: Mapping[str, str] | None = None,
+) -> list[Row]:
     """Read every row of `split` from `source`, keeping only the task's `fields`.
 
     `source` is a folder holding `<split>.<ext>` (or hub-style shards `<split>-00000-of-00002.<ext>`,
     also inside a `data/` subfolder), a single file (used for *every* split: point train and eval
     at different files or folders yourself), or a hub dataset id. `columns` maps task fields to the
-    file's column names. Raises `DataError` on missing columns, empty files and undecodable text.
+    file's column names; `named_by` the config key (a template) that asks for a field, for the message
+    when a column is missing. Raises `DataError` on missing columns, empty files and undecodable text.
     """
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(fields))
@@ -89,7 +138,15 @@ def read_rows(source: str, split: str, fields: Sequence[str], columns: Mapping[s
             f"data.columns maps unknown field(s) {unknown}; the task's fields are {list(fields)}",
             hint="data.columns maps the task's field names (keys) to the file's column names (values)",
         )
-    wanted = {f: columns.get(f, f) for f in fields}
+    try:
+        return _read_split(source, split, {f: columns.get(f, f) for f in fields})
+    except MissingColumn as e:
+        if e.field not in (named_by or {}):
+            raise
+        raise MissingColumn(*e.details, named_by=named_by[e.field]) from None
+
+
+def _read_split(source: str, split: str, wanted: dict[str, str]) -> list[Row]:
     path = Path(source).expanduser()
     if path.is_dir():
         files = _split_files(path, split)
@@ -307,12 +364,7 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 def _check_columns(file: str, where: str, present: Sequence[str], wanted: dict[str, str]) -> None:
     for field, column in wanted.items():
         if column not in present:
-            mapped = "" if column == field else f" (mapped by data.columns to column {column!r})"
-            raise DataError(
-                f"{file}: {where}: missing column {column!r} for field {field!r}{mapped}; "
-                f"found columns {list(present)}",
-                hint=f"if the file names it otherwise, map it with data.columns.{field}=<column>",
-            )
+            raise MissingColumn(file, where, field, column, list(present))
 
 
 _UTF8_HINT = "re-save {path} as UTF-8, e.g. iconv -f <its encoding> -t UTF-8"

@@ -1,34 +1,57 @@
-"""Multiple-choice questions whose answers are phrases, each row with its own list of choices,
-scored as lm-evaluation-harness scores ARC and OpenBookQA: the log-likelihood of the whole
+"""The multiple_choice kind: questions whose answers are phrases, each row with its own list of
+choices, scored as lm-evaluation-harness scores ARC and OpenBookQA: the log-likelihood of the whole
 continuation `" {choice}"` after the prompt (`acc`), and that divided by the choice's length in
-characters (`acc_norm`). A new dataset of this shape is a subclass with a name and a source."""
+characters (`acc_norm`). A new dataset of this shape needs no code: `task: multiple_choice`, with
+`data.columns` for other column names."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from heft.tasks.base import Task
+from heft.config_loader import OptionError
+from heft.tasks.base import Task, template_fields
 from heft.tasks.data import FieldError
 
-SHARED_DATA = "../shared/data"
-"""Where every developer and CI run has these datasets, relative to the working directory (the
-project root under `make` and CI; elsewhere set HEFT_DATA_DIR or data.source). No hub copy has the
-same rows: they are the LLM-Adapters/ReFT benchmark copies."""
+LABEL_FIELD, CHOICES_FIELD = "label", "choices"
+
+
+@dataclass
+class MultipleChoiceOptions:
+    """Options of the multiple_choice kind: rows hold the template's fields, `choices` (a list of
+    strings, or a JSON list in CSV) and `label` (the 0-based index of the right one)."""
+
+    name: str = "multiple_choice"
+    """Label of the task in run folders and tables, and its folder under `$HEFT_DATA_DIR`."""
+    template: str = "Question: {question}\nAnswer:"
+    """Prompt: a Python format string over the row's fields, which it names (not `choices` or `label`)."""
+    choice_delimiter: str = " "
+    """Text put before every choice to make its continuation (lm-eval's target delimiter)."""
+    headline: Literal["acc", "acc_norm"] = "acc_norm"
+    """The accuracy reported and used to judge stages: `acc_norm` (lm-eval's length-normalised
+    score; the raw sum favours short answers, with fewer tokens to pay for) or `acc`."""
+    truncate_field: str | None = None
+    """Field of the template shortened (from its end) when an example exceeds `max_length`; None: too
+    long is an error."""
+
+    def __post_init__(self) -> None:
+        names = template_fields(self.template, reserved=(LABEL_FIELD, CHOICES_FIELD))
+        if self.truncate_field is not None and self.truncate_field not in names:
+            raise OptionError(
+                "truncate_field", f"expected a field that the template names ({', '.join(names)}) or null"
+            )
 
 
 class MultipleChoiceTask(Task):
-    """Rows `question` (str), `choices` (list of str, or a JSON list in CSV), `label` (0-based index)."""
+    """Rows of the template's fields, `choices` and `label`; scored by continuation (see the module)."""
 
-    fields = ("question", "choices", "label")
-    label_field = "label"
-    choices_field = "choices"
-    template = "Question: {question}\nAnswer:"
-    choice_delimiter = " "
+    kind = "multiple_choice"
+    Options = MultipleChoiceOptions
+    label_field = LABEL_FIELD
+    choices_field = CHOICES_FIELD
     default_eval_split = "test"
     scoring = "continuation"
-    headline = "acc_norm"
-    """lm-eval's length-normalised score: the raw sum favours short answers (fewer tokens to pay for)."""
 
     def row_choices(self, row: dict[str, Any]) -> list[str]:
         """The row's choices as continuations (`choice_delimiter` + choice); bad values raise `FieldError`."""
@@ -64,25 +87,3 @@ class MultipleChoiceTask(Task):
                 self.label_field, f"label {value} is outside the {num_choices} choices (0..{num_choices - 1})"
             )
         return value
-
-
-class ArcEasy(MultipleChoiceTask):
-    """ARC-Easy (Clark et al., 2018): grade-school science questions that retrieval answers."""
-
-    name = "arc_easy"
-    default_source = f"{SHARED_DATA}/arc_easy"
-
-
-class ArcChallenge(MultipleChoiceTask):
-    """ARC-Challenge: the ARC questions that retrieval and co-occurrence baselines get wrong."""
-
-    name = "arc_challenge"
-    default_source = f"{SHARED_DATA}/arc_challenge"
-
-
-class OpenBookQA(MultipleChoiceTask):
-    """OpenBookQA (Mihaylov et al., 2018): science questions needing a fact plus common knowledge.
-    lm-eval prompts it with the bare question; here it shares ARC's "Question: …\\nAnswer:" template."""
-
-    name = "openbookqa"
-    default_source = f"{SHARED_DATA}/openbookqa"
