@@ -509,3 +509,43 @@ def test_a_new_model_is_in_eval_mode_and_evaluation_leaves_it_so():
     assert not any(m.training for m in model.modules())
     mean_loss(model, [batch_of(toy_data(4))], bf16=False)
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_right_padded_training_batches_attend_without_a_mask(arch, monkeypatch):
+    """Right-padded training batches run causal SDPA with no 4-D mask (so a GPU may pick flash; Llama
+    through heft's fused layers, other models through transformers) with the loss and gradients of
+    the masked path: under a causal mask padding never reaches a real position."""
+    data = toy_data(12)
+    joint = StageConfig(
+        method="joint",
+        lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+        reft=ReftConfig(rank=2, positions="f1+l1", dropout=0.1),
+    )
+    batch = batch_of(data)
+    assert not batch["attention_mask"].all()  # there is padding
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    results = []
+    for masked in (False, True):
+        if masked:
+            monkeypatch.setattr(heft.pipeline, "right_padded", lambda attention_mask: False)
+        calls = []
+        monkeypatch.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            lambda *args, **kwargs: (
+                calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal"))) or sdpa(*args, **kwargs)
+            ),
+        )
+        model = make_heft(arch)
+        model.add_stage(joint, seed=0)
+        model.train()
+        torch.manual_seed(3)
+        loss = model(**batch).loss
+        loss.backward()
+        assert calls and all((mask is None and causal) != masked for mask, causal in calls)
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, a), (loss_b, b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5) and a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name

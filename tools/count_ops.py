@@ -7,6 +7,10 @@ interventions) but narrow widths, so the count runs in seconds on a CPU. Views a
 (no kernel); the optimizer is left out (one foreach call on CUDA).
 
     PYTHONPATH=src HEFT_DATA_DIR=../shared/data python tools/count_ops.py --paths lora,loreft,joint
+    PYTHONPATH=src HEFT_DATA_DIR=../shared/data python tools/count_ops.py --json   # counts only, as JSON
+
+Gradients are reset (`set_to_none`, as training's `zero_grad` does) before the counted step, so the
+count holds no accumulation into gradients left by the warm-up step.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import json
+import subprocess
 import traceback
 
 import torch
@@ -73,6 +79,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--top", type=int, default=12, help="forward op sources to list per path")
+    ap.add_argument("--json", action="store_true", help="print the counts as one JSON object instead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     heft.pipeline.SHORT_CPU_SEQUENCE = 0  # the attention kernel a GPU runs (flash), not the CPU's math one
@@ -88,23 +95,49 @@ def main() -> None:
     batch = collate(
         load_data(get_task("boolq"), cfg, loaded.tokenizer).train[: args.batch_size], loaded.tokenizer.pad_token_id
     )
+    counts = {}
     for path in args.paths.split(","):
-        model = narrow(loaded)
-        model.add_stage(bench.stage_config(path), seed=0)
-        model.train()
-        with model.frozen_weights_bf16():
-            with autocast(model, True):  # one untimed step first, as the bench does
-                model(**batch).loss.backward()
-            with CountOps() as forward, autocast(model, True):
-                loss = model(**batch).loss
-            with CountOps() as backward:
-                loss.backward()
-        print(
-            f"## {path}: {forward.total} forward + {backward.total} backward = "
-            f"{forward.total + backward.total} ops per step"
-        )
-        for (op, where), count in forward.sources.most_common(args.top):
-            print(f"  {count:5d}  {op:28s} {where}")
+        forward, backward = count_step(narrow(loaded), path, batch)
+        counts[path] = {"forward": forward.total, "backward": backward.total, "total": forward.total + backward.total}
+        if not args.json:
+            print(
+                f"## {path}: {forward.total} forward + {backward.total} backward = "
+                f"{forward.total + backward.total} ops per step"
+            )
+            for (op, where), count in forward.sources.most_common(args.top):
+                print(f"  {count:5d}  {op:28s} {where}")
+    if args.json:
+        print(json.dumps({"setup": setup(args), "ops_per_step": counts}, indent=2))
+
+
+def count_step(model: HeftModel, path: str, batch: dict[str, torch.Tensor]) -> tuple[CountOps, CountOps]:
+    """Forward and backward ops of one training step of `path`, after one uncounted step."""
+    model.add_stage(bench.stage_config(path), seed=0)
+    model.train()
+    with model.frozen_weights_bf16():
+        with autocast(model, True):  # one untimed step first, as the bench does
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        with CountOps() as forward, autocast(model, True):
+            loss = model(**batch).loss
+        with CountOps() as backward:
+            loss.backward()
+    return forward, backward
+
+
+def setup(args: argparse.Namespace) -> dict:
+    """What the counts depend on: shapes, torch and the code's commit."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "model": f"{args.model} architecture, hidden size 64 (narrow widths, random weights)",
+        "batch": f"{args.batch_size} x {args.max_length} BoolQ training examples, right-padded",
+        "torch": torch.__version__,
+        "commit": commit,
+        "counted": "non-view ATen ops of one forward + backward under bf16 autocast, optimizer excluded",
+    }
 
 
 if __name__ == "__main__":

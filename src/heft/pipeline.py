@@ -18,7 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache
 
 from heft.config import StageConfig, blocked_merge
+from heft.fused_llama import fusable_layers, fused_decoder_layers
 from heft.methods.lora import LoraAdapters, to_peft_config
+from heft.methods.lora.fused import fused_lora_training
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
 
@@ -331,14 +333,19 @@ class HeftModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
             prompt_mask = attention_mask.bool()
+        # Right padding under a causal mask needs no padding mask: a real token attends only to positions
+        # before it, all real, and nothing reads the padded positions' states (the loss skips them). Without
+        # a 4-D mask SDPA may take its flash kernel, and transformers builds no mask.
+        causal_only = labels is not None and right_padded(attention_mask)
         with (
             self._editing(prompt_mask),
             attention_kernel(input_ids.device, input_ids.shape[1], self._checkpointing or self._compiled),
+            self._training_kernels(causal_only),
         ):
             hidden = self.model.base_model(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
+                attention_mask=None if causal_only else attention_mask,
+                position_ids=None if causal_only else position_ids(attention_mask),
                 use_cache=False,
             ).last_hidden_state
         if labels is None:
@@ -348,6 +355,26 @@ class HeftModel(nn.Module):
         logits = self.lm_head(hidden[:, :-1][selected]).float()
         loss = F.cross_entropy(logits, shift_labels[selected], reduction="mean")
         return HeftOutput(loss, hidden, int(selected.sum()))
+
+    @contextlib.contextmanager
+    def _training_kernels(self, causal_only: bool) -> Iterator[None]:
+        """For forwards with gradients in training mode: the training stage's LoRA layers as one autograd
+        function each (`fused_lora_training`) and, for a causal batch (`causal_only`), Llama decoder layers
+        in fewer ops (`fused_decoder_layers`). Neither under activation checkpointing, whose recompute runs
+        outside this block and must repeat the forward's ops, nor in compiled layers (traced as they are)."""
+        if not (self.training and torch.is_grad_enabled()) or self._checkpointing or self._compiled:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            stage = self.stages[-1] if self.stages else None
+            if stage is not None and not stage.finished and stage.config.uses_lora:
+                stack.enter_context(
+                    fused_lora_training(self._lora.layers.get(stage.adapter_name, ()), stage.adapter_name)
+                )
+            layers = decoder_layers(self.model)
+            if causal_only and fusable_layers(layers):
+                stack.enter_context(fused_decoder_layers(layers))
+            yield
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         device = hidden.device.type
@@ -406,15 +433,22 @@ class HeftModel(nn.Module):
         """The interventions edit the `prompt_mask` positions of the forward passes inside (with
         `generation`, those of HF generate's first pass, the prompt, only)."""
         self.positions.prompt_mask, self.positions.generation, self.positions.forward_calls = prompt_mask, generation, 0
+        self.positions.prepared.clear()
         try:
             yield
         finally:
             self.positions.prompt_mask, self.positions.generation = None, False
+            self.positions.prepared.clear()
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so a left-padded row starts at 0 like a right-padded one."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is its real tokens followed by padding (or no padding at all)."""
+    return bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

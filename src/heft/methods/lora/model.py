@@ -69,10 +69,15 @@ class MaskBitsDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return F.dropout(x, self.p, self.training)
+        keep, scale = self.keep_mask(x)
+        return x * keep.to(x.dtype).mul_(scale)
+
+    def keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The elements of `x` to keep (bool, x's shape; a CPU tensor) and the scale of kept values."""
         dropped = round(self.p * 65536)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n].view(x.shape)
-        return x * (bits >= dropped - 32768).to(x.dtype).mul_(65536 / (65536 - dropped))
+        return bits >= dropped - 32768, 65536 / (65536 - dropped)
 
 
 def use_mask_bits_dropout(model: nn.Module, name: str) -> int:
@@ -98,6 +103,8 @@ class LoraAdapters:
     def __init__(self) -> None:
         self.peft_model: peft.PeftModel | None = None
         self.unmerged: list[str] = []
+        self.layers: dict[str, list[nn.Module]] = {}
+        """Per adapter, the peft layers that hold it (found once, for the fused training forward)."""
 
     def add(
         self, model: nn.Module, name: str, config: peft.LoraConfig, fast_dropout: bool = False
@@ -119,6 +126,9 @@ class LoraAdapters:
         if fast_dropout:
             use_mask_bits_dropout(self.peft_model, name)
         self.unmerged.append(name)
+        self.layers[name] = [
+            m for m in self.peft_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer) and name in m.lora_A
+        ]
         self.peft_model.base_model.set_adapter(list(self.unmerged))
         params = [p for n, p in self.peft_model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")]
         for n, p in self.peft_model.named_parameters():
@@ -150,13 +160,14 @@ class LoraAdapters:
                 "set merge: true on the earlier LoRA stages or merge: false on this one"
             )
         model = self.peft_model.merge_and_unload(adapter_names=list(self.unmerged))
-        self.peft_model, self.unmerged = None, []
+        self.peft_model, self.unmerged, self.layers = None, [], {}
         return model
 
     def discard(self, name: str) -> nn.Module:
         """Remove adapter `name` unmerged (its stage was rolled back); returns the model to keep calling."""
         assert self.peft_model is not None
         self.unmerged.remove(name)
+        del self.layers[name]
         if not self.unmerged:
             model = self.peft_model.unload()
             self.peft_model = None

@@ -6,6 +6,8 @@ residual stream at the chosen positions only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,12 +31,16 @@ class Householder(nn.Module):
         # to float32 rounding, in a dozen ops whose backward is a few dozen more, where
         # householder_product's backward loops over the reflectors (95 ops in all at r = 4 against 42):
         # a step with an intervention on every layer launches ~3,000 fewer kernels.
-        r, d = X.shape
+        # One product for the rotations of many interventions (X: n × r × d). A single X goes through the
+        # same batched kernels, so an intervention's R is bit for bit the R its stage computes for it.
+        if X.dim() == 2:
+            return self.forward(X.unsqueeze(0)).squeeze(0)
+        r, d = X.shape[-2:]
         E = torch.eye(d, r, dtype=X.dtype, device=X.device)
         V = 2 * X.triu(1).mT + E  # (d, r): reflectors v_j = e_j + 2·X[j, j+1:]
         G = V.mT @ V
-        T_inv = G.triu(1) + torch.diag_embed(G.diagonal() / 2)
-        VT = torch.linalg.solve_triangular(T_inv, V[:r].mT, upper=True)  # T V[:r]ᵀ
+        T_inv = G.triu(1) + torch.diag_embed(G.diagonal(dim1=-2, dim2=-1) / 2)
+        VT = torch.linalg.solve_triangular(T_inv, V[..., :r, :].mT, upper=True)  # T V[:r]ᵀ
         return (V @ VT - E).mT
 
     @torch.no_grad()
@@ -99,18 +105,48 @@ class LoReFT(nn.Module):
     def R(self) -> torch.Tensor:
         return self.rotate.weight
 
-    def freeze_rotation_(self) -> None:
-        """Keep R as a plain frozen tensor, its reflectors dropped: a finished stage computes no
-        Householder product per forward, and its saved R loads bit for bit."""
-        if parametrize.is_parametrized(self.rotate):
-            parametrize.remove_parametrizations(self.rotate, "weight")
-            self.rotate.weight.requires_grad_(False)
+    @staticmethod
+    def rotations(modules: Sequence[LoReFT]) -> torch.Tensor:
+        """R of every module, stacked (n × r × d): trainable ones from one batched Householder product."""
+        if all(parametrize.is_parametrized(m.rotate) for m in modules):
+            return Householder()(torch.stack([m.rotate.parametrizations.weight.original for m in modules]))
+        return torch.stack([m.R for m in modules])
 
+    @staticmethod
+    def stacked(modules: Sequence[LoReFT]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(down, bias, up) of every module stacked, each edit being (h downᵀ + bias) up: W − R, b and R."""
+        R = LoReFT.rotations(modules)
+        return torch.stack([m.source.weight for m in modules]) - R, torch.stack([m.source.bias for m in modules]), R
+
+    def freeze_rotation_(self) -> None:
+        self.freeze_rotations_([self])
+
+    @staticmethod
     @torch.no_grad()
+    def freeze_rotations_(modules: Sequence[LoReFT]) -> None:
+        """Keep each R as a plain frozen tensor, its reflectors dropped: a finished stage computes no
+        Householder product per forward, and its saved R loads bit for bit. R is the one `stacked`
+        computed for these modules together, so the frozen stage edits exactly as it trained."""
+        trainable = [m for m in modules if parametrize.is_parametrized(m.rotate)]
+        if not trainable:
+            return
+        rotations = LoReFT.rotations(trainable)
+        for module, R in zip(trainable, rotations):
+            parametrize.remove_parametrizations(module.rotate, "weight")
+            module.rotate.weight.copy_(R)
+            module.rotate.weight.requires_grad_(False)
+
     def zero_edit_(self) -> None:
-        """W = R, b = 0: Φ(h) = h exactly, while the gradients of W, b and R stay non-zero."""
-        self.source.weight.copy_(self.R)
-        self.source.bias.zero_()
+        self.zero_edits_([self])
+
+    @staticmethod
+    @torch.no_grad()
+    def zero_edits_(modules: Sequence[LoReFT]) -> None:
+        """W = R, b = 0: Φ(h) = h exactly, while the gradients of W, b and R stay non-zero. R as `stacked`
+        computes it for these modules together, so that W − R is exactly 0 there."""
+        for module, R in zip(modules, LoReFT.rotations(modules)):
+            module.source.weight.copy_(R)
+            module.source.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # R once per call, in float32 even under bf16 autocast: it stays orthonormal, and equal to the
@@ -148,10 +184,21 @@ class DiReFT(nn.Module):
         self.up = nn.Linear(rank, hidden_size, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    @torch.no_grad()
     def zero_edit_(self) -> None:
+        self.zero_edits_([self])
+
+    @staticmethod
+    @torch.no_grad()
+    def zero_edits_(modules: Sequence[DiReFT]) -> None:
         """Zero up-projection (as LoRA's B): Φ(h) = h exactly; its gradient W1 h + b is non-zero."""
-        self.up.weight.zero_()
+        for module in modules:
+            module.up.weight.zero_()
+
+    @staticmethod
+    def stacked(modules: Sequence[DiReFT]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(down, bias, up) of every module stacked, each edit being (h downᵀ + bias) up: W1, b and W2."""
+        down = torch.stack([m.down.weight for m in modules])
+        return down, torch.stack([m.down.bias for m in modules]), torch.stack([m.up.weight for m in modules]).mT
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.up(self.down(h)))

@@ -6,7 +6,7 @@ right-padded batches give the same edits and pad, target and generated tokens ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -62,6 +62,9 @@ class PositionState:
     prompt_mask: torch.Tensor | None = None
     generation: bool = False
     forward_calls: int = 0
+    prepared: dict[int, tuple[torch.Tensor, torch.Tensor, SlotWeights]] = field(default_factory=dict)
+    """Per ReFT stage (by id), its positions and slot weights in the pass in flight: computed by the first
+    layer that edits, used by all; emptied when the pass ends."""
 
     def active_mask(self, seq_len: int) -> torch.Tensor | None:
         if self.prompt_mask is None:
@@ -73,8 +76,24 @@ class PositionState:
         return self.prompt_mask
 
 
+@dataclass
+class SlotWeights:
+    """The edit at each (intervened layer, position slot) as (h downᵀ + bias) up, for all slots of a layer
+    in two batched GEMMs: down and up (layers, slots, r, d), bias (layers, slots, 1, r)."""
+
+    down: torch.Tensor
+    bias: torch.Tensor
+    up: torch.Tensor
+
+
 class ReftModel(nn.Module):
-    """The interventions of one ReFT stage, hooked onto the residual stream of chosen layers."""
+    """The interventions of one ReFT stage, hooked onto the residual stream of chosen layers.
+
+    Each layer edits its first-k and last-k prompt positions together: one gather, two batched GEMMs
+    and one scatter-add per layer, the intervention of each position slot picked by `slot_weights`,
+    which stacks every intervention's parameters once per forward pass (one Householder product for all
+    rotations). At small batches a GPU step is bound by the number of ops it dispatches, not their size.
+    """
 
     def __init__(self, config: ReftConfig, hidden_size: int, num_layers: int) -> None:
         super().__init__()
@@ -93,16 +112,22 @@ class ReftModel(nn.Module):
             }
         )
         if config.init == "identity":
-            for intervention in self.interventions.values():
-                intervention.zero_edit_()
+            cls.zero_edits_(list(self.interventions.values()))
+        slot_groups = ["shared"] * (self.first + self.last) if config.share_weights else []
+        slot_groups = slot_groups or ["first"] * self.first + ["last"] * self.last
+        keys = list(self.interventions)
+        self.register_buffer(
+            "slot_index",
+            torch.tensor([keys.index(f"{layer}_{group}") for layer in self.layers for group in slot_groups]),
+            persistent=False,
+        )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def freeze_(self) -> None:
         """Freeze every intervention; LoReFT's R becomes a plain tensor (exact on save and load)."""
-        for intervention in self.interventions.values():
-            if isinstance(intervention, LoReFT):
-                intervention.freeze_rotation_()
+        modules = list(self.interventions.values())
+        if isinstance(modules[0], LoReFT):
+            LoReFT.freeze_rotations_(modules)
         self.requires_grad_(False)
 
     def attach(self, decoder_layers: nn.ModuleList, state: PositionState) -> None:
@@ -117,10 +142,18 @@ class ReftModel(nn.Module):
             handle.remove()
         self._handles.clear()
 
-    def _positions(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] is not mask:
-            self._cache = (mask, *intervention_positions(mask, self.first, self.last))
-        return self._cache[1], self._cache[2]
+    def slot_weights(self) -> SlotWeights:
+        """Every intervention's (down, bias, up) stacked and laid out per (layer, slot), in float32 whatever
+        the autocast: the edits are small GEMMs, and LoReFT's identity start needs W − R exactly 0."""
+        modules = list(self.interventions.values())
+        with torch.autocast(self.slot_index.device.type, enabled=False):
+            down, bias, up = type(modules[0]).stacked(modules)
+        shape = (len(self.layers), -1)
+        return SlotWeights(
+            down[self.slot_index].view(*shape, *down.shape[1:]),
+            bias[self.slot_index].view(*shape, 1, bias.shape[-1]),
+            up[self.slot_index].view(*shape, *up.shape[1:]),
+        )
 
     def _make_hook(self, layer: int, state: PositionState):
         def hook(module: nn.Module, args: tuple, output):
@@ -128,28 +161,33 @@ class ReftModel(nn.Module):
             mask = state.active_mask(hidden.shape[1])
             if mask is None:
                 return None
-            edited = self.edit(layer, hidden, *self._positions(mask))
+            if id(self) not in state.prepared:
+                state.prepared[id(self)] = (
+                    *intervention_positions(mask, self.first, self.last),
+                    self.slot_weights(),
+                )
+            edited = self.edit(layer, hidden, *state.prepared[id(self)])
             return (edited, *output[1:]) if isinstance(output, tuple) else edited
 
         return hook
 
-    def edit(self, layer: int, hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Add each intervention's edit at its positions: gather → edit → scatter_add (out of place)."""
+    def edit(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        index: torch.Tensor,
+        valid: torch.Tensor,
+        weights: SlotWeights | None = None,
+    ) -> torch.Tensor:
+        """Add layer `layer`'s edits at its slots (`index`, those `valid`): gather → (h downᵀ + bias) up for
+        every slot at once → scatter_add (out of place). `weights`: this pass's `slot_weights()`."""
+        weights = weights if weights is not None else self.slot_weights()
+        position = self.layers.index(layer)
         gather_index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        selected = hidden.gather(1, gather_index)
-        if self.config.share_weights:
-            deltas = self._delta(f"{layer}_shared", selected)
-        else:
-            parts = []
-            if self.first:
-                parts.append(self._delta(f"{layer}_first", selected[:, : self.first]))
-            if self.last:
-                parts.append(self._delta(f"{layer}_last", selected[:, self.first :]))
-            deltas = torch.cat(parts, dim=1)
-        deltas = deltas * valid.unsqueeze(-1).to(deltas.dtype)
-        return hidden.scatter_add(1, gather_index, deltas.to(hidden.dtype))
-
-    def _delta(self, key: str, h: torch.Tensor) -> torch.Tensor:
-        module = self.interventions[key]
-        weight_dtype = next(module.parameters()).dtype
-        return module(h.to(weight_dtype))
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.gather(1, gather_index).to(weights.down.dtype).transpose(0, 1)  # (slots, batch, d)
+            edits = torch.baddbmm(weights.bias[position], h, weights.down[position].mT) @ weights.up[position]
+            if self.training and self.config.dropout > 0:
+                edits = torch.native_dropout(edits, self.config.dropout, True)[0]
+            edits = edits * valid.mT.unsqueeze(-1)
+        return hidden.scatter_add(1, gather_index, edits.transpose(0, 1).to(hidden.dtype))
