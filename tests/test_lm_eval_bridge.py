@@ -23,7 +23,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from conftest import make_heft, make_model, make_tokenizer
 from heft.cli import main
 from heft.config import DataConfig
-from heft.lm_eval_bridge import HeftLM, shipped_task_config, shipped_tasks, task_specs
+from heft.lm_eval_bridge import HeftLM, find_tasks, shipped_task_config, shipped_tasks
 from heft.models import LoadedModel
 from heft.pipeline import HeftModel
 from heft.tasks import DataError, get_task
@@ -132,8 +132,8 @@ def test_shipped_tasks_render_heft_prompts_from_local_files(name: str, monkeypat
     target delimiter) and gold index, row for row, read from $HEFT_DATA_DIR without the hub."""
     monkeypatch.setenv("HEFT_DATA_DIR", str(SHARED))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    (spec,), manager = task_specs([name])
-    task = manager.load([spec])["tasks"][name]
+    tasks = find_tasks([name])
+    task = tasks.manager.load(tasks.specs)["tasks"][name]
     split = "validation" if name == "boolq" else "test"
     docs = list(task.eval_docs)[:6]
     heft_task = get_task(name)
@@ -163,12 +163,12 @@ def test_an_include_folder_takes_precedence_and_unknown_names_are_one_line(tmp_p
     mine = yaml.safe_load(shipped_tasks()["arc_easy"].read_text())
     mine["doc_to_text"] = "Q: {{question}}\nA:"
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
-    specs, _ = task_specs(["arc_easy", "boolq"], [tmp_path])
+    specs = find_tasks(["arc_easy", "boolq"], [tmp_path]).specs
     assert specs[0] == "arc_easy" and specs[1]["task"] == "boolq"
     with pytest.raises(ValueError, match=r"unknown lm-eval task 'arc_eazy'; did you mean 'arc_easy'\?"):
-        task_specs(["arc_eazy"], [tmp_path])
+        find_tasks(["arc_eazy"], [tmp_path])
     with pytest.raises(FileNotFoundError, match="--lm-eval-include"):
-        task_specs(["arc_easy"], [tmp_path / "missing"])
+        find_tasks(["arc_easy"], [tmp_path / "missing"])
     assert TaskManager(include_path=str(tmp_path), include_defaults=False).all_tasks == ["arc_easy"]
 
 
@@ -242,6 +242,15 @@ def test_zero_shot_evaluation_scores_the_base_model(toy_arc_run, capsys) -> None
     zero = json.loads(capsys.readouterr().out)
     first = json.loads((toy_arc_run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["stage"] == "zero-shot" and zero["zero_shot"] and zero["accuracy"] == first["eval_accuracy"]
+
+
+def test_missing_task_data_fails_before_the_model_loads(toy_arc_run, capsys, monkeypatch) -> None:
+    """The toy data folder has no boolq/: one line naming the task YAML, field and file, and a hint."""
+    monkeypatch.setattr("heft.io.load_run", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["eval", str(toy_arc_run), "--lm-eval", "arc_easy,boolq"]) == 2
+    error, hint = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: ") and "boolq.yaml: dataset_kwargs.data_files.train: no file" in error
+    assert hint.startswith("hint: set HEFT_DATA_DIR to the folder that holds boolq/")
 
 
 @pytest.mark.parametrize(

@@ -172,23 +172,19 @@ def _lm_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--lm-eval-limit must be at least 1, not {args.lm_eval_limit}")
     if process_state().num_processes > 1:
         raise ValueError("--lm-eval runs in one process; start it without torchrun / accelerate launch")
-    from heft.lm_eval_bridge import results_table, run_lm_eval, write_results
+    from heft.lm_eval_bridge import find_tasks, lm_eval_logs, results_table, run_lm_eval, write_results
 
     run_dir = Path(args.run_dir)
     cfg = _run_dir_config(run_dir)
-    names = [name.strip() for name in args.lm_eval.split(",") if name.strip()]
     stem = f"lm-eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    model, _ = _load_for_eval(run_dir, args.base_model, args.zero_shot)
-    results = run_lm_eval(
-        model,
-        names,
-        [Path(folder) for folder in args.lm_eval_include or []],
-        batch_size=args.batch_size or cfg.eval_batch_size,
-        bf16=cfg.bf16,
-        limit=args.lm_eval_limit,
-        log_file=run_dir / f"{stem}.log",
-        verbose=args.verbose,
-    )
+    with lm_eval_logs(run_dir / f"{stem}.log", args.verbose):
+        tasks = find_tasks(  # an unknown task or a missing data file fails before the model loads
+            [name.strip() for name in args.lm_eval.split(",") if name.strip()],
+            [Path(folder) for folder in args.lm_eval_include or []],
+        )
+        model, _ = _load_for_eval(run_dir, args.base_model, args.zero_shot)
+        batch_size = args.batch_size or cfg.eval_batch_size
+        results = run_lm_eval(model, tasks, batch_size=batch_size, bf16=cfg.bf16, limit=args.lm_eval_limit)
     print(results_table(results))
     path, samples = write_results(results, run_dir, stem)
     console.print(f"wrote {path} and {samples.name} ({'zero-shot base model' if args.zero_shot else 'the run'})")

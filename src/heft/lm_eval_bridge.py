@@ -22,6 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,12 +252,23 @@ def _variable(name: str, path: Path, field: str) -> str:
     return os.environ[name]
 
 
-def task_specs(names: Sequence[str], include: Sequence[Path] = ()) -> tuple[list[str | dict[str, Any]], Any]:
-    """What `simple_evaluate` runs for `names`, and the task manager that finds them: a task in an
-    `include` folder first, then a task heft ships (its config, data paths filled in), then one of
-    lm-eval's own. lm-eval's ~15,000 task files are indexed (about 10 s) only when a name needs them."""
+@dataclass
+class LmEvalTasks:
+    """Tasks found for `run_lm_eval`: what `simple_evaluate` is given, and the task manager that knows them."""
+
+    specs: list[str | dict[str, Any]]
+    manager: Any
+
+
+def find_tasks(names: Sequence[str], include: Sequence[Path] = ()) -> LmEvalTasks:
+    """The lm-eval tasks called `names`: a task in an `include` folder first, then a task heft ships (its
+    config, data paths filled in and checked), then one of lm-eval's own. lm-eval's ~15,000 task files
+    are indexed (about 10 s) only when a name needs them. Cheap otherwise, so a bad name or missing
+    data fails before the model loads."""
     from lm_eval.tasks import TaskManager
 
+    if not names:
+        raise ValueError("--lm-eval needs at least one task name, e.g. --lm-eval arc_easy")
     for folder in include:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"--lm-eval-include {folder}: no such folder")
@@ -271,41 +283,35 @@ def task_specs(names: Sequence[str], include: Sequence[Path] = ()) -> tuple[list
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown lm-eval task {unknown[0]!r}; {hint}heft ships {sorted(shipped)} for offline use")
     specs = [name if name in own or name not in shipped else shipped_task_config(shipped[name]) for name in names]
-    return specs, manager
+    return LmEvalTasks(specs, manager)
 
 
 # ---------------------------------------------------------------- running
 def run_lm_eval(
     model: HeftModel,
-    tasks: Sequence[str],
-    include: Sequence[Path] = (),
+    tasks: LmEvalTasks,
     batch_size: int = 16,
     bf16: bool = False,
     limit: int | None = None,
-    log_file: Path | None = None,
-    verbose: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` of `tasks` (zero-shot prompts, per-document samples kept) on `model`.
-
-    lm-eval logs at length; its log goes to `log_file` (and to the console only when `verbose`), and
-    the datasets library's split-building bars are hidden. `limit` takes each task's first documents.
-    """
+    """lm-eval's `simple_evaluate` of `tasks` (zero-shot prompts, per-document samples kept) on `model`;
+    `limit` keeps each task's first documents. lm-eval logs at length: see `lm_eval_logs`."""
     from lm_eval import simple_evaluate
 
-    specs, manager = task_specs(tasks, include)
     lm = HeftLM(model, batch_size=batch_size, bf16=bf16, progress=progress)
-    with _routed_logs(log_file, verbose):
-        return simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, log_samples=True)
+    return simple_evaluate(model=lm, tasks=tasks.specs, task_manager=tasks.manager, limit=limit, log_samples=True)
 
 
 @contextlib.contextmanager
-def _routed_logs(log_file: Path | None, verbose: bool) -> Iterator[None]:
+def lm_eval_logs(log_file: Path | None, verbose: bool = False) -> Iterator[None]:
+    """While the block runs, lm-eval's log goes to `log_file` (created at its first line) and reaches
+    the console only when `verbose`; the datasets library's split-building bars are hidden."""
     import datasets
 
     logger = logging.getLogger("lm_eval")
     saved = logger.level, logger.propagate
-    handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.NullHandler()
+    handler = logging.FileHandler(log_file, encoding="utf-8", delay=True) if log_file else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     bars = datasets.utils.logging.is_progress_bar_enabled()
     logger.addHandler(handler)
