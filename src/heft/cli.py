@@ -120,22 +120,25 @@ def _eval_data(run_dir: Path, split: str | None, max_examples: int | None, model
     return cfg, task, split, encoded
 
 
-def _load_for_eval(run_dir: Path, base_model: str | None = None):
-    """The run's model on this process's device, and whether this process reports. Under torchrun /
-    `accelerate launch` every process scores a share of the examples on its own device; only the
-    main process prints or writes."""
+def _load_for_eval(run_dir: Path, base_model: str | None = None, zero_shot: bool = False):
+    """The run's model (`zero_shot`: its base model without the stages) on this process's device, and
+    whether this process reports. Under torchrun / `accelerate launch` every process scores a share of
+    the examples on its own device; only the main process prints or writes."""
     from heft.evaluate import process_state
     from heft.io import load_run
 
     state = process_state()
-    return load_run(run_dir, base_model=base_model).to(state.device), state.is_main_process  # a GPU when there is one
+    model = load_run(run_dir, base_model=base_model, zero_shot=zero_shot)
+    return model.to(state.device), state.is_main_process  # a GPU when there is one
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from heft.evaluate import evaluate, generate_answers, generation_metrics
 
+    if args.lm_eval:
+        return _lm_eval(args)
     run_dir = Path(args.run_dir)
-    model, is_main = _load_for_eval(run_dir, args.base_model)
+    model, is_main = _load_for_eval(run_dir, args.base_model, args.zero_shot)
     cfg, task, split, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
     if args.mode == "generate":
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
@@ -145,10 +148,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_main:
         print(
             json.dumps(
-                {"run_dir": str(run_dir), "split": split, "mode": args.mode, **result},
+                {
+                    "run_dir": str(run_dir),
+                    "split": split,
+                    "mode": args.mode,
+                    **({"zero_shot": True} if args.zero_shot else {}),
+                    **result,
+                },
                 indent=2,
             )
         )
+    return 0
+
+
+def _lm_eval(args: argparse.Namespace) -> int:
+    """`heft eval RUN --lm-eval TASKS`: lm-eval's tasks on the run's model; its results JSON (and the
+    per-document samples, its log) go into the run folder, its table to the console."""
+    from heft.evaluate import process_state
+
+    clashing = [flag for flag, value in (("--split", args.split), ("--max-examples", args.max_examples)) if value]
+    if clashing or args.mode != "score":
+        raise ValueError(
+            f"--lm-eval runs its tasks' own splits and scoring; drop {clashing or ['--mode generate']} "
+            "(--lm-eval-limit N takes each task's first N documents)"
+        )
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        raise ValueError(f"--lm-eval-limit must be at least 1, not {args.lm_eval_limit}")
+    if process_state().num_processes > 1:
+        raise ValueError("--lm-eval runs in one process; start it without torchrun / accelerate launch")
+    from heft.lm_eval_bridge import find_tasks, lm_eval_logs, results_table, run_lm_eval, write_results
+
+    run_dir = Path(args.run_dir)
+    cfg = _run_dir_config(run_dir)
+    stem = f"lm-eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    with lm_eval_logs(run_dir / f"{stem}.log", args.verbose):
+        tasks = find_tasks(  # an unknown task or a missing data file fails before the model loads
+            [name.strip() for name in args.lm_eval.split(",") if name.strip()],
+            [Path(folder) for folder in args.lm_eval_include or []],
+        )
+        model, _ = _load_for_eval(run_dir, args.base_model, args.zero_shot)
+        batch_size = args.batch_size or cfg.eval_batch_size
+        results = run_lm_eval(model, tasks, batch_size=batch_size, bf16=cfg.bf16, limit=args.lm_eval_limit)
+    print(results_table(results))
+    path, samples = write_results(results, run_dir, stem)
+    console.print(f"wrote {path} and {samples.name} ({'zero-shot base model' if args.zero_shot else 'the run'})")
     return 0
 
 
@@ -408,6 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["score", "generate"], default="score", help="log-likelihood scoring or greedy generation"
     )
     p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="evaluate the run's base model without its stages (the model the run started from)",
+    )
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASK[,TASK...]",
+        help="run lm-evaluation-harness tasks instead (heft ships arc_easy, arc_challenge, openbookqa and boolq, "
+        "read from $HEFT_DATA_DIR); writes lm-eval-<time>.json into the run folder",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        action="append",
+        metavar="DIR",
+        help="also look for lm-eval task YAMLs in DIR (repeatable); they take precedence",
+    )
+    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="only the first N documents of each lm-eval task")
     _base_model_option(p)
     p.set_defaults(func=cmd_eval)
 

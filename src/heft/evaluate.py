@@ -139,14 +139,25 @@ def _continuation_prediction(example: EncodedExample, lls: list[float], headline
     return Prediction(example.label, predicted_by[headline], probs.tolist(), predicted_by)
 
 
-@torch.no_grad()
 def continuation_logprobs(
     model: HeftModel,
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[Sequence[int]]],
     padding_side: str = "right",
 ) -> list[list[float]]:
-    """Log-likelihood of every continuation of every prompt: the sum of its tokens' log-probabilities.
+    """Log-likelihood of every continuation of every prompt (`continuation_scores` without the greedy flags)."""
+    return [[ll for ll, _ in scores] for scores in continuation_scores(model, prompts, continuations, padding_side)]
+
+
+@torch.no_grad()
+def continuation_scores(
+    model: HeftModel,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    padding_side: str = "right",
+) -> list[list[tuple[float, bool]]]:
+    """Log-likelihood of every continuation of every prompt, the sum of its tokens' log-probabilities,
+    and whether greedy decoding would produce it (each of its tokens the argmax; lm-eval's `is_greedy`).
 
     Each prompt runs once, edited by the model's stages as in training; its keys and values are then
     copied to every continuation of it, which runs on top without any edit. The last prompt position
@@ -161,7 +172,9 @@ def continuation_logprobs(
     rows = [list(c) for conts in continuations for c in conts]
     if any(not c for c in rows):
         raise ValueError("an empty continuation has no log-likelihood")
-    totals = first[owner, torch.tensor([c[0] for c in rows], device=device)].double()
+    first_ids = torch.tensor([c[0] for c in rows], device=device)
+    totals = first[owner, first_ids].double()
+    misses = (first.argmax(dim=-1)[owner] != first_ids).long()
     if any(len(c) > 1 for c in rows):
         cont_ids, cont_mask = (t.to(device) for t in pad_batch([c[:-1] for c in rows], pad_id, "right"))
         targets, _ = pad_batch([c[1:] for c in rows], pad_id, "right")
@@ -172,11 +185,15 @@ def continuation_logprobs(
         later = model.continue_prompts(cont_ids, attention, position_ids, cache)
         real = cont_mask.bool()
         logprobs = torch.log_softmax(model.lm_head(later[real]).float(), dim=-1)
-        picked = logprobs.gather(1, targets.to(device)[real].unsqueeze(1)).squeeze(1).double()
-        totals = totals.index_add(0, real.nonzero()[:, 0], picked)
+        wanted = targets.to(device)[real]
+        picked = logprobs.gather(1, wanted.unsqueeze(1)).squeeze(1).double()
+        row_of = real.nonzero()[:, 0]
+        totals = totals.index_add(0, row_of, picked)
+        misses = misses.index_add(0, row_of, (logprobs.argmax(dim=-1) != wanted).long())
+    scores = list(zip(totals.tolist(), (misses == 0).tolist()))
     out, start = [], 0
     for conts in continuations:
-        out.append(totals[start : start + len(conts)].tolist())
+        out.append(scores[start : start + len(conts)])
         start += len(conts)
     return out
 

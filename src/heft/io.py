@@ -257,12 +257,15 @@ def stage_config_from_dict(data: dict) -> StageConfig:
     return StageConfig(**{**data, "lora": LoraConfig(**data["lora"]), "reft": reft})
 
 
-def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: str | None = None) -> HeftModel:
+def load_run(
+    run_dir: str | Path, model: HeftModel | None = None, base_model: str | None = None, zero_shot: bool = False
+) -> HeftModel:
     """Rebuild the staged model saved in `run_dir`.
 
     The base model is loaded from the manifest's id (or `base_model`, e.g. a local copy) and must
     have the recorded sha256. Finished LoRA stages are re-merged exactly as in training; an
-    unfinished last stage is left trainable, so training can resume.
+    unfinished last stage is left trainable, so training can resume. `zero_shot`: the base model
+    alone, the model the run started from (of an exported folder: its base, with the LoRA merged).
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -276,7 +279,7 @@ def load_run(run_dir: str | Path, model: HeftModel | None = None, base_model: st
             f"but the loaded base model has {model.weights_sha256[:12]}…; refusing to combine them"
         )
     weights = run_dir / manifest["weights"]
-    for entry in manifest["stages"]:
+    for entry in [] if zero_shot else manifest["stages"]:
         stage = model.add_stage(stage_config_from_dict(entry["config"]))
         if entry.get("rolled_back"):
             model.roll_back_stage()
