@@ -451,7 +451,7 @@ def test_eval_split_when_nothing_fits(tmp_path: Path) -> None:
 
 def test_a_folder_with_only_train_evaluates_on_held_out_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from heft.config import config_from_dict
-    from heft.train import read_splits
+    from heft.data import read_splits
 
     rows = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2} for i in range(30)]
     write_jsonl(tmp_path / "train.jsonl", rows)

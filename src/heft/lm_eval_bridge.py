@@ -35,7 +35,7 @@ from heft.files import atomic_write_text
 from heft.pipeline import HeftModel
 from heft.tasks.base import continuation_ids
 from heft.tasks.data import DataError
-from heft.tasks.multiple_choice import SHARED_DATA
+from heft.tasks.presets import SHARED_DATA
 
 try:
     from lm_eval.api.model import LM
