@@ -1,8 +1,9 @@
 """The training recipe, in one file: data → model → stages (train, evaluate, checkpoint) → results.
 
 Each stage gets its own AdamW optimizer and schedule. Batches are length-grouped and padded
-dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP/FSDP,
-mixed precision and gradient accumulation, so `accelerate launch -m heft train ...` scales out.
+dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP, mixed
+precision and gradient accumulation, so `accelerate launch -m heft train ...` scales out (FSDP is
+refused: `heft.sharding` says why).
 Every completed epoch is a checkpoint: an interrupted run resumes from its last epoch.
 """
 
@@ -39,6 +40,7 @@ from heft.io import (
     write_json,
 )
 from heft.pipeline import HeftModel
+from heft.sharding import check_launch
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, Example, Task, get_task
 from heft.tasks.data import DataError, subsample
@@ -301,6 +303,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     # accelerate's state is process-global, and runs with different settings share a process.
     # cpu=True on GPU-less hosts lets `torchrun --nproc_per_node N` run data-parallel on CPU (gloo).
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    check_launch(accelerator)  # FSDP is refused before anything loads (heft.sharding says why)
     is_main = accelerator.is_main_process
     show_progress = show_progress and is_main
     task = get_task(cfg.task)
