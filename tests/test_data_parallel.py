@@ -1,4 +1,4 @@
-"""Data-parallel evaluation: two CPU processes (torchrun, gloo) score the same as one."""
+"""Data parallelism on two CPU processes (torchrun, gloo): evaluation and training equal one process; no FSDP."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import heft
@@ -82,3 +83,100 @@ def test_two_processes_evaluate_like_one(tmp_path: Path, tiny_model_dir: Path) -
     assert zero_two["eval_correct"] == zero_one["eval_correct"] and len(zero_one["eval_correct"]) == 24
     assert zero_two["eval_accuracy"] == zero_one["eval_accuracy"]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["eval_batch_size"] == 5
+
+
+def torchrun_heft(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 600) -> tuple[int, str]:
+    """`python -m heft ARGS` in two CPU processes (torchrun, gloo); the exit status and the output."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(heft.__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env_extra or {}),
+    }
+    env.pop("RANK", None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "heft"]
+    proc = subprocess.Popen(
+        [*launch, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+        output, _ = proc.communicate()
+    return proc.returncode, output
+
+
+def run_files(run: Path) -> dict[str, Path]:
+    return {str(p.relative_to(run)): p for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(tmp_path, tiny_model_dir) -> None:
+    """LoRA (merged) → LoReFT under DDP on two CPU processes with batches of 8, against one process
+    with batches of 8 and grad_accum 2 (global batch 16 both ways; process i takes batches i, i+2...
+    of the one-process order, as the two micro-batches of each accumulated step). Without dropout the
+    two runs compute the same steps: every loss, evaluation and saved weight agrees to float32
+    rounding (the gradient all-reduce sums in another order), and the run folders hold the same files."""
+    from safetensors.torch import load_file
+
+    from test_train import toy_config, write_toy_boolq
+
+    data = write_toy_boolq(tmp_path / "data", 32, 16)
+    base = toy_config(tiny_model_dir, data, tmp_path / "unused")
+    base["stages"][1]["reft"]["dropout"] = 0.0
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(base))
+    status, output = torchrun_heft(["train", str(config), "--output-dir", str(tmp_path / "two"), "-q"])
+    assert status == 0, output[-3000:]
+    one = config_from_dict({**base, "grad_accum": 2, "output_dir": str(tmp_path / "one")})
+    run_training(one, tmp_path / "one", show_progress=False)
+
+    runs = [tmp_path / "one", tmp_path / "two"]
+    files = [run_files(run) for run in runs]
+    assert files[0].keys() == files[1].keys() and any(name.endswith(".safetensors") for name in files[0])
+    lines = [[json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+    assert [(m["kind"], m["stage_index"], m["epoch"], m["step"]) for m in lines[0]] == [
+        (m["kind"], m["stage_index"], m["epoch"], m["step"]) for m in lines[1]
+    ]
+    for mine, theirs in zip(*lines):
+        for key in ("train_loss", "boundary_loss", "eval_mean_margin"):
+            if mine.get(key) is not None:
+                assert theirs[key] == pytest.approx(mine[key], rel=1e-5, abs=1e-6), (key, mine["stage"])
+        assert mine.get("eval_correct") == theirs.get("eval_correct")
+    results = [json.loads((run / "results.json").read_text()) for run in runs]
+    for key in ("optimizer_steps", "train_tokens", "final_accuracy"):
+        assert results[0][key] == results[1][key], key
+    assert results[0]["stages"][0]["loss_at_end"] < results[0]["stages"][0]["loss_at_start"]  # it trained
+    for name in (n for n in files[0] if n.endswith(".safetensors")):
+        mine, theirs = load_file(files[0][name]), load_file(files[1][name])
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_fsdp_is_refused_in_one_line_before_anything_loads(tmp_path, tiny_model_dir) -> None:
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP; on CPU processes accelerate 1.15 would
+    train with DDP instead, so both processes stop with heft's one-line reason (exit 2, no run folder)."""
+    from test_train import toy_config, write_toy_boolq
+
+    config = tmp_path / "toy.yaml"
+    data = write_toy_boolq(tmp_path / "data", 16, 8)
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
+    args = ["train", str(config), "--output-dir", str(tmp_path / "run"), "-q"]
+    status, output = torchrun_heft(args, {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"})
+    assert status != 0
+    refusals = [line for line in output.splitlines() if line.startswith("error: FSDP was requested")]
+    assert len(refusals) == 2 and "accelerators only" in refusals[0] and "MULTI_CPU" in refusals[0], output[-3000:]
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_fsdp_where_accelerate_shards_is_refused_with_heft_s_reason() -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from heft.sharding import ShardingError, check_launch
+
+    with pytest.raises(ShardingError, match="stage boundaries .* FSDP's shards"):
+        check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP runs

@@ -1,4 +1,4 @@
-"""`heft` command line: train, eval, predict, export, info, reproduce, bench.
+"""`heft` command line: train, eval, predict, export, info, reproduce, bench, plan.
 
 User mistakes (bad config, missing file, unknown model, bad data) end in one readable line and a
 hint, with exit status 2; everything else is a bug and keeps its traceback.
@@ -415,6 +415,22 @@ def _bench_check(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from heft.config import load_config
+    from heft.memory_plan import advice, default_target_tokens, plan_run, plan_tables, resolve_device
+    from heft.tasks import get_task
+
+    device = resolve_device(args.device, args.gpu_memory)  # a bad --gpu-memory fails before anything is read
+    cfg = load_config(args.config, args.overrides)
+    targets = args.target_tokens or default_target_tokens(get_task(cfg.task))
+    plan = plan_run(cfg, device, targets)
+    for table in plan_tables(plan):
+        console.print(table)
+    for line in advice(plan):
+        console.print(line, highlight=False)
+    return 0
+
+
 def _base_model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-model",
@@ -570,6 +586,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="with --check: run and compare even on another machine (exit 3)"
     )
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "plan",
+        help="the memory each stage of a config needs, and what fits, from the model's config alone",
+        description="Builds the model from its config.json on the meta device (no weights are read), traces "
+        "one training step of each stage on fake tensors and prints per stage the weights, adapter, gradients, "
+        "optimizer state, activations (with and without activation checkpointing), logits and peak, then "
+        "which batch fits in 24, 40 and 80 GB with float32/bf16 weights and an 8- or 4-bit base.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/boolq_heft.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=configs/models/llama-2-7b")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", help="cpu, cuda, cuda:1 ... whose memory to plan for (default: cuda if available)")
+    where.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU of this size, e.g. 24GB, 40GiB, 80000MB")
+    p.add_argument(
+        "--target-tokens",
+        type=int,
+        metavar="N",
+        help="loss tokens per example (default: 1 for first-token tasks such as BoolQ, 32 for phrase answers)",
+    )
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

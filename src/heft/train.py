@@ -6,9 +6,9 @@ one stage, `on_epoch_end` judges, evaluates and checkpoints after each epoch, `f
 results. `train_stage` is the loop of one stage, also used by the Python API (`heft.api.fit`).
 
 Each stage gets its own AdamW optimizer and schedule. Batches are length-grouped and padded
-dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP/FSDP,
-gradient accumulation and the experiment trackers (`report_to`), so `accelerate launch -m heft
-train ...` scales out. Every completed epoch is a checkpoint: an interrupted run resumes from its
+dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP, gradient
+accumulation and the experiment trackers (`report_to`), so `accelerate launch -m heft train ...`
+scales out (FSDP is refused: `heft.sharding` says why). Every completed epoch is a checkpoint: an interrupted run resumes from its
 last epoch.
 """
 
@@ -49,6 +49,7 @@ from heft.metrics import (
     results_summary,
 )
 from heft.pipeline import HeftModel, Stage
+from heft.sharding import check_launch
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, task_for
 from heft.tracking import StepLog, accelerator_options, end_tracking, line_scalars, results_scalars, start_tracking
@@ -121,6 +122,7 @@ class TrainingRecipe:
             cpu=not torch.cuda.is_available(),
             **accelerator_options(cfg, run_dir),
         )
+        check_launch(self.accelerator)  # FSDP is refused before anything loads (heft.sharding says why)
         self.is_main = self.accelerator.is_main_process
         self.show_progress = self.show_progress and self.is_main
         self.task = task_for(cfg)
