@@ -8,8 +8,8 @@ results. `train_stage` is the loop of one stage, also used by the Python API (`h
 Each stage gets its own AdamW optimizer and schedule. Batches are length-grouped and padded
 dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP, gradient
 accumulation and the experiment trackers (`report_to`), so `accelerate launch -m heft train ...`
-scales out (FSDP is refused: `heft.sharding` says why). Every completed epoch is a checkpoint: an interrupted run resumes from its
-last epoch.
+scales out (FSDP is refused: `heft.sharding` says why). Every completed epoch is a checkpoint: an
+interrupted run resumes from its last epoch.
 """
 
 from __future__ import annotations
