@@ -47,6 +47,8 @@ log = logging.getLogger("heft")
 
 T = TypeVar("T")
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+SCORES_BESIDE_ACCURACY = ("acc", "acc_norm", "exact_match", "response_loglik", "response_loglik_per_token")
+"""Evaluation scores a metrics line keeps besides accuracy: multiple choice's two, completion's three."""
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -380,7 +382,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
                 eval_per_class_accuracy=result["per_class_accuracy"],
                 eval_mean_margin=result["mean_margin"],
                 eval_correct=result["correct"],
-                **{f"eval_{k}": result[k] for k in ("acc", "acc_norm") if k in result},
+                **{f"eval_{k}": result[k] for k in SCORES_BESIDE_ACCURACY if k in result},
             )
             log.info("%s epoch %s: accuracy %.4f", stage_name, epoch, result["accuracy"])
         line.update(elapsed_s=round(time.perf_counter() - clock, 2), tokens_seen=progress.train_tokens)

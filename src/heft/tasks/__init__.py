@@ -6,6 +6,7 @@ import difflib
 
 from heft.tasks.base import EncodedExample, Example, Task, accuracy
 from heft.tasks.boolq import BoolQ
+from heft.tasks.completion import CompletionTask
 from heft.tasks.data import DataError, subsample
 from heft.tasks.multiple_choice import ArcChallenge, ArcEasy, MultipleChoiceTask, OpenBookQA
 
@@ -13,6 +14,7 @@ __all__ = [
     "ArcChallenge",
     "ArcEasy",
     "BoolQ",
+    "CompletionTask",
     "DataError",
     "EncodedExample",
     "Example",
@@ -54,5 +56,5 @@ def list_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _task in (BoolQ, ArcEasy, ArcChallenge, OpenBookQA):
+for _task in (BoolQ, ArcEasy, ArcChallenge, OpenBookQA, CompletionTask):
     register_task(_task)

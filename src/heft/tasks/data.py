@@ -34,6 +34,11 @@ class DataError(ValueError):
         """What to change for this cause; None: where the data comes from (the CLI's default hint)."""
 
 
+class MissingColumnError(DataError):
+    """A file lacks a column the task reads. Tasks that accept several row shapes (completion rows)
+    try the next shape on this error, and only on this one."""
+
+
 class FieldError(ValueError):
     """Raised by a row parser for one bad value; `parse_rows` adds the file and row to it."""
 
@@ -308,7 +313,7 @@ def _check_columns(file: str, where: str, present: Sequence[str], wanted: dict[s
     for field, column in wanted.items():
         if column not in present:
             mapped = "" if column == field else f" (mapped by data.columns to column {column!r})"
-            raise DataError(
+            raise MissingColumnError(
                 f"{file}: {where}: missing column {column!r} for field {field!r}{mapped}; "
                 f"found columns {list(present)}",
                 hint=f"if the file names it otherwise, map it with data.columns.{field}=<column>",
