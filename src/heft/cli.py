@@ -140,7 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     model, is_main = _load_for_eval(run_dir, args.base_model, args.zero_shot)
     cfg, task, split, encoded = _eval_data(run_dir, args.split, args.max_examples, model)
-    if args.mode == "generate":
+    generated = task.scoring == "generation"  # completion tasks are always evaluated by generating
+    if args.mode == "generate" and not generated:
         answers = generate_answers(model, task, encoded, args.batch_size or cfg.eval_batch_size, bf16=cfg.bf16)
         result = generation_metrics(answers, encoded)
     else:
@@ -151,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 {
                     "run_dir": str(run_dir),
                     "split": split,
-                    "mode": args.mode,
+                    "mode": "generate" if generated else args.mode,
                     **({"zero_shot": True} if args.zero_shot else {}),
                     **result,
                 },
@@ -196,7 +197,6 @@ def _lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from heft.evaluate import predict
     from heft.tasks import task_for
     from heft.tasks.data import parse_rows, read_query_rows
 
@@ -207,28 +207,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
         lines = read_query_rows(Path(args.input))
         queries = parse_rows(lines, lambda values: task.to_query(values, cfg.data.template))
         rows = [line.values for line in lines]
-    elif args.question:
-        given = {"question": args.question, "passage": args.passage, "choices": args.choices}
+    elif args.prompt is not None or args.question:
+        given = {"prompt": args.prompt, "question": args.question, "passage": args.passage, "choices": args.choices}
         rows = [{k: v for k, v in given.items() if v is not None}]
         queries = [task.to_query(rows[0], cfg.data.template)]
     else:
-        raise ValueError("give --question with --passage (BoolQ) or --choices (multiple choice), or --input FILE.jsonl")
+        raise ValueError(
+            "give --prompt (completion), --question with --passage (BoolQ) or --choices (multiple choice), "
+            "or --input FILE.jsonl"
+        )
     model, is_main = _load_for_eval(run_dir, args.base_model)
     encoded, _ = task.encode(queries, model.tokenizer, cfg.max_length)
-    predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=len(rows) > 1, bf16=cfg.bf16)
+    answers = _answers(model, task, queries, encoded, cfg, args.max_new_tokens, progress=len(rows) > 1)
     if not is_main:
         return 0
-    records = [
-        {**row, "prediction": query.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
-        for row, query, p in zip(rows, queries, predictions)
-    ]
+    records = [{**row, **answer} for row, answer in zip(rows, answers)]
     if args.output:
         Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         console.print(f"wrote {len(records)} predictions to {args.output}")
     else:
-        for record in records:
-            print(json.dumps({"prediction": record["prediction"], "probability": record["probability"]}))
+        for answer in answers:
+            print(json.dumps(answer))
     return 0
+
+
+def _answers(model, task, queries, encoded, cfg, max_new_tokens: int | None, progress: bool) -> list[dict]:
+    """Per query, the prediction: a generated response (completion), else the likeliest choice and its probability."""
+    from heft.evaluate import generate_responses, predict
+
+    if task.scoring == "generation":
+        responses = generate_responses(
+            model, task, encoded, cfg.eval_batch_size, cfg.bf16, progress, max_new_tokens=max_new_tokens
+        )
+        return [{"prediction": response.strip()} for response in responses]
+    predictions = predict(model, task, encoded, cfg.eval_batch_size, progress=progress, bf16=cfg.bf16)
+    return [
+        {"prediction": query.choices[p.predicted].strip(), "probability": round(p.probs[p.predicted], 6)}
+        for query, p in zip(queries, predictions)
+    ]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -490,11 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="answer questions with a saved run")
     p.add_argument("run_dir")
+    p.add_argument("--prompt", help="a prompt to respond to (completion tasks)")
+    p.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="longest response generated (completion; default: the task's)"
+    )
     p.add_argument("--question")
     p.add_argument("--passage")
     p.add_argument("--choices", nargs="+", metavar="CHOICE", help="the answers to choose from (multiple-choice tasks)")
     p.add_argument(
-        "--input", help="JSONL file with the task's fields per line (question and passage, or question and choices)"
+        "--input",
+        help="JSONL file with the task's fields per line (question and passage, question and choices, "
+        "or a completion prompt: prompt, instruction and input, or messages)",
     )
     p.add_argument("--output", help="JSONL file for the predictions (default: print)")
     _base_model_option(p)

@@ -5,6 +5,8 @@ prompt position: one forward pass per batch, LM head at that position only. Cont
 (ARC, OpenBookQA) sum the log-probabilities of each choice's tokens; the choices of a question
 share its prompt, which is run once and whose keys/values every choice reuses.
 `generate_answers` decodes greedily and parses the answer, for parity with generation-based papers.
+Completion tasks are evaluated by generating (`evaluate_completion`): exact match of greedy responses,
+and the mean log-likelihood of the reference responses.
 
 Under `torchrun` or `accelerate launch` every process scores a share of the batches and the results
 are gathered onto all processes in input order: each batch is the one a single process would form,
@@ -13,8 +15,9 @@ so the predictions are those of a single-process evaluation. Every process must 
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -22,10 +25,12 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from heft.data import pad_batch
 from heft.pipeline import HeftModel
 from heft.tasks import EncodedExample, Task
+from heft.tasks.completion import CompletionTask, EncodedCompletion
 
 
 @dataclass
@@ -226,7 +231,10 @@ def metrics(predictions: Sequence[Prediction]) -> dict[str, float | int | str | 
 
 def evaluate(model: HeftModel, task: Task, examples: Sequence[EncodedExample], **options) -> dict:
     """Score-based evaluation: metrics over `examples` (`options` as for `predict`). Continuation
-    tasks also report `acc` and `acc_norm`, and which of them is `accuracy` (`headline`)."""
+    tasks also report `acc` and `acc_norm`, and which of them is `accuracy` (`headline`); completion
+    tasks are evaluated by generating (`evaluate_completion`)."""
+    if isinstance(task, CompletionTask):
+        return evaluate_completion(model, task, examples, **options)
     result = metrics(predict(model, task, examples, **options))
     return {**result, "headline": task.headline} if task.scoring == "continuation" else result
 
@@ -268,4 +276,122 @@ def generation_metrics(outputs: Sequence[tuple[str, int | None]], examples: Sequ
         "accuracy": sum(parsed == ex.label for (_, parsed), ex in zip(outputs, examples)) / n,
         "unparsed": sum(parsed is None for _, parsed in outputs),
         "n": n,
+    }
+
+
+@contextlib.contextmanager
+def _eval_mode(model: HeftModel) -> Iterator[None]:
+    """No dropout inside; the model's mode as it was afterwards (training evaluates between epochs)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class StopStrings(StoppingCriteria):
+    """Ends each row of a generation once the text it generated holds a stop string. (transformers'
+    `stop_strings` maps every vocabulary entry to text up front, which fails for some tokenizers,
+    word-level ones among them; decoding the few generated tokens works with any.)"""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, list(stop_strings), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop_strings) for text in texts], device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_responses(
+    model: HeftModel,
+    task: CompletionTask,
+    examples: Sequence[EncodedExample],
+    batch_size: int = 16,
+    bf16: bool = False,
+    progress: bool = True,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """Greedy responses to the examples' prompts, in input order: batches of similar length, left-padded,
+    through HF `generate` (KV cache; the interventions edit the prompt positions). A response ends at
+    the task's end tokens, a stop string (cut off with what follows) or `max_new_tokens` (default: the task's)."""
+    tokenizer = model.tokenizer
+    stop_strings = task.stop_strings(tokenizer)
+    options = {
+        "max_new_tokens": max_new_tokens or task.max_new_tokens,
+        "do_sample": False,
+        "eos_token_id": task.end_token_ids(tokenizer),
+    }
+
+    def answer(batch: list[int]) -> list[str]:
+        prompts = [examples[i].input_ids[: examples[i].prompt_len] for i in batch]
+        ids, mask = pad_batch(prompts, tokenizer.pad_token_id, "left")
+        stop = StoppingCriteriaList([StopStrings(tokenizer, stop_strings, ids.shape[1])] if stop_strings else [])
+        with autocast(model, bf16):
+            out = model.generate(ids.to(model.device), mask.to(model.device), stopping_criteria=stop, **options)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return [task.cut_response(text, stop_strings) for text in texts]
+
+    with _eval_mode(model), model.frozen_weights_bf16(bf16):
+        return sharded(_batches(examples, batch_size), len(examples), answer, desc="generate", progress=progress)
+
+
+@torch.no_grad()
+def response_logliks(
+    model: HeftModel,
+    examples: Sequence[EncodedExample],
+    batch_size: int = 16,
+    bf16: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """Log-likelihood of each example's response (its tokens after the prompt, end token included), as
+    training scores it: one prompt pass, edited, then the response on its keys and values."""
+
+    def score(batch: list[int]) -> list[float]:
+        prompts = [examples[i].input_ids[: examples[i].prompt_len] for i in batch]
+        responses = [[examples[i].input_ids[examples[i].prompt_len :]] for i in batch]
+        with autocast(model, bf16):
+            return [lls[0] for lls in continuation_logprobs(model, prompts, responses)]
+
+    with _eval_mode(model), model.frozen_weights_bf16(bf16):
+        return sharded(_batches(examples, batch_size), len(examples), score, desc="log-likelihood", progress=progress)
+
+
+def evaluate_completion(
+    model: HeftModel,
+    task: CompletionTask,
+    examples: Sequence[EncodedCompletion],
+    batch_size: int = 16,
+    progress: bool = True,
+    bf16: bool = False,
+) -> dict:
+    """Exact match of greedy responses and the reference responses' log-likelihood (`completion_metrics`)."""
+    responses = generate_responses(model, task, examples, batch_size, bf16, progress)
+    return completion_metrics(task, examples, responses, response_logliks(model, examples, batch_size, bf16, progress))
+
+
+def completion_metrics(
+    task: CompletionTask, examples: Sequence[EncodedCompletion], responses: Sequence[str], logliks: Sequence[float]
+) -> dict:
+    """`accuracy` is exact match (`task.is_correct`); `majority_accuracy` that of always giving the most
+    frequent reference answer; `response_loglik` the mean log-likelihood of a reference response (its
+    sum over tokens), `response_loglik_per_token` per response token; `correct` per example, in order."""
+    if any(ex.reference is None for ex in examples):
+        raise ValueError("evaluating completion needs every example's reference response")
+    n = len(examples)
+    correct = [task.is_correct(response, ex.reference) for response, ex in zip(responses, examples)]
+    answers = Counter(task.answer(ex.reference) for ex in examples)
+    response_tokens = sum(len(ex.input_ids) - ex.prompt_len for ex in examples)
+    return {
+        "accuracy": sum(correct) / n,
+        "exact_match": sum(correct) / n,
+        "majority_accuracy": max(answers.values()) / n,
+        "per_class_accuracy": [],
+        "mean_margin": None,
+        "response_loglik": sum(logliks) / n,
+        "response_loglik_per_token": sum(logliks) / response_tokens,
+        "correct": "".join("1" if right else "0" for right in correct),
+        "n": n,
+        "headline": "exact_match",
     }

@@ -42,6 +42,16 @@ class EvalFields(TypedDict):
     """Continuation tasks: accuracy by summed log-likelihood."""
     eval_acc_norm: NotRequired[float]
     """Continuation tasks: accuracy by log-likelihood per character."""
+    eval_exact_match: NotRequired[float]
+    """Completion tasks: greedy answers equal to the reference after normalisation."""
+    eval_response_loglik: NotRequired[float]
+    """Completion tasks: mean summed log-likelihood of the reference response."""
+    eval_response_loglik_per_token: NotRequired[float]
+    """Completion tasks: mean log-likelihood per reference response token."""
+
+
+SCORES_BESIDE_ACCURACY = ("acc", "acc_norm", "exact_match", "response_loglik", "response_loglik_per_token")
+"""Evaluation scores a metrics line keeps besides accuracy: multiple choice's two, completion's three."""
 
 
 class GateVerdict(TypedDict):
@@ -142,7 +152,7 @@ def evaluation_fields(result: dict) -> EvalFields:
         "eval_mean_margin": result["mean_margin"],
         "eval_correct": result["correct"],
     }
-    for score in ("acc", "acc_norm"):
+    for score in SCORES_BESIDE_ACCURACY:
         if score in result:
             fields[f"eval_{score}"] = result[score]  # type: ignore[literal-required]
     return fields

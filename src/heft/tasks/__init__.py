@@ -15,12 +15,14 @@ from typing import Any
 from heft.config import RunConfig
 from heft.config_loader import OptionError, Source, build, did_you_mean, source_of
 from heft.tasks.base import EncodedExample, Example, Task, accuracy
+from heft.tasks.completion import CompletionTask
 from heft.tasks.data import DataError, subsample
 from heft.tasks.multiple_choice import MultipleChoiceOptions, MultipleChoiceTask
 from heft.tasks.presets import PRESETS
 from heft.tasks.yes_no import YesNoOptions, YesNoTask
 
 __all__ = [
+    "CompletionTask",
     "DataError",
     "EncodedExample",
     "Example",
@@ -123,6 +125,7 @@ def list_kinds() -> list[str]:
 KINDS: dict[str, type[Task]] = {
     "yes_no": YesNoTask,
     "multiple_choice": MultipleChoiceTask,
+    "completion": CompletionTask,
 }
 """The one place kinds join the registry: the completion kind (heft.tasks.completion) joins here as
 `"completion": CompletionTask`, a Task subclass; its `Options` dataclass, if it has one, holds the

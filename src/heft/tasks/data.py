@@ -43,7 +43,8 @@ class FieldError(ValueError):
 
 
 class MissingColumn(DataError):
-    """A file lacks the column of a field; `named_by` is the config key (a template) that asks for it."""
+    """A file lacks the column of a field; `named_by` is the config key (a template) that asks for it.
+    Tasks that accept several row shapes (completion rows) try the next shape on this error only."""
 
     def __init__(
         self, file: str, where: str, field: str, column: str, present: list[str], named_by: str | None = None
