@@ -9,27 +9,34 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from conftest import make_model
-from heft.fused_llama import RMSNormFunction, RotaryFunction, fusable_layers, fused_decoder_layers, rotary_tables
+from heft.fused_llama import ResidualRMSNorm, RotaryFunction, fusable_layers, fused_decoder_layers, rotary_tables
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs().max() / b.abs().max()).detach())
 
 
-def test_rms_norm_function_equals_transformers_norm_with_gradients():
+def test_residual_rms_norm_equals_transformers_norm_with_gradients():
+    """The norm and its gradients; the passed-through residual's gradient is added to the norm's."""
     torch.manual_seed(0)
     norm = LlamaRMSNorm(48, eps=1e-5)
     with torch.no_grad():
         norm.weight.normal_()
     x = (torch.randn(3, 5, 48) * 3).requires_grad_()
-    upstream = torch.randn(3, 5, 48)
+    upstream, residual_upstream = torch.randn(3, 5, 48), torch.randn(3, 5, 48)
     expected = norm(x)
-    (expected_grad_x, expected_grad_w) = torch.autograd.grad((expected * upstream).sum(), [x, norm.weight])
-    out = RMSNormFunction.apply(x, norm.weight, torch.tensor(1e-5), torch.float32)
-    grad_x, grad_w = torch.autograd.grad((out * upstream).sum(), [x, norm.weight])
+    expected_grads = torch.autograd.grad(((expected * upstream) + x * residual_upstream).sum(), [x, norm.weight])
+    residual, out = ResidualRMSNorm.apply(x, norm.weight, torch.tensor(1e-5), torch.float32)
+    assert torch.equal(residual, x)
+    grads = torch.autograd.grad(((out * upstream) + residual * residual_upstream).sum(), [x, norm.weight])
     assert relative_error(out, expected) < 1e-6
-    assert relative_error(grad_x, expected_grad_x) < 1e-5 and relative_error(grad_w, expected_grad_w) < 1e-5
-    half = RMSNormFunction.apply(x, norm.weight, torch.tensor(1e-5), torch.bfloat16)
+    for grad, ref in zip(grads, expected_grads):
+        assert relative_error(grad, ref) < 1e-5
+    _, out = ResidualRMSNorm.apply(x, norm.weight, torch.tensor(1e-5), torch.float32)
+    (grad_x,) = torch.autograd.grad((out * upstream).sum(), [x])  # the residual unused
+    (expected_grad_x,) = torch.autograd.grad((norm(x) * upstream).sum(), [x])
+    assert relative_error(grad_x, expected_grad_x) < 1e-5
+    _, half = ResidualRMSNorm.apply(x, norm.weight, torch.tensor(1e-5), torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.equal(half, expected.to(torch.bfloat16))
 
 

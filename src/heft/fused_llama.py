@@ -35,27 +35,35 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, 
     return out.view(*a.shape[:-1], 1)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """y = weight · x / √(mean(x²) + eps), returned in `dtype` (the dtype the next GEMMs read)."""
+class ResidualRMSNorm(torch.autograd.Function):
+    """(x, weight · x / √(mean(x²) + eps)): the residual stream passed through, and its norm in `dtype`
+    (the dtype the next GEMMs read).
+
+    The residual stream x feeds both the norm and the residual add after the block; passing it through
+    here lets the backward add the two gradients inside its last op instead of autograd adding them."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: torch.Tensor, dtype: torch.dtype):
+        ctx.set_materialize_grads(False)
         rstd = row_dot(x, x, eps, 1 / x.shape[-1]).rsqrt_()
         normed = x * rstd
         ctx.save_for_backward(normed, rstd, weight)
-        return (weight * normed).to(dtype)
+        return x.view_as(x), (weight * normed).to(dtype)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_residual, grad):
+        if grad is None:
+            return grad_residual, None, None, None
         normed, rstd, weight = ctx.saved_tensors
         grad_normed = grad * weight
         # d/dx of x·rstd: rstd · (g − x̂ · mean(g x̂)), with g the gradient reaching x̂ = x · rstd
         mean = row_dot(grad_normed, normed)
-        grad_x = torch.addcmul(grad_normed, normed, mean, value=-1 / normed.shape[-1]).mul_(rstd)
+        inner = torch.addcmul(grad_normed, normed, mean, value=-1 / normed.shape[-1])
+        grad_x = inner.mul_(rstd) if grad_residual is None else torch.addcmul(grad_residual, inner, rstd)
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype)
-        return grad_x.to(normed.dtype), grad_weight, None, None
+        return grad_x, grad_weight, None, None
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -133,9 +141,9 @@ def attention(attn: LlamaAttention, x: torch.Tensor, rotary: tuple[torch.Tensor,
 
 def layer_forward(layer: LlamaDecoderLayer, hidden: torch.Tensor, tables: PassTables) -> torch.Tensor:
     """transformers' LlamaDecoderLayer.forward for a causal batch without cache."""
-    normed = RMSNormFunction.apply(hidden, layer.input_layernorm.weight, tables.eps, tables.dtype)
+    hidden, normed = ResidualRMSNorm.apply(hidden, layer.input_layernorm.weight, tables.eps, tables.dtype)
     hidden = hidden + attention(layer.self_attn, normed, tables.rotary)
-    normed = RMSNormFunction.apply(hidden, layer.post_attention_layernorm.weight, tables.eps, tables.dtype)
+    hidden, normed = ResidualRMSNorm.apply(hidden, layer.post_attention_layernorm.weight, tables.eps, tables.dtype)
     mlp = layer.mlp
     return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
 
