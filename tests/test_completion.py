@@ -370,7 +370,8 @@ def test_shipped_completion_config_learns_the_answer_style(tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
-    heft("train", "configs/completion_heft.yaml", "--output-dir", str(run), "-q")
+    budget = ["stages.0.epochs=1", "stages.1.epochs=0.5", "max_eval_examples=12", "boundary_examples=0"]
+    heft("train", "configs/completion_heft.yaml", *budget, "--output-dir", str(run), "-q")
     results = json.loads((run / "results.json").read_text())
     assert results["final_accuracy"] > results["zero_shot_accuracy"], results
     assert json.loads(heft("eval", str(run)))["exact_match"] == results["final_accuracy"]

@@ -393,5 +393,5 @@ def completion_metrics(
         "response_loglik_per_token": sum(logliks) / response_tokens,
         "correct": "".join("1" if right else "0" for right in correct),
         "n": n,
-        "headline": "exact_match",
+        "headline": task.headline,
     }

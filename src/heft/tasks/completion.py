@@ -103,7 +103,7 @@ class CompletionTask(Task):
     label_field = PROMPT.response_field
     template = "{prompt}"
     default_source = ""
-    """None: completion data is always the user's own (`data.source` or `$HEFT_DATA_DIR/completion`)."""
+    """Empty: completion data is always the user's own (`data.source` or `$HEFT_DATA_DIR/completion`)."""
     default_eval_split = "test"
     scoring = "generation"
     headline = "exact_match"
