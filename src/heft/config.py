@@ -23,6 +23,9 @@ import yaml
 
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig, parse_positions
+from heft.quantize import BACKENDS, BITS, COMPUTE_DTYPES, QUANT_TYPES, REFUSED_BACKENDS, QuantizeConfig
+from heft.quantize import device_type as quantize_device_type
+from heft.quantize import problems as quantize_problems
 
 METHODS = ("lora", "dora", "loreft", "direft", "joint")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -104,7 +107,9 @@ class RunConfig:
     model: str = "smollm2-135m"
     """Hugging Face hub id, local folder, or the offline alias smollm2-135m."""
     dtype: str = "float32"
-    """Weights dtype: float32 or bfloat16."""
+    """Weights dtype: float32 or bfloat16 (with `quantize`: of the layers left unquantized, e.g. embeddings)."""
+    quantize: QuantizeConfig | None = None
+    """Load the frozen base quantized, e.g. `{bits: 4}` (QLoRA); None: in `dtype`. See `quantize.*` below."""
     task: str = "boolq"
     """Registered task name."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -220,6 +225,10 @@ _CHECKS: dict[tuple[type, str], tuple[Callable[[Any], bool], str]] = {
     (StageConfig, "weight_decay"): (lambda v: v >= 0, "a value >= 0"),
     (LoraConfig, "r"): _POSITIVE,
     (LoraConfig, "dropout"): _FRACTION,
+    (QuantizeConfig, "bits"): (lambda v: v in BITS, "4 or 8"),
+    (QuantizeConfig, "backend"): _one_of(*BACKENDS, *REFUSED_BACKENDS),
+    (QuantizeConfig, "quant_type"): _one_of(*QUANT_TYPES),
+    (QuantizeConfig, "compute_dtype"): _one_of(*COMPUTE_DTYPES),
     (ReftConfig, "kind"): _one_of("loreft", "direft"),
     (ReftConfig, "rank"): _POSITIVE,
     (ReftConfig, "dropout"): _FRACTION,
@@ -289,6 +298,9 @@ def _convert(tp: Any, value: Any, key: Key, src: Source, hint: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, src)
     if origin in (types.UnionType, typing.Union):
+        nested = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        if nested and isinstance(value, dict):  # e.g. `quantize`: its own errors name the inner key
+            return _build(nested[0], value, key, src)
         for arg in args:
             try:
                 return _convert(arg, value, key, src, hint)
@@ -404,6 +416,10 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
             ("stages", blocked, "lora", "merge"),
             hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}",
         )
+    if cfg.quantize is not None:
+        merging = [i for i, s in enumerate(cfg.stages) if s.uses_lora and s.lora.merge]
+        for problem in quantize_problems(cfg.quantize, quantize_device_type(), merging):
+            src.fail(f"'{_dotted(problem.key)}': {problem.problem}", problem.key, hint=problem.hint)
     for i, stage in enumerate(cfg.stages):
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
             src.fail(
@@ -502,6 +518,7 @@ def _default_text(value: Any) -> str:
 _SECTIONS = (
     (RunConfig, "top level"),
     (DataConfig, "`data`"),
+    (QuantizeConfig, "`quantize` (omitted or null: a full-precision base)"),
     (StageConfig, "each item of `stages`"),
     (LoraConfig, "`stages.<i>.lora`"),
     (ReftConfig, "`stages.<i>.reft`"),

@@ -21,6 +21,7 @@ from heft.config import StageConfig, blocked_merge
 from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
+from heft.quantize import QuantizeConfig
 
 SHORT_CPU_SEQUENCE = 128
 """Up to this many positions, training on the CPU runs SDPA's math kernel instead of its flash
@@ -94,6 +95,7 @@ class HeftModel(nn.Module):
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.weights_sha256 = loaded.weights_sha256
+        self.quantize = loaded.quantize
         self.reft = nn.ModuleList()
         self.stages: list[Stage] = []
         self.positions = PositionState()
@@ -111,8 +113,10 @@ class HeftModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:
-        return cls(load_model(name_or_path, dtype))
+    def from_pretrained(
+        cls, name_or_path: str, dtype: str = "float32", quantize: QuantizeConfig | None = None
+    ) -> HeftModel:
+        return cls(load_model(name_or_path, dtype, quantize))
 
     # ----------------------------------------------------------------- stages
     def add_stage(self, config: StageConfig, seed: int | None = None) -> Stage:
@@ -250,6 +254,22 @@ class HeftModel(nn.Module):
         """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
         if self._lora.unmerged:  # not the stages' flags: a rolled-back stage is unmerged but left nothing
             self.model = self._lora.merge()
+
+    def dequantize(self) -> None:
+        """Replace a quantized base by its float values (in the loaded `dtype`) and add the unmerged LoRA
+        updates in float32: nothing is requantized, so the weights are those the quantized model computed
+        with (stages merged in training are already in them, rounded as they were then). For export;
+        the model is a full-precision one afterwards."""
+        if self.quantize is None:
+            return
+        deltas: dict[str, torch.Tensor] = {}
+        if self._lora.unmerged:
+            self.model, deltas = self._lora.unload_with_deltas()
+        self.model = self.model.dequantize()
+        for name, delta in deltas.items():
+            weight = self.model.get_submodule(name).weight
+            weight.data = (weight.data.float() + delta.to(weight.device)).to(weight.dtype)
+        self.quantize = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

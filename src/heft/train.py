@@ -312,9 +312,11 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
         progress = Progress(**trainer_state["progress"])
         model = load_run(run_dir)
         log.info("resuming %s at stage %d after epoch %d", run_dir, progress.stage, progress.epoch)
+        if model.quantize != cfg.quantize:
+            raise ConfigError(f"'quantize' is {cfg.quantize}, but {run_dir} was trained with {model.quantize}")
     else:
         progress = Progress()
-        model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
+        model = HeftModel.from_pretrained(cfg.model, cfg.dtype, cfg.quantize)
     try:  # the stages still to add, now, not hours later when a bad one starts (e.g. an arm branched off a prefix)
         model.check_stages(cfg.stages[len(model.stages) :], first_index=len(model.stages))
     except ValueError as err:
@@ -419,22 +421,21 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
                     gate["dev_accuracy"],
                     "rolled back" if gate["rolled_back"] else "kept",
                 )
+            loss_before_merge = None
             if gate.get("rolled_back"):
                 m.roll_back_stage()
             elif last:
+                if stage_cfg.uses_lora and stage_cfg.lora.merge:  # a merge into a quantized base rounds: by how much
+                    loss_before_merge = mean_loss(m, probe, cfg.bf16)
                 m.finish_stage()
             if evaluates_after(cfg.eval_every, epoch + 1, last):
                 record(index, stage.name, epoch + 1, train_loss)
             if last:
-                record(
-                    index,
-                    stage.name,
-                    epoch + 1,
-                    train_loss,
-                    kind="stage_end",
-                    boundary_loss=mean_loss(m, probe, cfg.bf16),
-                    **gate,
-                )
+                after = mean_loss(m, probe, cfg.bf16)
+                merge = {}
+                if stage_cfg.uses_lora and not gate.get("rolled_back"):  # unmerged, finishing changes nothing
+                    merge["loss_before_merge"] = after if loss_before_merge is None else loss_before_merge
+                record(index, stage.name, epoch + 1, train_loss, kind="stage_end", boundary_loss=after, **gate, **merge)
             progress.elapsed_s = time.perf_counter() - clock
             if is_main:
                 checkpoint = Progress(**{**asdict(progress), **({"stage": index + 1, "epoch": 0} if last else {})})
@@ -564,6 +565,7 @@ def boundary_summary(lines: Sequence[dict], index: int) -> dict:
     return {
         "loss_at_start": starts[-1].get("boundary_loss") if starts else None,
         "loss_at_end": end.get("boundary_loss"),
+        "loss_before_merge": end.get("loss_before_merge"),
         "accuracy_at_start": starts[-1].get("eval_accuracy") if starts else None,
         "accuracy": evals[-1]["eval_accuracy"] if evals else None,  # at the end (results.json's key)
         "rolled_back": bool(end.get("rolled_back")),
