@@ -13,6 +13,7 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import heft.cli
 import heft.config
 import heft.quantize
 import heft.train as train_module
@@ -32,6 +33,16 @@ pytest.importorskip("bitsandbytes")
 
 FOUR, EIGHT = QuantizeConfig(bits=4), QuantizeConfig(bits=8)
 LORA = StageConfig(method="lora", epochs=3, lr=2e-2, lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the tiny model's bitsandbytes calls last microseconds, and on a CPU shared with
+    other jobs two threads spent most of each call waiting for each other (a tiny forward: 0.4 s vs 0.02 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +118,9 @@ def test_bad_quantize_settings_fail_in_one_line_naming_the_key(capsys, monkeypat
     assert "'quantize.bits'" in line and "4 or 8" in line
     line = fails(capsys, "quantize.quant_type=int4")
     assert "'quantize.quant_type'" in line
+
+    line = fails(capsys, "quantize.bits=8", "stages.0.method=dora")
+    assert "'stages.0.method'" in line and "DoRA" in line
 
     monkeypatch.setattr(heft.config, "quantize_device_type", lambda: "mps")
     line = fails(capsys, "quantize.bits=4")
@@ -200,13 +214,23 @@ def test_reft_on_top_then_reload_gives_identical_logits_and_export_dequantizes(m
 
 
 def test_export_refuses_an_unmerged_dora_adapter_on_a_quantized_base(model_dir, tmp_path):
-    model = HeftModel(load_model(str(model_dir), quantize=EIGHT))
+    model = HeftModel(load_model(str(model_dir), quantize=FOUR))
     dora = StageConfig(method="dora", epochs=1, lr=1e-2, lora=LoraConfig(r=4, dropout=0.0, merge=False))
     train(model, dora, toy_data(16))
     save_run(model, tmp_path / "run")
     with pytest.raises(ValueError, match="DoRA"):
         export_run(tmp_path / "run", tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_dora_over_an_8bit_base_is_refused_when_the_stage_is_added(model_dir):
+    model = HeftModel(load_model(str(model_dir), quantize=EIGHT))
+    dora = StageConfig(method="dora", lora=LoraConfig(r=4, merge=False))
+    with pytest.raises(ValueError, match="DoRA over an 8-bit base"):
+        model.check_stages([dora])
+    with pytest.raises(ValueError, match="DoRA over an 8-bit base"):
+        model.add_stage(dora)
+    assert model.stages == []
 
 
 def test_a_run_folder_refuses_a_base_quantized_otherwise(model_dir, tmp_path):
@@ -218,7 +242,7 @@ def test_a_run_folder_refuses_a_base_quantized_otherwise(model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ recipe
-def test_heft_train_on_a_4bit_base_records_the_merge_and_reloads_identically(model_dir, tmp_path, capsys):
+def test_heft_train_on_a_4bit_base_records_the_merge_and_reloads_identically(model_dir, tmp_path, capsys, monkeypatch):
     """The acceptance run, tiny: train, evaluate, save, reload with identical logits, and `heft info`
     shows the probe's loss on both sides of the merge."""
     data_dir = write_toy_boolq(tmp_path / "data", 32, 16)
@@ -234,9 +258,13 @@ def test_heft_train_on_a_4bit_base_records_the_merge_and_reloads_identically(mod
     assert results["stages"][0]["loss_before_merge"] == lora_end["loss_before_merge"]
 
     capsys.readouterr()
+    monkeypatch.setattr(heft.cli.console, "width", 250)  # one table row per line
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "4-bit nf4" in out and f"{lora_end['loss_before_merge']:.4f}, merged" in out.replace("\n", " ")
+    assert "4-bit nf4 by bitsandbytes" in out
+    row = next(line for line in out.splitlines() if "0-lora" in line)
+    before, after = lora_end["loss_before_merge"], lora_end["boundary_loss"]
+    assert f"→ {before:.4f}, merged {after:.4f} ({after - before:+.4f})" in row
 
     model = load_run(run)
     cfg = load_config(run / "config.yaml")

@@ -204,12 +204,13 @@ def _loss_span(start: float | None, before_merge: float | None, end: float | Non
 
 
 def _base_text(base: dict) -> str:
-    """`float32`, or e.g. `float32, 4-bit nf4, compute bfloat16 (bitsandbytes)` for a quantized base."""
+    """`float32`, or e.g. `float32, 4-bit nf4 by bitsandbytes, compute bfloat16` for a quantized base."""
     q = base.get("quantize")
     if q is None:
         return base["dtype"]
-    bits = f"4-bit {q['quant_type']}, compute {q['compute_dtype']}" if q["bits"] == 4 else "8-bit LLM.int8()"
-    return f"{base['dtype']}, {bits} ({q['backend']})"
+    if q["bits"] == 4:
+        return f"{base['dtype']}, 4-bit {q['quant_type']} by {q['backend']}, compute {q['compute_dtype']}"
+    return f"{base['dtype']}, 8-bit LLM.int8() by {q['backend']}"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -541,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("heft").setLevel(logging.INFO)
+    if not args.verbose:  # peft imports it when installed; on the CPU it says a Hub kernel (optional) is missing
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if getattr(args, "quiet", False):
         from heft.models import hide_library_progress_bars
 

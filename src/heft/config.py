@@ -418,7 +418,8 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
         )
     if cfg.quantize is not None:
         merging = [i for i, s in enumerate(cfg.stages) if s.uses_lora and s.lora.merge]
-        for problem in quantize_problems(cfg.quantize, quantize_device_type(), merging):
+        dora = [i for i, s in enumerate(cfg.stages) if s.uses_lora and s.lora.use_dora]
+        for problem in quantize_problems(cfg.quantize, quantize_device_type(), merging, dora):
             src.fail(f"'{_dotted(problem.key)}': {problem.problem}", problem.key, hint=problem.hint)
     for i, stage in enumerate(cfg.stages):
         if stage.keep == "if_better" and cfg.data.dev_examples is None:

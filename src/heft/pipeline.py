@@ -22,6 +22,7 @@ from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
 from heft.quantize import QuantizeConfig
+from heft.quantize import problems as quantize_problems
 
 SHORT_CPU_SEQUENCE = 128
 """Up to this many positions, training on the CPU runs SDPA's math kernel instead of its flash
@@ -126,6 +127,7 @@ class HeftModel(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         self.requires_grad_(False)
+        self._check_on_quantized_base(config)
         stage = Stage(index=len(self.stages), config=config)
         params: list[nn.Parameter] = []
         if config.uses_lora:
@@ -155,12 +157,22 @@ class HeftModel(nn.Module):
                 raise ValueError(
                     f"lora.target_modules {missing} match no module of this model (its linear layers: {linear})"
                 )
+        self._check_on_quantized_base(config)
         layers = config.lora.layers_to_transform if config.uses_lora else None
         if layers and not all(0 <= i < len(self._layers) for i in layers):
             raise ValueError(f"lora.layers_to_transform {layers}: this model has layers 0..{len(self._layers) - 1}")
         if config.uses_reft:
             with torch.random.fork_rng(devices=[]):  # a throwaway copy (small), leaving the RNG as it was
                 ReftModel(config.reft, self.hidden_size, len(self._layers))
+
+    def _check_on_quantized_base(self, config: StageConfig) -> None:
+        """What the quantized base cannot do for this stage (e.g. DoRA over 8 bits), as a config would be refused."""
+        if self.quantize is None or not config.uses_lora:
+            return
+        merging, dora = [0] if config.lora.merge else [], [0] if config.lora.use_dora else []
+        found = quantize_problems(self.quantize, self.device.type, merging, dora)
+        if found:
+            raise ValueError(f"{found[0].problem}; {found[0].hint}")
 
     def check_stages(self, configs: Sequence[StageConfig], first_index: int = 0) -> None:
         """`check_stage` for stages to be added in this order, plus what only finishing them would find:

@@ -78,9 +78,12 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def problems(config: QuantizeConfig, device: str, merging_stages: Iterable[int] = ()) -> list[Problem]:
+def problems(
+    config: QuantizeConfig, device: str, merging_stages: Iterable[int] = (), dora_stages: Iterable[int] = ()
+) -> list[Problem]:
     """Why `config` cannot run on `device` (a device type), with LoRA stages `merging_stages` merged into
-    the base: checked before any weights load, so a bad combination costs a second, not a model load."""
+    the base and DoRA stages `dora_stages`: checked before any weights load, so a bad combination costs
+    a second, not a model load."""
     key = ("quantize",)
     if config.backend in REFUSED_BACKENDS:
         return [Problem((*key, "backend"), f"{config.backend}: {REFUSED_BACKENDS[config.backend]}", "use bitsandbytes")]
@@ -110,6 +113,16 @@ def problems(config: QuantizeConfig, device: str, merging_stages: Iterable[int] 
                 "use compute_dtype: bfloat16 (QLoRA's), or float16",
             )
         )
+    if config.bits == 8:
+        found += [
+            Problem(
+                ("stages", i, "method"),
+                "DoRA over an 8-bit base fails in its first forward (peft 0.21 + bitsandbytes 0.50 lose the int8 "
+                "state)",
+                "use method: lora, or quantize.bits: 4",
+            )
+            for i in dora_stages
+        ]
     if not backend.requantizes:
         found += [
             Problem(
