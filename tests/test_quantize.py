@@ -90,6 +90,17 @@ def test_quantize_override_fills_the_defaults_and_round_trips(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
+def test_an_unset_merge_keeps_the_adapter_on_a_quantized_base_only(model_dir):
+    keep = not heft.config.MERGE_ON_QUANTIZED_BASE
+    assert load_config("configs/boolq_heft.yaml", ["stages.0.lora.merge=null"]).stages[0].lora.merge is True
+    quantized = load_config("configs/boolq_heft.yaml", ["stages.0.lora.merge=null", "quantize.bits=4"])
+    assert quantized.stages[0].lora.merge is not keep
+    assert load_config("configs/boolq_heft.yaml", ["quantize.bits=4"]).stages[0].lora.merge is True  # as written
+    model = HeftModel(load_model(str(model_dir), quantize=EIGHT))
+    assert model.add_stage(StageConfig(method="lora")).merges is not keep
+    assert HeftModel(load_model(str(model_dir))).add_stage(StageConfig(method="lora")).merges
+
+
 def fails(capsys, *args: str) -> str:
     """Run `heft train` expecting a one-line user error (exit 2); returns that line."""
     capsys.readouterr()
@@ -156,9 +167,10 @@ def test_lora_trains_over_a_quantized_base_and_merge_requantizes(model_dir, quan
     assert len(layers) == 2 * 7 and len(set(layers)) == 1  # every decoder linear layer, not the LM head
     data = toy_data(32)
     before = loss_on(model, data)
-    model.add_stage(LORA, seed=0)
-    cfg = RunConfig(batch_size=8, stages=[LORA])
-    train_stage(model, LORA, data, cfg, Accelerator(), Progress(), lambda *a: None, show_progress=False)
+    stage = with_merge(LORA, True)
+    model.add_stage(stage, seed=0)
+    cfg = RunConfig(batch_size=8, stages=[stage])
+    train_stage(model, stage, data, cfg, Accelerator(), Progress(), lambda *a: None, show_progress=False)
     trained = loss_on(model, data)
     assert trained < before / 2, "LoRA learns over the frozen quantized base"
     model.finish_stage()
@@ -249,7 +261,8 @@ def test_heft_train_on_a_4bit_base_records_the_merge_and_reloads_identically(mod
     config = tmp_path / "quantized.yaml"
     config.write_text(yaml.safe_dump(toy_config(model_dir, data_dir, tmp_path / "unused", bf16=True)))
     run = tmp_path / "run"
-    assert main(["train", str(config), "quantize.bits=4", "stages.0.epochs=1", "--output-dir", str(run), "-q"]) == 0
+    overrides = ["quantize.bits=4", "stages.0.lora.merge=true", "stages.0.epochs=1"]  # as configs/boolq_heft.yaml
+    assert main(["train", str(config), *overrides, "--output-dir", str(run), "-q"]) == 0
     ends = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"stage_end"' in line]
     lora_end, reft_end = ends
     assert lora_end["loss_before_merge"] != lora_end["boundary_loss"], "the requantizing merge moved the loss"

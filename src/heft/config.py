@@ -389,6 +389,18 @@ def apply_override(data: dict, text: str, defaults: dict, src: Source) -> None:
     src.overrides.append((tuple(parts), text))
 
 
+MERGE_ON_QUANTIZED_BASE = False
+"""What `lora.merge: null` means on a quantized base: the choice that lost less (docs/results/quantized/)."""
+
+
+def resolve_merge(stage: StageConfig, quantized: bool) -> StageConfig:
+    """The stage with `lora.merge` decided: an unset one merges on a full-precision base only."""
+    if stage.lora.merge is not None:
+        return stage
+    merge = MERGE_ON_QUANTIZED_BASE if quantized else True
+    return dataclasses.replace(stage, lora=dataclasses.replace(stage.lora, merge=merge))
+
+
 def blocked_merge(stages: Sequence[StageConfig], earlier_unmerged: bool = False) -> int | None:
     """Index of the first LoRA stage that would merge while an earlier adapter stays unmerged, or None:
     peft merges adapters all together or in order, so such a stage fails only when it finishes."""
@@ -408,6 +420,7 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = _build(RunConfig, data, (), src)
+    cfg.stages = [resolve_merge(stage, cfg.quantize is not None) for stage in cfg.stages]
     blocked = blocked_merge(cfg.stages)
     if blocked is not None:
         unmerged = next(i for i, s in enumerate(cfg.stages) if s.uses_lora and not s.lora.merge)
@@ -519,7 +532,7 @@ def _default_text(value: Any) -> str:
 _SECTIONS = (
     (RunConfig, "top level"),
     (DataConfig, "`data`"),
-    (QuantizeConfig, "`quantize` (omitted or null: a full-precision base)"),
+    (QuantizeConfig, "`quantize`; omitted or null: a full-precision base"),
     (StageConfig, "each item of `stages`"),
     (LoraConfig, "`stages.<i>.lora`"),
     (ReftConfig, "`stages.<i>.reft`"),

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache
 
-from heft.config import StageConfig, blocked_merge
+from heft.config import StageConfig, blocked_merge, resolve_merge
 from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
@@ -76,8 +76,13 @@ class Stage:
         return f"stage{self.index}"
 
     @property
+    def merges(self) -> bool:
+        """Whether finishing the stage folds its LoRA adapter into the base weights."""
+        return bool(self.config.uses_lora and self.config.lora.merge)
+
+    @property
     def merged(self) -> bool:
-        return self.finished and self.config.uses_lora and self.config.lora.merge and not self.rolled_back
+        return self.finished and self.merges and not self.rolled_back
 
 
 @dataclass
@@ -124,6 +129,7 @@ class HeftModel(nn.Module):
         """Freeze everything so far, then inject the new stage's trainable modules."""
         if self.stages and not self.stages[-1].finished:
             self.finish_stage()
+        config = resolve_merge(config, self.quantize is not None)
         if seed is not None:
             torch.manual_seed(seed)
         self.requires_grad_(False)
@@ -169,6 +175,7 @@ class HeftModel(nn.Module):
         """What the quantized base cannot do for this stage (e.g. DoRA over 8 bits), as a config would be refused."""
         if self.quantize is None or not config.uses_lora:
             return
+        config = resolve_merge(config, quantized=True)
         merging, dora = [0] if config.lora.merge else [], [0] if config.lora.use_dora else []
         found = quantize_problems(self.quantize, self.device.type, merging, dora)
         if found:
@@ -177,6 +184,7 @@ class HeftModel(nn.Module):
     def check_stages(self, configs: Sequence[StageConfig], first_index: int = 0) -> None:
         """`check_stage` for stages to be added in this order, plus what only finishing them would find:
         a LoRA stage cannot merge while an earlier adapter stays unmerged (peft merges them in order)."""
+        configs = [resolve_merge(config, self.quantize is not None) for config in configs]
         for i, config in enumerate(configs, start=first_index):
             try:
                 self.check_stage(config)

@@ -425,7 +425,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
             if gate.get("rolled_back"):
                 m.roll_back_stage()
             elif last:
-                if stage_cfg.uses_lora and stage_cfg.lora.merge:  # a merge into a quantized base rounds: by how much
+                if stage.merges:  # a merge into a quantized base rounds: by how much
                     loss_before_merge = mean_loss(m, probe, cfg.bf16)
                 m.finish_stage()
             if evaluates_after(cfg.eval_every, epoch + 1, last):
