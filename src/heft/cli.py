@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         table.add_row(
             name,
             f"{stage['trainable_params']:,}",
-            f"{_num(stage.get('loss_at_start'))} → {_num(stage.get('loss_at_end'))}",
+            _loss_span(stage.get("loss_at_start"), stage.get("loss_before_merge"), stage.get("loss_at_end")),
             f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}",
         )
     table.add_row("majority class", "", "", f"{results['majority_accuracy']:.4f}")
@@ -259,6 +259,23 @@ def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def _loss_span(start: float | None, before_merge: float | None, end: float | None) -> str:
+    """`start → end`, with the loss just before the merge when merging changed it (a quantized base)."""
+    if before_merge is None or end is None or abs(end - before_merge) < 5e-5:
+        return f"{_num(start)} → {_num(end)}"
+    return f"{_num(start)} → {_num(before_merge)}, merged {_num(end)} ({end - before_merge:+.4f})"
+
+
+def _base_text(base: dict) -> str:
+    """`float32`, or e.g. `float32, 4-bit nf4 by bitsandbytes, compute bfloat16` for a quantized base."""
+    q = base.get("quantize")
+    if q is None:
+        return base["dtype"]
+    if q["bits"] == 4:
+        return f"{base['dtype']}, 4-bit {q['quant_type']} by {q['backend']}, compute {q['compute_dtype']}"
+    return f"{base['dtype']}, 8-bit LLM.int8() by {q['backend']}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from heft.io import read_manifest
 
@@ -266,7 +283,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     manifest = read_manifest(run_dir)
     base = manifest["base_model"]
     console.print(
-        f"[bold]{run_dir}[/]  base model {base['id']} ({base['dtype']}, sha256 {base['sha256'][:12]}…)  "
+        f"[bold]{run_dir}[/]  base model {base['id']} ({_base_text(base)}, sha256 {base['sha256'][:12]}…)  "
         f"seed {manifest['seed']}"
     )
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
@@ -291,7 +308,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             else "training"
         )
         start, end = bounds["loss_at_start"], bounds["loss_at_end"]
-        loss = f"{_num(start)} → {_num(end)}"
+        loss = _loss_span(start, bounds["loss_before_merge"], end)
         if start is not None and previous_end is not None and start > previous_end + 1e-4:
             loss = f"[red]{loss} (jump +{start - previous_end:.4f} at the boundary)[/]"
         accuracy = f"{_num(bounds['accuracy_at_start'])} → {_num(bounds['accuracy'])}"
@@ -649,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("heft").setLevel(logging.INFO)
+    if not args.verbose:  # peft imports it when installed; on the CPU it says a Hub kernel (optional) is missing
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if getattr(args, "quiet", False):
         from heft.models import hide_library_progress_bars
 

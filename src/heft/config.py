@@ -14,10 +14,13 @@ from typing import Any
 
 import yaml
 
-from heft.config_loader import Checks, Source, apply_override, build, read_yaml, remember_source
+from heft.config_loader import Checks, Source, apply_override, build, dotted, read_yaml, remember_source
 from heft.config_loader import ConfigError as ConfigError  # raised for every bad config; callers catch it from here
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig, parse_positions
+from heft.quantize import BACKENDS, BITS, COMPUTE_DTYPES, QUANT_TYPES, REFUSED_BACKENDS, QuantizeConfig
+from heft.quantize import device_type as quantize_device_type
+from heft.quantize import problems as quantize_problems
 
 METHODS = ("lora", "dora", "loreft", "direft", "joint")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -103,7 +106,9 @@ class RunConfig:
     model: str = "smollm2-135m"
     """Hugging Face hub id, local folder, or the offline alias smollm2-135m."""
     dtype: str = "float32"
-    """Weights dtype: float32 or bfloat16."""
+    """Weights dtype: float32 or bfloat16 (with `quantize`: of the layers left unquantized, e.g. embeddings)."""
+    quantize: QuantizeConfig | None = None
+    """Load the frozen base quantized, e.g. `{bits: 4}` (QLoRA); None: in `dtype`. See `quantize.*` below."""
     task: str | dict[str, Any] = "boolq"
     """A registered task (boolq, arc_easy, arc_challenge, openbookqa), a task kind with its defaults
     (yes_no, multiple_choice), or a mapping of a `kind` and its options, e.g. {kind: multiple_choice,
@@ -218,6 +223,10 @@ CHECKS: Checks = {
     (StageConfig, "weight_decay"): (lambda v: v >= 0, "a value >= 0"),
     (LoraConfig, "r"): _POSITIVE,
     (LoraConfig, "dropout"): _FRACTION,
+    (QuantizeConfig, "bits"): (lambda v: v in BITS, "4 or 8"),
+    (QuantizeConfig, "backend"): _one_of(*BACKENDS, *REFUSED_BACKENDS),
+    (QuantizeConfig, "quant_type"): _one_of(*QUANT_TYPES),
+    (QuantizeConfig, "compute_dtype"): _one_of(*COMPUTE_DTYPES),
     (ReftConfig, "kind"): _one_of("loreft", "direft"),
     (ReftConfig, "rank"): _POSITIVE,
     (ReftConfig, "dropout"): _FRACTION,
@@ -229,6 +238,18 @@ CHECKS: Checks = {
     ),
 }
 """Constraints the annotations cannot express, keyed by (dataclass, field); None values skip them."""
+
+
+MERGE_ON_QUANTIZED_BASE = False
+"""What `lora.merge: null` means on a quantized base: the choice that lost less (docs/results/quantized/)."""
+
+
+def resolve_merge(stage: StageConfig, quantized: bool) -> StageConfig:
+    """The stage with `lora.merge` decided: an unset one merges on a full-precision base only."""
+    if stage.lora.merge is not None:
+        return stage
+    merge = MERGE_ON_QUANTIZED_BASE if quantized else True
+    return dataclasses.replace(stage, lora=dataclasses.replace(stage.lora, merge=merge))
 
 
 def blocked_merge(stages: Sequence[StageConfig], earlier_unmerged: bool = False) -> int | None:
@@ -253,6 +274,11 @@ def _check_across_fields(cfg: RunConfig, src: Source) -> None:
             ("stages", blocked, "lora", "merge"),
             hint=f"set lora.merge: false here too, or lora.merge: true on stage {unmerged}",
         )
+    if cfg.quantize is not None:
+        merging = [i for i, s in enumerate(cfg.stages) if s.uses_lora and s.lora.merge]
+        dora = [i for i, s in enumerate(cfg.stages) if s.uses_lora and s.lora.use_dora]
+        for problem in quantize_problems(cfg.quantize, quantize_device_type(), merging, dora):
+            src.fail(f"'{dotted(problem.key)}': {problem.problem}", problem.key, hint=problem.hint)
     for i, stage in enumerate(cfg.stages):
         if stage.keep == "if_better" and cfg.data.dev_examples is None:
             src.fail(
@@ -279,6 +305,7 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = build(RunConfig, data, (), src, CHECKS)
+    cfg.stages = [resolve_merge(stage, cfg.quantize is not None) for stage in cfg.stages]
     _check_across_fields(cfg, src)
     remember_source(cfg, src)
     return cfg

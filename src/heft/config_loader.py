@@ -148,6 +148,9 @@ def _convert(tp: Any, value: Any, key: Key, src: Source, hint: str, checks: Chec
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key, src, checks)
     if origin in (types.UnionType, typing.Union):
+        nested = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        if nested and isinstance(value, dict):  # e.g. `quantize`: its own errors name the inner key
+            return build(nested[0], value, key, src, checks)
         for arg in args:
             try:
                 return _convert(arg, value, key, src, hint, checks)

@@ -9,11 +9,13 @@ from heft.config import DataConfig, RunConfig, StageConfig
 from heft.config_loader import render_section
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig
+from heft.quantize import QuantizeConfig
 from heft.tasks import MultipleChoiceOptions, YesNoOptions
 
 SECTIONS = (
     (RunConfig, "top level"),
     (DataConfig, "`data`"),
+    (QuantizeConfig, "`quantize`; omitted or null: a full-precision base"),
     (StageConfig, "each item of `stages`"),
     (LoraConfig, "`stages.<i>.lora`"),
     (ReftConfig, "`stages.<i>.reft`"),

@@ -36,6 +36,7 @@ from heft.methods.lora import LoraConfig
 from heft.methods.reft import ReftConfig
 from heft.models import load_model
 from heft.pipeline import HeftModel
+from heft.quantize import QuantizeConfig, as_record, check_runnable, from_record
 
 MANIFEST = "manifest.json"
 FORMAT = "heft-run/1"
@@ -151,6 +152,7 @@ def save_run(
                 "id": model.model_id,
                 "sha256": model.weights_sha256,
                 "dtype": str(model.model.dtype).removeprefix("torch."),
+                "quantize": as_record(model.quantize),
             },
             "seed": seed,
             "stages": stages,
@@ -270,9 +272,17 @@ def load_run(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     base = manifest["base_model"]
+    quantize = from_record(base.get("quantize"))  # folders written before quantization have no key
     if model is None:
         base_id = str(run_dir) if base["id"] == EXPORTED_BASE else base["id"]
-        model = HeftModel.from_pretrained(base_model or base_id, base["dtype"])
+        if quantize is not None:  # before the weights load: a missing backend is a one-line error
+            check_runnable(quantize, f"{run_dir / MANIFEST} (base_model)")
+        model = HeftModel.from_pretrained(base_model or base_id, base["dtype"], quantize)
+    if model.quantize != quantize:
+        raise RunFolderError(
+            f"{run_dir} was trained on a base quantized as {as_record(quantize)}, but the given model is "
+            f"quantized as {as_record(model.quantize)}; refusing to combine them"
+        )
     if model.weights_sha256 != base["sha256"]:
         raise RunFolderError(
             f"{run_dir} was trained on base model {base['id']} with weights sha256 {base['sha256'][:12]}…, "
@@ -335,14 +345,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base_model: str | None 
     """Write a self-contained folder: the base model with every LoRA stage merged (a normal HF
     model folder, loadable by plain transformers) plus the ReFT stages as a heft run on top of it.
 
-    `heft.load_run(out_dir)` rebuilds the full hierarchy from it; its logits equal the run's.
+    `heft.load_run(out_dir)` rebuilds the full hierarchy from it; its logits equal the run's. A run
+    on a quantized base exports its dequantized weights with the unmerged LoRA updates added in
+    float (never requantized); HEFT_EXPORT.md states how far its logits are from the quantized run's.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     model = load_run(run_dir, base_model=base_model)
     manifest = read_manifest(run_dir)
-    model.merge_adapters()
+    quantized = model.quantize
+    run_logits = probe_logits(model) if quantized is not None else None
+    if quantized is not None:
+        model.dequantize()
+    else:
+        model.merge_adapters()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))  # same filesystem: os.replace works
     try:
@@ -360,17 +377,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base_model: str | None 
         for name in ("config.yaml", "results.json"):
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)
-        lora_names = [s.name for s in model.stages if s.config.uses_lora and not s.rolled_back]
-        reft_names = [s.name for s in model.stages if s.reft is not None]
-        (tmp / "HEFT_EXPORT.md").write_text(
-            f"# Exported from {run_dir}\n\n"
-            f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} "
-            "merged into the weights.\n"
-            f"ReFT stages {reft_names or 'none'} are stored under `weights/` and are applied by heft:\n\n"
-            '```python\nimport heft\nmodel = heft.load_run("' + str(out_dir) + '")  # full hierarchy\n```\n\n'
-            "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
-            "without the ReFT interventions.\n"
-        )
+        note = _export_note(run_dir, out_dir, manifest, model)
+        if quantized is not None:
+            note += _dequantized_note(quantized, (probe_logits(base) - run_logits).abs().max().item())
+        (tmp / "HEFT_EXPORT.md").write_text(note)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -378,3 +388,40 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base_model: str | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog.\nQuestion: is the fox quick?\nAnswer:"
+"""A fixed text whose logits compare an export with the run it came from."""
+
+
+@torch.no_grad()
+def probe_logits(model: HeftModel) -> torch.Tensor:
+    """Logits (float32, every position) of the whole hierarchy on `PROBE_TEXT`."""
+    ids = torch.tensor([model.tokenizer(PROBE_TEXT)["input_ids"]], device=model.device)
+    return model.lm_head(model(ids).hidden_states).float().cpu()
+
+
+def _export_note(run_dir: Path, out_dir: Path, manifest: dict, model: HeftModel) -> str:
+    lora_names = [s.name for s in model.stages if s.config.uses_lora and not s.rolled_back]
+    reft_names = [s.name for s in model.stages if s.reft is not None]
+    return (
+        f"# Exported from {run_dir}\n\n"
+        f"Base model `{manifest['base_model']['id']}` with LoRA stages {lora_names or 'none'} "
+        "merged into the weights.\n"
+        f"ReFT stages {reft_names or 'none'} are stored under `weights/` and are applied by heft:\n\n"
+        '```python\nimport heft\nmodel = heft.load_run("' + str(out_dir) + '")  # full hierarchy\n```\n\n'
+        "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
+        "without the ReFT interventions.\n"
+    )
+
+
+def _dequantized_note(quantize: QuantizeConfig, max_logit_change: float) -> str:
+    kind = f"{quantize.bits}-bit {quantize.quant_type}" if quantize.bits == 4 else "8-bit LLM.int8()"
+    return (
+        f"\n## Dequantized\n\nThe run trained on a {kind} base ({quantize.backend}). These weights are its "
+        "dequantized values, exactly what the quantized layers computed with, and the unmerged LoRA updates are "
+        "added in float, not requantized. The quantized layers computed in lower precision "
+        f"({quantize.compute_dtype if quantize.bits == 4 else 'int8 × float16'}), this folder computes in its "
+        f"dtype: on a fixed probe text its logits differ from the run's by at most {max_logit_change:.4g}. "
+        "`heft.load_run` on the run folder itself rebuilds the quantized model.\n"
+    )

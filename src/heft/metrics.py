@@ -101,6 +101,9 @@ class StageEndLine(_Where, total=False):
 
     kind: Literal["stage_end"]
     boundary_loss: float | None
+    loss_before_merge: float | None
+    """LoRA stages: the probe loss before finishing; equal to boundary_loss unless a merge rounded (a
+    quantized base)."""
     dev_accuracy_before: float
     dev_accuracy: float
     rolled_back: bool
@@ -192,6 +195,7 @@ def boundary_summary(lines: Sequence[MetricsLine], index: int) -> dict:
     return {
         "loss_at_start": starts[-1].get("boundary_loss") if starts else None,
         "loss_at_end": end.get("boundary_loss"),
+        "loss_before_merge": end.get("loss_before_merge"),
         "accuracy_at_start": starts[-1].get("eval_accuracy") if starts else None,
         "accuracy": evals[-1]["eval_accuracy"] if evals else None,  # at the end (results.json's key)
         "rolled_back": bool(end.get("rolled_back")),

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from heft.quantize import QuantizeConfig, check_runnable, device_type, prepare_loaded, transformers_config
+
 logger = logging.getLogger("heft")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -84,6 +86,8 @@ class LoadedModel:
     """Fingerprint of the base weights (see `weights_sha256`)."""
     weights_files: list[str] = field(default_factory=list)
     """Files the fingerprint covers; empty when it was computed from the tensors instead."""
+    quantize: QuantizeConfig | None = None
+    """How the frozen base was quantized when loaded; None: not quantized."""
 
 
 def cache_root() -> Path:
@@ -111,11 +115,15 @@ def hide_library_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", quantize: QuantizeConfig | None = None
+) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a local HF folder or a hub id.
 
     Aliases backed by GGUF are converted once to a safetensors folder under `cache_root()`, so
-    only the first load pays for de-quantisation.
+    only the first load pays for de-quantisation. With `quantize` the linear layers of the decoder
+    load quantized onto the device heft runs on (a quantized model is not moved afterwards); the
+    fingerprint stays that of the full-precision files.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,13 +146,23 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
 
     if folder is not None and not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"could not load model {name_or_path!r}: {where} has no config.json")
+    quantized = {}
+    if quantize is not None:
+        check_runnable(quantize, "the quantize settings")
+        device = device_type()
+        quantized = {
+            "quantization_config": transformers_config(quantize),
+            "device_map": {"": torch.cuda.current_device() if device == "cuda" else device},
+        }
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **quantized)
     except OSError as err:
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r} from {where}: {err}\nAliases: {', '.join(ALIASES)}"
         ) from err
     model.eval()
+    if quantize is not None:
+        prepare_loaded(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:  # ValueError: no tokenizer files that transformers can use
@@ -163,7 +181,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     else:
         logger.info("no weights files found for %s; fingerprinting the loaded tensors instead", name_or_path)
         digest = _state_dict_sha256(model)
-    return LoadedModel(model, tokenizer, name_or_path, digest, [str(f) for f in files])
+    return LoadedModel(model, tokenizer, name_or_path, digest, [str(f) for f in files], quantize)
 
 
 def weights_sha256(files: Sequence[str | os.PathLike[str]]) -> str:

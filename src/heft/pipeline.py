@@ -17,12 +17,14 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache
 
-from heft.config import StageConfig, blocked_merge
+from heft.config import StageConfig, blocked_merge, resolve_merge
 from heft.fused_llama import fusable_layers, fused_decoder_layers
 from heft.methods.lora import LoraAdapters, to_peft_config
 from heft.methods.lora.fused import fused_lora_training
 from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
+from heft.quantize import QuantizeConfig
+from heft.quantize import problems as quantize_problems
 
 SHORT_CPU_SEQUENCE = 128
 """Up to this many positions, training on the CPU runs SDPA's math kernel instead of its flash
@@ -76,8 +78,13 @@ class Stage:
         return f"stage{self.index}"
 
     @property
+    def merges(self) -> bool:
+        """Whether finishing the stage folds its LoRA adapter into the base weights."""
+        return bool(self.config.uses_lora and self.config.lora.merge)
+
+    @property
     def merged(self) -> bool:
-        return self.finished and self.config.uses_lora and self.config.lora.merge and not self.rolled_back
+        return self.finished and self.merges and not self.rolled_back
 
 
 @dataclass
@@ -96,6 +103,7 @@ class HeftModel(nn.Module):
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.weights_sha256 = loaded.weights_sha256
+        self.quantize = loaded.quantize
         self.reft = nn.ModuleList()
         self.stages: list[Stage] = []
         self.positions = PositionState()
@@ -113,17 +121,21 @@ class HeftModel(nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: str = "float32") -> HeftModel:
-        return cls(load_model(name_or_path, dtype))
+    def from_pretrained(
+        cls, name_or_path: str, dtype: str = "float32", quantize: QuantizeConfig | None = None
+    ) -> HeftModel:
+        return cls(load_model(name_or_path, dtype, quantize))
 
     # ----------------------------------------------------------------- stages
     def add_stage(self, config: StageConfig, seed: int | None = None) -> Stage:
         """Freeze everything so far, then inject the new stage's trainable modules."""
         if self.stages and not self.stages[-1].finished:
             self.finish_stage()
+        config = resolve_merge(config, self.quantize is not None)
         if seed is not None:
             torch.manual_seed(seed)
         self.requires_grad_(False)
+        self._check_on_quantized_base(config)
         stage = Stage(index=len(self.stages), config=config)
         params: list[nn.Parameter] = []
         if config.uses_lora:
@@ -153,6 +165,7 @@ class HeftModel(nn.Module):
                 raise ValueError(
                     f"lora.target_modules {missing} match no module of this model (its linear layers: {linear})"
                 )
+        self._check_on_quantized_base(config)
         layers = config.lora.layers_to_transform if config.uses_lora else None
         if layers and not all(0 <= i < len(self._layers) for i in layers):
             raise ValueError(f"lora.layers_to_transform {layers}: this model has layers 0..{len(self._layers) - 1}")
@@ -160,9 +173,20 @@ class HeftModel(nn.Module):
             with torch.random.fork_rng(devices=[]):  # a throwaway copy (small), leaving the RNG as it was
                 ReftModel(config.reft, self.hidden_size, len(self._layers))
 
+    def _check_on_quantized_base(self, config: StageConfig) -> None:
+        """What the quantized base cannot do for this stage (e.g. DoRA over 8 bits), as a config would be refused."""
+        if self.quantize is None or not config.uses_lora:
+            return
+        config = resolve_merge(config, quantized=True)
+        merging, dora = [0] if config.lora.merge else [], [0] if config.lora.use_dora else []
+        found = quantize_problems(self.quantize, self.device.type, merging, dora)
+        if found:
+            raise ValueError(f"{found[0].problem}; {found[0].hint}")
+
     def check_stages(self, configs: Sequence[StageConfig], first_index: int = 0) -> None:
         """`check_stage` for stages to be added in this order, plus what only finishing them would find:
         a LoRA stage cannot merge while an earlier adapter stays unmerged (peft merges them in order)."""
+        configs = [resolve_merge(config, self.quantize is not None) for config in configs]
         for i, config in enumerate(configs, start=first_index):
             try:
                 self.check_stage(config)
@@ -252,6 +276,22 @@ class HeftModel(nn.Module):
         """Fold the LoRA adapters kept unmerged (`merge: false`) into the base weights, e.g. for export."""
         if self._lora.unmerged:  # not the stages' flags: a rolled-back stage is unmerged but left nothing
             self.model = self._lora.merge()
+
+    def dequantize(self) -> None:
+        """Replace a quantized base by its float values (in the loaded `dtype`) and add the unmerged LoRA
+        updates in float32: nothing is requantized, so the weights are those the quantized model computed
+        with (stages merged in training are already in them, rounded as they were then). For export;
+        the model is a full-precision one afterwards."""
+        if self.quantize is None:
+            return
+        deltas: dict[str, torch.Tensor] = {}
+        if self._lora.unmerged:
+            self.model, deltas = self._lora.unload_with_deltas()
+        self.model = self.model.dequantize()
+        for name, delta in deltas.items():
+            weight = self.model.get_submodule(name).weight
+            weight.data = (weight.data.float() + delta.to(weight.device)).to(weight.dtype)
+        self.quantize = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

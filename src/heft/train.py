@@ -147,9 +147,11 @@ class TrainingRecipe:
             self.progress = Progress(**self.trainer_state["progress"])
             self.model = load_run(run_dir)
             log.info("resuming %s at stage %d after epoch %d", run_dir, self.progress.stage, self.progress.epoch)
+            if self.model.quantize != cfg.quantize:
+                raise ConfigError(f"'quantize' is {cfg.quantize}, but {run_dir} was trained with {self.model.quantize}")
         else:
             self.progress = Progress()
-            self.model = HeftModel.from_pretrained(cfg.model, cfg.dtype)
+            self.model = HeftModel.from_pretrained(cfg.model, cfg.dtype, cfg.quantize)
         try:
             self.model.check_stages(cfg.stages[len(self.model.stages) :], first_index=len(self.model.stages))
         except ValueError as err:
@@ -202,15 +204,21 @@ class TrainingRecipe:
         stage, index = self.stage, self.stage.index
         last = epoch + 1 == math.ceil(self.cfg.stages[index].epochs)
         gate = self._judge(stage) if last and self.cfg.stages[index].keep == "if_better" else {}
+        loss_before_merge = None
         if gate.get("rolled_back"):
             model.roll_back_stage()
         elif last:
+            if stage.merges:  # a merge into a quantized base rounds: by how much
+                loss_before_merge = mean_loss(model, self.probe, self.cfg.bf16)
             model.finish_stage()
         if evaluates_after(self.cfg.eval_every, epoch + 1, last):
             self.record_evaluation(index, stage.name, epoch + 1, train_loss)
         if last:
-            boundary_loss = mean_loss(model, self.probe, self.cfg.bf16)
-            self._record("stage_end", index, stage.name, epoch + 1, train_loss, boundary_loss=boundary_loss, **gate)
+            after = mean_loss(model, self.probe, self.cfg.bf16)
+            merge = {}
+            if stage.config.uses_lora and not gate.get("rolled_back"):  # unmerged, finishing changes nothing
+                merge["loss_before_merge"] = after if loss_before_merge is None else loss_before_merge
+            self._record("stage_end", index, stage.name, epoch + 1, train_loss, boundary_loss=after, **gate, **merge)
         self._save_checkpoint(optimizer, last)
 
     def _judge(self, stage: Stage) -> GateVerdict:

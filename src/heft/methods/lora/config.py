@@ -26,8 +26,10 @@ class LoraConfig:
     """Decoder layer indices to adapt; None adapts every layer."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA). Set implicitly by `method: dora`."""
-    merge: bool = True
+    merge: bool | None = None
     """Merge the trained adapter into the base weights when the stage ends, so later stages pay
-    no adapter overhead. False keeps it as a frozen peft adapter (saved as peft writes it)."""
+    no adapter overhead. False keeps it as a frozen peft adapter (saved as peft writes it). None
+    (default): merge on a full-precision base; on a quantized base (`quantize`), where a merge
+    requantizes and rounds the update away, keep it (measured: docs/results/quantized/)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Extra modules trained in full and saved (peft semantics); usually empty."""

@@ -159,9 +159,33 @@ class LoraAdapters:
                 f"cannot merge LoRA stage {name!r} while earlier adapters {self.unmerged[:-1]} stay unmerged; "
                 "set merge: true on the earlier LoRA stages or merge: false on this one"
             )
-        model = self.peft_model.merge_and_unload(adapter_names=list(self.unmerged))
+        with warnings.catch_warnings():  # on a quantized base peft warns of rounding; heft measures the loss around it
+            warnings.filterwarnings("ignore", message="Merge lora module to (4|8)-bit linear")
+            model = self.peft_model.merge_and_unload(adapter_names=list(self.unmerged))
         self.peft_model, self.unmerged, self.layers = None, [], {}
         return model
+
+    def unload_with_deltas(self) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Remove every adapter without merging. Returns the bare model and, by module name, the sum of
+        the unmerged adapters' updates (scale · B·A, float32), for weights that must not be requantized."""
+        assert self.peft_model is not None
+        deltas: dict[str, torch.Tensor] = {}
+        for module_name, module in self.peft_model.base_model.model.named_modules():
+            if not isinstance(module, peft.tuners.lora.LoraLayer):
+                continue
+            for name in self.unmerged:
+                if name not in module.lora_A:
+                    continue
+                if module.use_dora.get(name):
+                    raise ValueError(
+                        f"adapter {name!r} is DoRA, whose update depends on the weights' norms: it cannot be added to "
+                        "dequantized weights as a plain update"
+                    )
+                delta = module.get_delta_weight(name).float()
+                deltas[module_name] = deltas[module_name] + delta if module_name in deltas else delta
+        model = self.peft_model.unload()
+        self.peft_model, self.unmerged, self.layers = None, [], {}
+        return model, deltas
 
     def discard(self, name: str) -> nn.Module:
         """Remove adapter `name` unmerged (its stage was rolled back); returns the model to keep calling."""
