@@ -473,6 +473,12 @@ def _base_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def heft_version() -> str:
+    from heft import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT)."
@@ -483,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also show other libraries' logs and warnings, and a traceback for user errors",
     )
+    parser.add_argument("--version", action="version", version=f"heft {heft_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the stages of a YAML config into a run folder")

@@ -245,11 +245,24 @@ def read_manifest(run_dir: str | Path) -> dict:
         ) from None
     if manifest.get("format") != FORMAT:
         raise RunFolderError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    _inside(run_dir, manifest["weights"], path, "weights")
+    for rel in manifest["files"]:
+        _inside(run_dir, rel, path, "files")
     for rel, digest in manifest["files"].items():
         file = Path(run_dir) / rel
         if not file.is_file() or sha256_file(file) != digest:
             raise RunFolderError(f"{run_dir} is incomplete or modified: {rel} does not match the manifest")
     return manifest
+
+
+def _inside(run_dir: str | Path, rel: str, manifest: Path, field: str) -> None:
+    """A loader reads only inside its run folder: refuse a manifest path that is absolute, climbs out
+    with `..`, or leads out through a symlink."""
+    root = Path(run_dir).resolve()
+    if Path(rel).is_absolute() or not (root / rel).resolve().is_relative_to(root):
+        raise RunFolderError(
+            f"{manifest}: field '{field}' points outside the run folder ({rel!r}); refusing to read it"
+        )
 
 
 def stage_config_from_dict(data: dict) -> StageConfig:
@@ -381,6 +394,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, base_model: str | None 
         if quantized is not None:
             note += _dequantized_note(quantized, (probe_logits(base) - run_logits).abs().max().item())
         (tmp / "HEFT_EXPORT.md").write_text(note)
+        (tmp / "README.md").write_text(model_card(model, manifest, _read_results(run_dir), out_dir))
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -413,6 +427,67 @@ def _export_note(run_dir: Path, out_dir: Path, manifest: dict, model: HeftModel)
         "Plain `transformers.AutoModelForCausalLM.from_pretrained(...)` on this folder gives the merged model "
         "without the ReFT interventions.\n"
     )
+
+
+def _read_results(run_dir: Path) -> dict | None:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _stage_row(stage, results: dict | None) -> str:
+    """One line of the card's stage table: method, the hyperparameters that define it, its size and score."""
+    cfg = stage.config
+    settings = [f"{cfg.epochs:g} epochs", f"lr {cfg.lr:g}"]
+    if cfg.uses_lora:
+        settings.append(f"LoRA r {cfg.lora.r}, alpha {cfg.lora.alpha}, merged: {bool(cfg.lora.merge)}")
+    if cfg.uses_reft:
+        settings.append(f"ReFT rank {cfg.reft.rank}, layers {cfg.reft.layers}, positions {cfg.reft.positions}")
+    per_stage = {s.get("name"): s for s in (results or {}).get("stages", [])}
+    accuracy = per_stage.get(stage.name, {}).get("accuracy")
+    score = "—" if accuracy is None else f"{100 * accuracy:.2f} %"
+    state = " (rolled back)" if stage.rolled_back else ""
+    return f"| {stage.name}{state} | {cfg.method} | {'; '.join(settings)} | {stage.trainable_params:,} | {score} |"
+
+
+def model_card(model: HeftModel, manifest: dict, results: dict | None, out_dir: Path) -> str:
+    """The exported folder's README.md: what the Hub shows (its YAML header) and what a reader needs
+    to trust and reload the model: base and hash, stages, data, accuracy, how to load it."""
+    base = manifest["base_model"]
+    data = (results or {}).get("data", {})
+    final = (results or {}).get("final_accuracy")
+    lines = [
+        "---",
+        f"base_model: {base['id']}",
+        "library_name: heft",
+        "tags: [peft, lora, reft]",
+        "---",
+        "",
+        f"# {out_dir.name}",
+        "",
+        f"A hierarchical PEFT model trained with heft {manifest['versions'].get('heft', '')}: "
+        "LoRA stages merged into the weights, then ReFT interventions on hidden representations.",
+        "",
+        f"- Base model: `{base['id']}` (weights sha256 `{base['sha256']}`, dtype {base['dtype']})",
+        f"- Data: {data.get('source', 'not recorded')}; {data.get('train_examples', '?')} training and "
+        f"{data.get('eval_examples', '?')} evaluation examples (split {data.get('eval_split', '?')})",
+        f"- Final accuracy: {'not recorded' if final is None else f'{100 * final:.2f} %'}"
+        + (f" (majority class {100 * results['majority_accuracy']:.2f} %)" if results else ""),
+        f"- Seed: {manifest.get('seed')}",
+        "",
+        "| stage | method | hyperparameters | trainable parameters | accuracy at its end |",
+        "|---|---|---|---|---|",
+        *(_stage_row(stage, results) for stage in model.stages),
+        "",
+        "## Load it",
+        "",
+        '```python\nimport heft\nmodel = heft.load_run("' + str(out_dir) + '")  # the full hierarchy\n```',
+        "",
+        "or from the command line: `heft eval " + str(out_dir) + "`, `heft predict " + str(out_dir) + " ...`. "
+        "`transformers.AutoModelForCausalLM.from_pretrained` on this folder gives the merged model without the "
+        "ReFT interventions.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _dequantized_note(quantize: QuantizeConfig, max_logit_change: float) -> str:
