@@ -18,6 +18,7 @@ import safetensors
 import torch
 import yaml
 
+import heft.files
 import heft.io
 import heft.train as train_module
 from heft.cli import main
@@ -115,7 +116,7 @@ class DiskFull:
             real_save(config, folder, **kwargs)
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(heft.io, "open", open_, raising=False)
+            patch.setattr(heft.files, "open", open_, raising=False)  # where the run folder's files are written
             patch.setattr(heft.io.os, "replace", replace)
             patch.setattr(peft.LoraConfig, "save_pretrained", save_pretrained)
             yield
