@@ -33,14 +33,16 @@ def _run_dir_config(run_dir: Path):
     return load_config(path)
 
 
-def _output_dir(given: str | None, cfg, task_name: str) -> str:
+def _output_dir(given: str | None, cfg) -> str:
     """The run folder: `--output-dir`, else the config's template filled in. Under a launcher every
     process takes the main process's name: processes that start in different seconds would
     otherwise time-stamp different folders."""
     from heft.evaluate import process_state
+    from heft.tasks import get_task
 
     if given:
         return given
+    task_name = get_task(cfg.task).name  # a mapping's name, or its kind's
     out = cfg.output_dir.format(task=task_name, model=Path(cfg.model).name, time=time.strftime("%Y%m%d-%H%M%S"))
     if process_state().num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -57,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     task = task_for(cfg)  # a bad task or template ends here, before a run folder exists
-    out = cfg.output_dir = _output_dir(args.output_dir, cfg, task.name)
+    out = cfg.output_dir = _output_dir(args.output_dir, cfg)
     args.resume_with = shlex.join(
         ["heft", "train", args.config, *args.overrides, "--output-dir", out]
     )  # the folder name has a time stamp

@@ -6,6 +6,7 @@ compares the choices' first tokens at the last prompt position (BoolQ's " yes"/"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ def first_token_ids(tokenizer: Any, choices: Sequence[str], context: str = "") -
     return first
 
 
-def template_fields(template: str, reserved: Sequence[str | None] = (), option: str = "template") -> tuple[str, ...]:
+@functools.cache  # asked for every row (a task's fields come from its template)
+def template_fields(template: str, reserved: tuple[str | None, ...] = (), option: str = "template") -> tuple[str, ...]:
     """The fields a prompt template names, in order. A template that cannot render a row (bad braces,
     positional or indexed names, no field at all, or a `reserved` field that holds the answer) raises
     `OptionError` naming `option`."""
@@ -226,7 +228,8 @@ class Task:
 
     def to_example(self, row: dict[str, Any], template: str | None = None) -> Example:
         """Render one row (task field -> raw value); bad values raise `FieldError`."""
-        for name in self.text_fields:
+        text_fields = self.text_fields
+        for name in text_fields:
             value = row[name]
             if not isinstance(value, str):
                 raise FieldError(name, f"expected text, got {type(value).__name__} {value!r}")
@@ -234,7 +237,7 @@ class Task:
                 raise FieldError(name, "empty text")
         choices = self.row_choices(row)
         label = self.parse_label(row[self.label_field], len(choices))
-        text = {name: row[name] for name in self.text_fields}
+        text = {name: row[name] for name in text_fields}
         return Example(
             prompt=(template or self.template).format(**text),
             target=choices[label],
