@@ -4,7 +4,7 @@
 
 Writes BoolQ rows whose passages are longer than MAX_LENGTH (every example is truncated to it, so
 every batch is BATCH_SIZE × MAX_LENGTH, the shape a plan assumes), trains configs/boolq_heft.yaml's
-stages for one epoch each on two batches, and prints JSON: the resident set before the model loads
+stages for one epoch of one batch each, and prints JSON: the resident set before the model loads
 (after the imports, which a plan does not count), the run's peak RSS from results.json, and the
 difference. Run in its own process, so that no earlier test's memory is in the peak.
 """
@@ -62,9 +62,10 @@ def main(out: Path, batch_size: int, max_length: int) -> dict:
     overrides = [
         f"batch_size={batch_size}",
         f"max_length={max_length}",
-        f"max_train_examples={2 * batch_size}",
+        f"max_train_examples={batch_size}",
         f"max_eval_examples={batch_size}",
         "eval_zero_shot=false",
+        "boundary_examples=0",
         "stages.0.epochs=1",
         f"data.source={data}",
     ]

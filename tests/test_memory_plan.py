@@ -170,7 +170,7 @@ def test_cuda_plans_are_within_25_percent_of_the_gpu_bench_records() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("batch_size", "max_length"), [(8, 128), (8, 256)])
+@pytest.mark.parametrize(("batch_size", "max_length"), [(4, 128), (8, 256)])
 def test_cpu_plans_are_within_25_percent_of_heft_trains_measured_peak(tmp_path, batch_size, max_length) -> None:
     """`heft train`'s recipe on smollm2 (configs/boolq_heft.yaml, LoRA then LoReFT) in a fresh process:
     its peak RSS above the RSS before the model loads against the plan's peak over both stages. At 128
@@ -223,4 +223,4 @@ def test_llama_2_7b_plan_states_what_fits_in_24_40_and_80_gb(monkeypatch, capsys
     assert sum(nf4[0].weights.values()) < 0.35 * sum(bf16[0].weights.values())
     batches = [plan.largest_batch(nf4, int(gb * GIB * 0.9), checkpointing=False) for gb in (24, 40, 80)]
     assert batches == sorted(batches) and batches[-1] > batches[0]
-    assert "fits" in out.splitlines()[-1] or "does not fit" in out
+    assert ("fits: peak" in out) == (plan.peak <= plan.device.usable) and plan.device.usable == int(80 * GIB * 0.9)

@@ -1,14 +1,15 @@
 """`heft plan`: the memory each stage of a run needs, from the model's config alone (no weights read).
 
 How it is measured: the model is built on the meta device from its `config.json`, the stages before
-the planned one are added and finished (merged) as `heft train` does, and one training step of the
-planned stage (forward, backward, AdamW step) runs on fake tensors: torch's `FakeTensorMode` runs
-every operator for its output's shape and dtype only, on a fake CPU device, so bf16 autocast, LoRA's
-dropout copies, ReFT's gathers, the attention kernel's saved tensors and activation checkpointing's
-recomputation all behave as in a real step while nothing is allocated. A dispatch mode counts the
-bytes of every tensor storage alive at each operator; its maximum is the step's peak. So the plan
-follows heft's code, not a formula that must be kept in step with it; it costs a few seconds per
-stage on a CPU, for a 135M or a 7B model alike.
+the planned one are added and finished (merged) as `heft train` does, and the forward and backward
+pass of one training step of the planned stage run on fake tensors, AdamW's state alive: torch's
+`FakeTensorMode` runs every operator for its output's shape and dtype only, on a fake CPU device, so
+bf16 autocast, LoRA's dropout copies, ReFT's gathers, the attention kernel's saved tensors and
+activation checkpointing's recomputation all behave as in a real step while nothing is allocated. A
+dispatch mode counts the bytes of every tensor storage alive at each operator; its maximum is the
+step's peak. So the plan follows heft's code, not a formula that must be kept in step with it. The
+cost is per operator, not per byte: when the decoder layers are alike, models of two and three
+layers are traced and the line extended to the real depth (`traced_depth`).
 
 What the trace cannot run, and how it is accounted for:
 - The LM head's input is selected with a boolean mask of the target positions (`HeftModel.forward`),
@@ -19,11 +20,17 @@ What the trace cannot run, and how it is accounted for:
   quantization constants (nf4: one float32 absmax per block of 64 weights, 0.5 bit per weight; int8:
   one float32 scale per output row), and one dequantized weight (the largest) is added to the peak:
   bitsandbytes dequantizes a layer's weight for each matmul and saves no activation for it.
+- Dropout: CUDA's fused kernel keeps a one-byte mask for the backward pass, the CPU's a copy of its
+  noise in the input's dtype; CUDA plans swap the former in (`use_fused_dropout`).
 - The attention kernel: on the CPU heft trains sequences up to 128 tokens with SDPA's math kernel
   (it keeps the B·H·T² scores) and longer ones with flash (it keeps the output and log-sum-exp); the
   trace runs the same kernels. On CUDA, flash or memory-efficient attention keeps the same tensors
   as the CPU flash kernel; for sequences up to 128 the trace keeps math's scores, at most as large
   as the keys and values, so a CUDA plan at short lengths errs on the safe side.
+
+Evaluation is not planned: it runs without gradients, so nothing is kept for a backward pass and its
+peak at `eval_batch_size` stays below a training step's at the same shape (the CPU comparison's
+measured peaks include `heft train`'s evaluations).
 
 What a measurement adds on top (why the plan reserves `HEADROOM`): CUDA's context, cuBLAS workspaces
 and the caching allocator's free blocks are not in `torch.cuda.max_memory_allocated`, the number the
@@ -649,25 +656,28 @@ def plan_tables(plan: Plan) -> list[Any]:
     return [stages, fits]
 
 
+HOW = {"bfloat16 weights": "dtype: bfloat16", "8-bit base": "quantize.bits: 8", "4-bit base": "quantize.bits: 4"}
+"""The config change behind each what-if row (a quantized base is the `quantize:` block)."""
+
+
 def advice(plan: Plan) -> list[str]:
-    """Whether the run fits the planned device as configured, and what would make it fit."""
+    """Whether the run fits the planned device as configured, and each change that would make it fit."""
     if plan.device.usable is None:
         return [f"peak {size(plan.peak)}; the device's memory is unknown (give --gpu-memory)"]
     budget = plan.device.usable
-    peak, checkpointed = plan.peak, plan.peak_checkpointed
     plain_batch = plan.largest_batch(plan.stages, budget, checkpointing=False)
-    ckpt_batch = plan.largest_batch(plan.stages, budget, checkpointing=True)
-    if peak <= budget:
-        return [f"fits: peak {size(peak)} of {size(budget)} usable; largest batch {plain_batch}"]
-    lines = [f"does not fit: peak {size(peak)} > {size(budget)} usable on {plan.device.label}"]
+    if plan.peak <= budget:
+        return [f"fits: peak {size(plan.peak)} of {size(budget)} usable; largest batch {plain_batch}"]
+    lines = [f"does not fit: peak {size(plan.peak)} > {size(budget)} usable on {plan.device.label}"]
     if plain_batch:
         lines.append(f"- batch_size: {plain_batch} fits (raise grad_accum to keep the global batch)")
-    if checkpointed <= budget:
-        lines.append(f"- activation_checkpointing: true fits (peak {size(checkpointed)}, batch ≤ {ckpt_batch})")
-    quantized = {w: s for w, s in plan.alternatives.items() if w.bits == 4}
-    for weights, stages in quantized.items():
-        if plan.largest_batch(stages, budget, checkpointing=True) >= 1:
-            lines.append(f"- a {weights.label} fits: {verdict(plan, stages, budget)}")
+    if plan.peak_checkpointed <= budget:
+        batch = plan.largest_batch(plan.stages, budget, checkpointing=True)
+        lines.append(f"- activation_checkpointing: true fits (peak {size(plan.peak_checkpointed)}, batch ≤ {batch})")
+    for weights, stages in plan.alternatives.items():
+        if plan.largest_batch(stages, budget, checkpointing=True):
+            how = next(v for k, v in HOW.items() if weights.label.startswith(k))
+            lines.append(f"- {how} ({weights.label}): {verdict(plan, stages, budget)}")
     if len(lines) == 1:
-        lines.append("- nothing planned here fits: a larger device, a shorter max_length, or sharding (FSDP)")
+        lines.append("- nothing planned here fits: a larger device or a shorter max_length")
     return lines
