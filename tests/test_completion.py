@@ -313,6 +313,10 @@ def test_training_lifts_exact_match_above_zero_shot_and_eval_and_predict_agree(t
     task, model = get_task("completion"), load_run(run)
     [query] = task.encode([task.to_query({"prompt": "true the cat is red"})], model.tokenizer, 32)[0]
     assert answer == {"prediction": generate_responses(model, task, [query], progress=False)[0].strip()}
+    assert main(["predict", str(run), "--prompt", "true the cat is red", "--max-new-tokens", "1"]) == 0
+    short = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prediction"]
+    assert short == generate_responses(model, task, [query], progress=False, max_new_tokens=1)[0].strip()
+    assert len(short.split()) <= 1 and answer["prediction"].startswith(short)
 
     queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "false a dog"}, {"instruction": "true", "input": "cat"}])
     assert main(["predict", str(run), "--input", str(queries), "--output", str(tmp_path / "p.jsonl")]) == 0

@@ -237,6 +237,8 @@ def _answers(model, task, queries, encoded, cfg, max_new_tokens: int | None, pro
     """Per query, the prediction: a generated response (completion), else the likeliest choice and its probability."""
     from heft.evaluate import generate_responses, predict
 
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: expected a value > 0")
     if task.scoring == "generation":
         responses = generate_responses(
             model, task, encoded, cfg.eval_batch_size, cfg.bf16, progress, max_new_tokens=max_new_tokens
