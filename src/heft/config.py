@@ -153,6 +153,7 @@ class RunConfig:
     """The hierarchy, trained in order; each stage freezes everything before it."""
 
     def __post_init__(self) -> None:
+        self.stages = [resolve_merge(stage, self.quantize is not None) for stage in self.stages]
         if self.data.eval_split is None:  # the task's own evaluation split (test for ARC, validation for BoolQ)
             from heft.tasks import get_task  # here: the tasks module imports this one
 
@@ -420,7 +421,6 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = _build(RunConfig, data, (), src)
-    cfg.stages = [resolve_merge(stage, cfg.quantize is not None) for stage in cfg.stages]
     blocked = blocked_merge(cfg.stages)
     if blocked is not None:
         unmerged = next(i for i, s in enumerate(cfg.stages) if s.uses_lora and not s.lora.merge)
