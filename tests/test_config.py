@@ -107,7 +107,9 @@ def test_overrides(example: Path) -> None:
 def test_override_fills_defaults(tmp_path: Path) -> None:
     overrides = ["stages.0.lora.r=2", "data.template=Q: {question} A:"]
     cfg = load_config(write(tmp_path, "task: boolq\n"), overrides)
-    assert cfg.stages == [StageConfig(lora=LoraConfig(r=2))]
+    assert cfg.stages == [
+        StageConfig(lora=LoraConfig(r=2, merge=True))
+    ]  # an unset merge: true on a full-precision base
     assert cfg.data.template == "Q: {question} A:"
 
 

@@ -74,7 +74,12 @@ def logits(model: HeftModel, data) -> torch.Tensor:
 
 
 def quantized_layers(model: HeftModel) -> list[str]:
-    return [type(m).__name__ for m in model.model.modules() if heft.quantize.is_quantized_layer(m)]
+    """bitsandbytes' Linear4bit / Linear8bitLt layers (not peft's LoRA wrappers around them)."""
+    return [
+        type(m).__name__
+        for m in model.model.modules()
+        if type(getattr(m, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+    ]
 
 
 def with_merge(stage: StageConfig, merge: bool) -> StageConfig:

@@ -53,7 +53,11 @@ def run_arm(task: str, arm: str, root: Path, train: int, evaluate: int) -> str:
     argv = command(task, arm, out, train, evaluate)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(root / task / f"{arm}.log", "w") as log:
+    try:  # the log claims the arm, so that two drivers on one folder never train the same arm
+        log = open(root / task / f"{arm}.log", "x")  # noqa: SIM115 (closed by the with below)
+    except FileExistsError:
+        return f"{task}/{arm}: claimed by another driver, or failed (delete {arm}.log to run it again)"
+    with log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
     if status != 0:

@@ -159,6 +159,9 @@ class RunConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     """The hierarchy, trained in order; each stage freezes everything before it."""
 
+    def __post_init__(self) -> None:
+        self.stages = [resolve_merge(stage, self.quantize is not None) for stage in self.stages]
+
 
 # --------------------------------------------------------------------------- constraints & checks
 
@@ -305,7 +308,6 @@ def _finish(data: Any, src: Source, overrides: Sequence[str]) -> RunConfig:
     for text in overrides:
         apply_override(data, text, defaults, src)
     cfg = build(RunConfig, data, (), src, CHECKS)
-    cfg.stages = [resolve_merge(stage, cfg.quantize is not None) for stage in cfg.stages]
     _check_across_fields(cfg, src)
     remember_source(cfg, src)
     return cfg

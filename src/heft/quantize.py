@@ -84,31 +84,14 @@ def problems(
     """Why `config` cannot run on `device` (a device type), with LoRA stages `merging_stages` merged into
     the base and DoRA stages `dora_stages`: checked before any weights load, so a bad combination costs
     a second, not a model load."""
-    key = ("quantize",)
     if config.backend in REFUSED_BACKENDS:
-        return [Problem((*key, "backend"), f"{config.backend}: {REFUSED_BACKENDS[config.backend]}", "use bitsandbytes")]
-    backend = BACKENDS[config.backend]
-    found = []
-    if importlib.util.find_spec(backend.package) is None:
-        found.append(
-            Problem(
-                (*key, "backend"),
-                f"{config.backend} is not installed",
-                backend.install + ", or remove the quantize section",
-            )
-        )
-    if device not in backend.devices:
-        found.append(
-            Problem(
-                (*key, "backend"),
-                f"{config.backend} does not run on {device}",
-                f"it runs on {', '.join(backend.devices)}",
-            )
-        )
+        reason = f"{config.backend}: {REFUSED_BACKENDS[config.backend]}"
+        return [Problem(("quantize", "backend"), reason, "use bitsandbytes")]
+    found = _environment_problems(config, device)
     if config.bits == 4 and config.compute_dtype == "float32":
         found.append(
             Problem(
-                (*key, "compute_dtype"),
+                ("quantize", "compute_dtype"),
                 "float32 with bits: 4 (a 4-bit base computes in 16 bits)",
                 "use compute_dtype: bfloat16 (QLoRA's), or float16",
             )
@@ -123,7 +106,7 @@ def problems(
             )
             for i in dora_stages
         ]
-    if not backend.requantizes:
+    if not BACKENDS[config.backend].requantizes:
         found += [
             Problem(
                 ("stages", i, "lora", "merge"),
@@ -132,6 +115,19 @@ def problems(
             )
             for i in merging_stages
         ]
+    return found
+
+
+def _environment_problems(config: QuantizeConfig, device: str) -> list[Problem]:
+    """What this machine lacks for `config`: the backend's package, or a device it runs on."""
+    backend, key = BACKENDS[config.backend], ("quantize", "backend")
+    found = []
+    if importlib.util.find_spec(backend.package) is None:
+        found.append(Problem(key, f"{config.backend} is not installed", backend.install + ", or remove quantize"))
+    if device not in backend.devices:
+        found.append(
+            Problem(key, f"{config.backend} does not run on {device}", f"it runs on {', '.join(backend.devices)}")
+        )
     return found
 
 
@@ -195,9 +191,3 @@ def prepare_loaded(model: Any) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def is_quantized_layer(module: Any) -> bool:
-    """A bitsandbytes Linear4bit or Linear8bitLt (peft's LoRA wrappers around one are not)."""
-    weight = getattr(module, "weight", None)
-    return type(weight).__name__ in ("Params4bit", "Int8Params")
