@@ -15,8 +15,10 @@ from typing import Any
 
 from heft.config import RunConfig, Source, apply_override, config_from_dict, config_to_dict, is_eval_interval, read_yaml
 
-TOP_KEYS = ("preset", "base", "seeds", "presets", "arms", "arms_only", "output_dir", "eval_every", "compare")
+TOP_KEYS = ("preset", "base", "seeds", "presets", "arms", "arms_only", "output_dir", "eval_every", "compare", "paper")
 PRESET_KEYS = ("base", "seeds", "epochs")
+PAPER_KEYS = ("source", "model", "parameters", "task", "task_name", "train_examples", "method", "arms")
+"""A `paper:` block: the published numbers the report sets ours beside (see configs/reproduce_boolq.yaml)."""
 RESERVED = ("stages", "seed", "output_dir", "eval_every", "eval_zero_shot")
 """RunConfig fields set per arm by reproduce itself, so `base` may not set them."""
 
@@ -38,6 +40,8 @@ class Plan:
     """Arm → the leading stages it shares with another selected arm, trained once per seed."""
     compare: list[tuple[str, str]] = field(default_factory=list)
     """Pairs (arm, baseline) the report compares example by example, beside its default pairs."""
+    paper: dict | None = None
+    """The `paper:` block: the published setting and numbers, keyed by our arm names (None: no paper)."""
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.output_dir / arm / f"seed-{seed}"
@@ -157,6 +161,7 @@ def _resolve(data: dict, src: Source) -> tuple[str, dict, dict[str, list[float]]
         "output_dir": data.get("output_dir", "runs/reproduce-{preset}"),
         "eval_every": data.get("eval_every", "epoch"),
         "compare": data.get("compare"),
+        "paper": data.get("paper"),
     }
     for arm, epochs in _mapping(chosen.get("epochs", {}), ("presets", preset, "epochs"), src, list(arms)).items():
         stages = resolved["arms"][arm]["stages"]
@@ -254,4 +259,21 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
         selected,
         shared_prefixes(configs, selected, out),
         [tuple(c) for c in compare],
+        _paper(resolved["paper"], src),
     )
+
+
+def _paper(value: Any, src: Source) -> dict | None:
+    """The `paper:` block checked: every key present, arms as {epochs, accuracy} numbers."""
+    if value is None:
+        return None
+    paper = _mapping(value, ("paper",), src, PAPER_KEYS)
+    for name in PAPER_KEYS:
+        _check(name in paper, None, ("paper", name), src, "a value (every key of a paper block is needed)")
+    method = _mapping(paper["method"], ("paper", "method"), src, ("arm", "name"))
+    _check(set(method) == {"arm", "name"}, method, ("paper", "method"), src, "{arm: <arm name>, name: <label>}")
+    for arm, row in _mapping(paper["arms"], ("paper", "arms"), src).items():
+        row = _mapping(row, ("paper", "arms", arm), src, ("epochs", "accuracy"))
+        for name in ("epochs", "accuracy"):
+            _check(type(row.get(name)) in (int, float), row.get(name), ("paper", "arms", arm, name), src, "a number")
+    return paper

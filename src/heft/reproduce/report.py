@@ -1,11 +1,16 @@
-"""`report.md`: the paper's rows beside ours, the equal-budget table and a reading of the differences."""
+"""`report.md`: the paper's rows beside ours, the equal-budget table and a reading of the differences.
+
+Any reproduce config renders: its arms, its `compare` pairs and its `paper:` block (the published
+setting and numbers, keyed by our arm names) are data in the summary. `render_report` joins one
+function per section.
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
 
-from heft.reproduce.summary import PAPER
+COMPARISONS_TITLE = "Paired comparisons (final evaluations, example by example)"
 
 
 def _pct(stats: dict | None) -> str:
@@ -45,9 +50,128 @@ def _comparison(c: dict) -> str:
     )
 
 
-def _comparisons_table(
-    comparisons: list[dict], title: str = "Paired comparisons (final evaluations, example by example)", intro: str = ""
-) -> list[str]:
+def _paper_task(summary: dict) -> bool:
+    """Whether this run is on the paper's own task (else the paper's numbers are another task's)."""
+    paper = summary.get("paper")
+    return bool(paper) and summary["task"] == paper["task"]
+
+
+def budget_groups(arms: dict, paper: dict | None) -> tuple[float, list[str], list[str]]:
+    """(budget, arms at it, longer arms): the paper's method's total epochs as defined, else the
+    budget most arms share."""
+    totals = {n: sum(a["nominal_epochs"]) for n, a in arms.items()}
+    method = paper["method"]["arm"] if paper else None
+    budget = totals.get(method, max(totals.values(), key=list(totals.values()).count, default=0))
+    return budget, [n for n in arms if totals[n] == budget], [n for n in arms if totals[n] > budget]
+
+
+def header_section(summary: dict) -> list[str]:
+    data = summary["data"]
+    out = [
+        f"# {summary['task']}: {summary.get('config', 'reproduce')}, {summary['preset']} preset",
+        "",
+        f"Model `{summary['model']}`, {data.get('train_examples', '?')} training / {data.get('eval_examples', 0)} "
+        f"evaluation examples from {data.get('eval_split', 'validation')} "
+        f"(max length {data['max_length']}), seeds {summary['seeds']}, trained on "
+        f"{', '.join(summary.get('trained_on') or ['not recorded'])}. Accuracy in %, final epoch; "
+        "± is the standard deviation over seeds.",
+        "",
+    ]
+    if summary["missing"]:
+        out += [f"**Not finished yet:** {', '.join(summary['missing'])}.", ""]
+    return out
+
+
+def paper_section(summary: dict) -> list[str]:
+    """The paper's arms beside ours, on the paper's own task only."""
+    paper, arms = summary.get("paper"), summary["arms"]
+    beside = [arm for arm in paper["arms"] if arm in arms] if _paper_task(summary) else []
+    if not beside:
+        return []
+    out = [
+        f"## Beside the paper ({paper['model']}, full {paper['task_name']})",
+        "",
+        "| arm | paper epochs | paper | our epochs | ours (final) | ours (best, epoch) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in beside:
+        row, a = paper["arms"][arm], arms[arm]
+        out.append(
+            f"| {arm} ({_stages(a)}) | {row['epochs']} | {row['accuracy']:.2f} | {sum(a['epochs']):g} "
+            f"| {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
+            f"(epoch {', '.join(map(str, a['best_epochs']))}) |"
+        )
+    return out
+
+
+def equal_budget_section(summary: dict) -> list[str]:
+    arms = summary["arms"]
+    budget, equal, _ = budget_groups(arms, summary.get("paper"))
+    out = [
+        "",
+        f"## Equal budget: {budget:g} epochs as defined",
+        "",
+        "| arm | stages (epochs run) | final | best | train tokens | optimizer steps | trainable params per stage "
+        "| wall time (s) | trained on |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in equal:
+        a = arms[arm]
+        params = " + ".join(f"{p['trainable_params']:,}" for p in a["trainable_params"])
+        out.append(
+            f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
+            f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} "
+            f"| {', '.join(a['trained_on'])} |"
+        )
+    return out
+
+
+def milestones(evaluated: list[int], budget: float = 3) -> list[int]:
+    """Columns of the longer arms' table: the equal budget (the paper's HEFT budget, 3), then epochs
+    5, 10 and 20 where every longer arm evaluated them all, else the epochs they all evaluated,
+    thinned to six."""
+    if not evaluated:
+        return []
+    preferred = [e for e in (budget, 5, 10, 20) if e <= evaluated[-1]]
+    if preferred and set(preferred) <= set(evaluated):
+        return preferred
+    return evaluated[::-1][:: math.ceil(len(evaluated) / 6)][::-1]
+
+
+def longer_arms_section(summary: dict) -> list[str]:
+    """Accuracy of the arms above the equal budget at the milestones they all evaluated."""
+    arms = summary["arms"]
+    budget, _, longer = budget_groups(arms, summary.get("paper"))
+    if not longer:
+        return []
+    evaluated = sorted(set.intersection(*({c["epoch"] for c in arms[a]["curve"]} for a in longer)))
+    marks = milestones(evaluated, budget)
+    out = [
+        "",
+        "## Longer arms along the way",
+        "",
+        "| arm | " + " | ".join(f"epoch {e:g}" for e in marks) + " |",
+        "|---|" + "---|" * len(marks),
+    ]
+    for arm in longer:
+        acc = {c["epoch"]: c["accuracy"] for c in arms[arm]["curve"]}
+        out.append(f"| {arm} | " + " | ".join(_pct(acc.get(e)) for e in marks) + " |")
+    return out
+
+
+def baselines_section(summary: dict) -> list[str]:
+    return [
+        "",
+        "## Baselines",
+        "",
+        f"- Majority class: {_pct(summary['majority_accuracy'])} %",
+        f"- Zero-shot (untrained model): {_pct(summary['zero_shot_accuracy'])} %",
+        "",
+    ]
+
+
+def comparisons_section(comparisons: list[dict], title: str = COMPARISONS_TITLE, intro: str = "") -> list[str]:
+    """A table of paired comparisons: difference, interval, per-seed differences, McNemar, verdict."""
     if not comparisons:
         return []
     out = [
@@ -70,8 +194,19 @@ def _comparisons_table(
     return out + [""]
 
 
-def _boundaries_table(arms: dict) -> list[str]:
+def last_stage_section(summary: dict) -> list[str]:
+    return comparisons_section(
+        summary.get("last_stage_gains", []),
+        "What the last stage adds (example by example)",
+        "Each multi-stage arm's final evaluation against that of the model its last stage "
+        "received (the end of the stage before it), on the same examples and seeds. ",
+    )
+
+
+def boundaries_section(arms: dict) -> list[str]:
     """Loss on fixed training batches and accuracy where each stage starts and ends (seed means)."""
+    if not any(r.get("boundaries") for a in arms.values() for r in a["seeds"].values()):
+        return []  # summaries from before boundaries were recorded
     out = [
         "## Stage boundaries",
         "",
@@ -103,140 +238,98 @@ def _boundaries_table(arms: dict) -> list[str]:
     return out + [""]
 
 
-def milestones(evaluated: list[int]) -> list[int]:
-    """Columns of the longer arms' table: epochs 3 (the paper's HEFT budget), 5, 10 and 20 where
-    every longer arm evaluated them all, else the epochs they all evaluated, thinned to six."""
-    if not evaluated:
+def paper_margin_lines(summary: dict) -> list[str]:
+    """The paper's margin of its method over each other paper arm, against our paired interval."""
+    paper, arms = summary.get("paper"), summary["arms"]
+    if not paper or paper["method"]["arm"] not in arms:
         return []
-    preferred = [e for e in (3, 5, 10, 20) if e <= evaluated[-1]]
-    if preferred and set(preferred) <= set(evaluated):
-        return preferred
-    return evaluated[::-1][:: math.ceil(len(evaluated) / 6)][::-1]
+    method, on_task, out = paper["method"], _paper_task(summary), []
+    for b in (arm for arm in paper["arms"] if arm != method["arm"] and arm in arms):
+        gap = (paper["arms"][method["arm"]]["accuracy"] - paper["arms"][b]["accuracy"]) / 100
+        c = next((c for c in summary.get("comparisons", []) if (c["a"], c["b"]) == (method["arm"], b)), None)
+        if c is None:
+            continue  # no per-example records to pair
+        half = (c["high"] - c["low"]) / 2
+        out.append(
+            f"- The paper's {'' if on_task else paper['task_name'] + ' '}margin of {method['name']} over {b} "
+            f"({100 * gap:+.2f} points{'' if on_task else ', a scale from another task'}) against the half-width "
+            f"of our paired interval ({100 * half:.2f} points): a gap of the paper's size "
+            f"{'can' if abs(gap) > half else 'cannot'} be resolved here."
+        )
+    return out
 
 
-def render_report(summary: dict) -> str:
-    """Markdown: the paper's rows beside ours, the equal-budget table, curves, a templated reading."""
-    arms, m, data = summary["arms"], summary["data"].get("eval_examples", 0), summary["data"]
-    totals = {n: sum(a["nominal_epochs"]) for n, a in arms.items()}
-    # the paper's HEFT budget, else the budget most arms share
-    budget = totals.get("heft-2+1", max(totals.values(), key=list(totals.values()).count, default=0))
-    equal = [n for n in arms if totals[n] == budget]
-    longer = [n for n in arms if totals[n] > budget]
-    out = [
-        f"# {summary['task']}: {summary.get('config', 'reproduce')}, {summary['preset']} preset",
-        "",
-        f"Model `{summary['model']}`, {data.get('train_examples', '?')} training / {m} evaluation examples "
-        f"from {data.get('eval_split', 'validation')} "
-        f"(max length {data['max_length']}), seeds {summary['seeds']}, trained on "
-        f"{', '.join(summary.get('trained_on') or ['not recorded'])}. Accuracy in %, final epoch; "
-        "± is the standard deviation over seeds.",
-        "",
+def majority_line(summary: dict) -> list[str]:
+    """How many arms end clearly above the majority class."""
+    arms, m = summary["arms"], summary["data"].get("eval_examples", 0)
+    if not summary["majority_accuracy"]:
+        return []
+    q = summary["majority_accuracy"]["mean"]
+    above = [n for n, a in arms.items() if (p_arm := a["final_accuracy"]["mean"]) - q > 2 * _se(p_arm, m)]
+    return [
+        f"- {len(above)} of {len(arms)} arms end more than two binomial standard errors above the "
+        f"majority class ({100 * q:.2f} %){': ' + ', '.join(above) if above else ''}."
     ]
-    if summary["missing"]:
-        out += [f"**Not finished yet:** {', '.join(summary['missing'])}.", ""]
-    beside = [arm for arm in PAPER if arm in arms] if summary["task"] == "boolq" else []
-    if beside:
-        out += [
-            "## Beside the paper (Llama-2-7B, full BoolQ)",
-            "",
-            "| arm | paper epochs | paper | our epochs | ours (final) | ours (best, epoch) |",
-            "|---|---|---|---|---|---|",
-        ]
-    for arm in beside:
-        (epochs, acc), a = PAPER[arm], arms[arm]
-        out.append(
-            f"| {arm} ({_stages(a)}) | {epochs} | {acc:.2f} | {sum(a['epochs']):g} "
-            f"| {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
-            f"(epoch {', '.join(map(str, a['best_epochs']))}) |"
-        )
-    out += [
-        "",
-        f"## Equal budget: {budget:g} epochs as defined",
-        "",
-        "| arm | stages (epochs run) | final | best | train tokens | optimizer steps | trainable params per stage "
-        "| wall time (s) | trained on |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm in equal:
-        a = arms[arm]
-        params = " + ".join(f"{p['trainable_params']:,}" for p in a["trainable_params"])
-        out.append(
-            f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
-            f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} "
-            f"| {', '.join(a['trained_on'])} |"
-        )
-    if longer:
-        marks = milestones(sorted(set.intersection(*({c["epoch"] for c in arms[a]["curve"]} for a in longer))))
-        out += [
-            "",
-            "## Longer arms along the way",
-            "",
-            "| arm | " + " | ".join(f"epoch {e}" for e in marks) + " |",
-            "|---|" + "---|" * len(marks),
-        ]
-        for arm in longer:
-            acc = {c["epoch"]: c["accuracy"] for c in arms[arm]["curve"]}
-            out.append(f"| {arm} | " + " | ".join(_pct(acc.get(e)) for e in marks) + " |")
-    out += [
-        "",
-        "## Baselines",
-        "",
-        f"- Majority class: {_pct(summary['majority_accuracy'])} %",
-        f"- Zero-shot (untrained model): {_pct(summary['zero_shot_accuracy'])} %",
-        "",
-    ]
-    gains = summary.get("last_stage_gains", [])
-    out += _comparisons_table(summary.get("comparisons", []))
-    out += _comparisons_table(
-        gains,
-        "What the last stage adds (example by example)",
-        "Each multi-stage arm's final evaluation against that of the model its last stage "
-        "received (the end of the stage before it), on the same examples and seeds. ",
-    )
-    out += _boundaries_table(arms) + ["## Reading", ""]
-    for c in summary.get("comparisons", []) + gains:
+
+
+def reading_section(summary: dict) -> list[str]:
+    out = ["## Reading", ""]
+    for c in summary.get("comparisons", []) + summary.get("last_stage_gains", []):
         out.append("- " + _comparison(c))
-    on_boolq = summary["task"] == "boolq"  # the paper reports BoolQ only
-    if m and arms:
-        for b in ("lora-20", "loreft-20"):
-            if b in arms and "heft-2+1" in arms:
-                gap = (PAPER["heft-2+1"][1] - PAPER[b][1]) / 100
-                c = next((c for c in summary.get("comparisons", []) if (c["a"], c["b"]) == ("heft-2+1", b)), None)
-                width = f"{100 * (c['high'] - c['low']) / 2:.2f}" if c else "?"
-                out.append(
-                    f"- The paper's {'' if on_boolq else 'BoolQ '}margin of HEFT over {b} ({100 * gap:+.2f} "
-                    f"points{'' if on_boolq else ', a scale from another task'}) against the half-width "
-                    f"of our paired interval ({width} points): a gap of the paper's size "
-                    f"{'can' if c and abs(gap) > (c['high'] - c['low']) / 2 else 'cannot'} be resolved here."
-                )
-        if summary["majority_accuracy"]:
-            q = summary["majority_accuracy"]["mean"]
-            above = [n for n, a in arms.items() if (p_arm := a["final_accuracy"]["mean"]) - q > 2 * _se(p_arm, m)]
-            out.append(
-                f"- {len(above)} of {len(arms)} arms end more than two binomial standard errors above the "
-                f"majority class ({100 * q:.2f} %){': ' + ', '.join(above) if above else ''}."
-            )
-    setting = (
-        f"- The paper's setting: it used Llama-2-7B (7B parameters) on all 9,427 training examples; this run "
-        f"used {summary['model']} on {data.get('train_examples', '?')} training examples, so the scale of model "
-        "(and maybe data) differs and the paper's ranking need not carry over."
-        if on_boolq
-        else f"- The paper's setting: it reports BoolQ only, with Llama-2-7B (7B parameters); this run used "
-        f"{summary['model']} on {summary['task']}, so neither the model nor the task is the paper's and its "
-        "ranking need not carry over."
-    )
-    out += [
+    if summary["data"].get("eval_examples", 0) and summary["arms"]:
+        out += paper_margin_lines(summary) + majority_line(summary)
+    return out
+
+
+def paper_setting_line(summary: dict) -> list[str]:
+    paper = summary.get("paper")
+    if not paper:
+        return []
+    if _paper_task(summary):
+        return [
+            f"- The paper's setting: it used {paper['model']} ({paper['parameters']} parameters) on all "
+            f"{paper['train_examples']:,} training examples; this run used {summary['model']} on "
+            f"{summary['data'].get('train_examples', '?')} training examples, so the scale of model (and maybe data) "
+            "differs and the paper's ranking need not carry over."
+        ]
+    return [
+        f"- The paper's setting: it reports {paper['task_name']} only, with {paper['model']} "
+        f"({paper['parameters']} parameters); this run used {summary['model']} on {summary['task']}, so neither "
+        "the model nor the task is the paper's and its ranking need not carry over."
+    ]
+
+
+def limits_section(summary: dict) -> list[str]:
+    """What these numbers do not show."""
+    out = [
         "",
         "What these numbers do not show:",
-        setting,
+        *paper_setting_line(summary),
         "- Tuned hyperparameters: every arm uses fixed settings from the config; none was tuned here.",
         "- 'Best' picks an epoch on the evaluation set itself, so it is optimistic; 'final' is the fair number.",
     ]
     if len(summary["seeds"]) == 1:
         out.append("- Seed variance: one seed only, so no spread over seeds is measured.")
-    if any(a["epochs"] != a["nominal_epochs"] for a in arms.values()):
+    if any(a["epochs"] != a["nominal_epochs"] for a in summary["arms"].values()):
         out.append(
             f"- The arms' real lengths: the {summary['preset']} preset scales epochs down (see 'our epochs'), "
             "so arm names state the defined, not the run, epochs."
         )
-    return "\n".join(out) + "\n"
+    return out
+
+
+def render_report(summary: dict) -> str:
+    """Markdown: the paper's rows beside ours, the equal-budget table, curves, a templated reading."""
+    sections = [
+        header_section(summary),
+        paper_section(summary),
+        equal_budget_section(summary),
+        longer_arms_section(summary),
+        baselines_section(summary),
+        comparisons_section(summary.get("comparisons", [])),
+        last_stage_section(summary),
+        boundaries_section(summary["arms"]),
+        reading_section(summary),
+        limits_section(summary),
+    ]
+    return "\n".join(line for section in sections for line in section) + "\n"

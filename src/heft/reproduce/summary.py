@@ -19,9 +19,6 @@ from heft.stats import paired_comparison
 from heft.sysinfo import cpu_model_name
 from heft.train import read_metrics
 
-PAPER = {"heft-2+1": (3, 85.17), "lora-20": (20, 85.05), "loreft-20": (20, 83.36)}
-"""(epochs, BoolQ accuracy %) from arXiv 2509.09801 (Llama-2-7B, full BoolQ), keyed by our arm names."""
-
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
@@ -119,7 +116,7 @@ def last_stage_gain(arms: dict, arm: str) -> dict | None:
     """Paired comparison of `arm`'s final evaluation with that of the model its last stage received:
     does the refinement stage improve on what the stages before it learned?"""
     runs = arms[arm]["seeds"]
-    if not runs or any(r.get("received_correct") is None or r["final_correct"] is None for r in runs.values()):
+    if not runs or any(r.get("received_correct") is None or r.get("final_correct") is None for r in runs.values()):
         return None
     received = f"its {arms[arm]['methods'][-2]} stage"
     return {
@@ -137,7 +134,7 @@ def compare_arms(arms: dict, a: str, b: str) -> dict | None:
     if a not in arms or b not in arms:
         return None
     seeds = [s for s in arms[a]["seeds"] if s in arms[b]["seeds"]]
-    correct = [(arms[a]["seeds"][s]["final_correct"], arms[b]["seeds"][s]["final_correct"]) for s in seeds]
+    correct = [(arms[a]["seeds"][s].get("final_correct"), arms[b]["seeds"][s].get("final_correct")) for s in seeds]
     if not seeds or any(x is None or y is None for x, y in correct):
         return None  # runs from before per-example results were recorded
     return {
@@ -146,6 +143,34 @@ def compare_arms(arms: dict, a: str, b: str) -> dict | None:
         "seed_list": [int(s) for s in seeds],
         **paired_comparison([x for x, _ in correct], [y for _, y in correct]).to_dict(),
     }
+
+
+def comparison_pairs(plan: Plan) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs the report compares: every arm against the first, then the config's `compare`."""
+    first = next(iter(plan.configs))
+    pairs = [(arm, first) for arm in plan.configs if arm != first] + [p for p in plan.compare if p[0] != p[1]]
+    return list(dict.fromkeys(pairs))
+
+
+def derived(arms: dict, plan: Plan) -> dict:
+    """What a summary derives from its per-run records under this code and config: where the arms
+    trained, the paired comparisons, what each last stage adds, the config's paper block."""
+    return {
+        "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
+        "comparisons": [c for a, b in comparison_pairs(plan) if (c := compare_arms(arms, a, b)) is not None],
+        "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
+        "paper": plan.paper,
+    }
+
+
+def reread(previous: dict, plan: Plan) -> dict:
+    """A summary rebuilt from an earlier summary.json when its run folders are gone (committed
+    results): the per-run records stay as they were; what is derived from them is derived again
+    under this code and `plan`'s config (its comparisons, the paper's rows)."""
+    arms = previous["arms"]
+    for arm in arms.values():  # summaries from before devices were recorded lack it
+        arm["trained_on"] = sorted({_device_label(r.get("device")) for r in arm["seeds"].values()})
+    return {**previous, **derived(arms, plan)}
 
 
 def summarize(plan: Plan) -> dict:
@@ -191,8 +216,6 @@ def summarize(plan: Plan) -> dict:
             "seeds": {str(s): r for s, r in runs.items()},
         }
     any_cfg = next(iter(next(iter(plan.configs.values())).values()))
-    first = next(iter(plan.configs))
-    pairs = [(arm, first) for arm in plan.configs if arm != first] + [p for p in plan.compare if p[0] != p[1]]
     gpu = torch.cuda.is_available()
     return {
         "preset": plan.preset,
@@ -210,14 +233,7 @@ def summarize(plan: Plan) -> dict:
         "zero_shot_accuracy": _stats(list(zero_shot.values())) if zero_shot else None,
         "arms": arms,
         "missing": missing,
-        "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
-        "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
-        "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
-        "paper": {
-            "model": "Llama-2-7B",
-            "source": "arXiv 2509.09801",
-            "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()},
-        },
+        **derived(arms, plan),
         "versions": versions(),
         "machine": {
             "platform": platform.platform(),
