@@ -39,6 +39,7 @@ from heft.io import (
     write_json,
 )
 from heft.pipeline import HeftModel
+from heft.provenance import run_provenance
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, Example, Task, get_task
 from heft.tasks.data import DataError, subsample
@@ -457,6 +458,7 @@ def _run_training(cfg: RunConfig, run_dir: Path, show_progress: bool) -> dict:
     if cfg.eval_every == "never":
         record(len(cfg.stages) - 1, "final", None, None)
     results = run_results(history, model, progress, splits.info, time.perf_counter() - clock, run_dir)
+    results.update(run_provenance(rows.evaluation, run_dir))
     if is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
         progress.elapsed_s = time.perf_counter() - clock
         save_run(model, run_dir, cfg.seed, progress.optimizer_steps, trainer_state={"progress": asdict(progress)})

@@ -71,7 +71,7 @@ def reproduce(
         if not train and _only_a_summary(plan):
             log.info("%s holds no run folders: re-reading the per-run records of its summary.json", plan.output_dir)
             summary = reread(json.loads((plan.output_dir / "summary.json").read_text()), plan)
-            summary["reread"] = {**invocation, "versions": versions()}
+            summary["reread"] = {**invocation, "output_dir": str(plan.output_dir), "versions": versions()}
         else:
             summary = summarize(plan)
             summary.update(invocation)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from heft.stats import ALPHA, SHARED, WITHIN_SEED
+
 COMPARISONS_TITLE = "Paired comparisons (final evaluations, example by example)"
 
 
@@ -32,21 +34,40 @@ def _points(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.2f}"
 
 
-def _verdict(c: dict) -> str:
-    if c["low"] > 0:
-        return f"{c['a']} better"
-    if c["high"] < 0:
-        return f"{c['b']} better"
-    return "not resolved"
+def _seeds(seeds: list[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
-def _comparison(c: dict) -> str:
-    """One sentence: the paired difference, its interval, McNemar, and the seeds."""
+def _flags(c: dict) -> str:
+    """What weakens a pairing: runs on different devices or commits, or a prefix the runs contradict."""
+    flags = [
+        f"{what} differ ({_seeds(c[key])})"
+        for what, key in (("devices", "cross_device_seeds"), ("commits", "cross_commit_seeds"))
+        if c.get(key)
+    ]
+    differ = [int(s) for s, v in ((c.get("prefix") or {}).get("seeds") or {}).items() if v != "same checkpoint"]
+    differ = [s for s in differ if c["prefix"]["seeds"][str(s)] in ("different checkpoints", "records differ")]
+    if differ:
+        flags.append(f"not one prefix ({_seeds(differ)})")
+    return "; ".join(flags)
+
+
+def _name(arm: str, summary: dict) -> str:
+    """An arm's name, marked † when its settings were selected by looking at results (`selected_on`)."""
+    selection = summary.get("selected_on")
+    return f"{arm} †" if selection and arm in selection["arms"] else arm
+
+
+def _comparison(c: dict, summary: dict) -> str:
+    """One sentence: the paired difference, its interval, the test, the decision, and the seeds."""
     spread = f", per seed {', '.join(_points(d) for d in c['per_seed'])}" if c["seeds"] > 1 else ""
+    questions = f" ({c['questions']} questions)" if c["unit"] == SHARED else ""
+    flags = f"; {_flags(c)}" if _flags(c) else ""
     return (
-        f"{c['a']} − {c['b']}: {_points(c['difference'])} points [95 % CI {_points(c['low'])}, "
-        f"{_points(c['high'])}], McNemar p = {c['mcnemar_p']:.3g} ({c['a_only']} vs {c['b_only']} discordant "
-        f"examples of {c['examples']}, {c['seeds']} seed{'s' if c['seeds'] > 1 else ''}{spread}): {_verdict(c)}."
+        f"{_name(c['a'], summary)} − {c['b']}: {_points(c['difference'])} points [95 % CI {_points(c['low'])}, "
+        f"{_points(c['high'])}], p = {c['p']:.3g}, adjusted p = {c['p_adjusted']:.3g} ({c['a_only']} vs "
+        f"{c['b_only']} discordant of {c['examples']} scored examples{questions}, {c['seeds']} "
+        f"seed{'s' if c['seeds'] > 1 else ''}{spread}{flags}): {c['verdict']}."
     )
 
 
@@ -119,11 +140,25 @@ def equal_budget_section(summary: dict) -> list[str]:
         a = arms[arm]
         params = " + ".join(f"{p['trainable_params']:,}" for p in a["trainable_params"])
         out.append(
-            f"| {arm} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
+            f"| {_name(arm, summary)} | {_stages(a)} | {_pct(a['final_accuracy'])} | {_pct(a['best_accuracy'])} "
             f"| {a['train_tokens']:,.0f} | {a['optimizer_steps']:.0f} | {params} | {a['wall_time_s']:.0f} "
             f"| {', '.join(a['trained_on'])} |"
         )
-    return out
+    return out + selection_note(summary)
+
+
+def selection_note(summary: dict) -> list[str]:
+    """† beside the arms whose settings were picked by looking at results: what, and on which split."""
+    selection = summary.get("selected_on")
+    if not selection:
+        return []
+    where = (
+        "on this evaluation set: its accuracy and its comparisons are optimistic (the choice saw these "
+        "examples), and the arms it is compared with had no such search"
+        if selection["split"] == "eval"
+        else "on other examples than this evaluation set (a dev split), which therefore tests the choice"
+    )
+    return ["", f"† {', '.join(selection['arms'])}: {selection['what']}, chosen {where}."]
 
 
 def milestones(evaluated: list[int], budget: float = 3) -> list[int]:
@@ -170,26 +205,62 @@ def baselines_section(summary: dict) -> list[str]:
     ]
 
 
-def comparisons_section(comparisons: list[dict], title: str = COMPARISONS_TITLE, intro: str = "") -> list[str]:
-    """A table of paired comparisons: difference, interval, per-seed differences, McNemar, verdict."""
+def method_note(summary: dict) -> str:
+    """How the comparisons were computed and decided, from what they record."""
+    listed = summary.get("comparisons", []) + summary.get("last_stage_gains", [])
+    units, evidence = {c["unit"] for c in listed}, sorted({c["pairing"] for c in listed})
+    notes = []
+    if SHARED in units:
+        notes.append(
+            "Where the seeds score the same questions, the question is the unit: the bootstrap resamples "
+            "questions with their outcomes in every seed, and p is an exact sign-flip test on each question's "
+            "difference summed over the seeds."
+        )
+    if WITHIN_SEED in units:
+        notes.append(
+            "Where each seed drew its own examples, the bootstrap resamples examples within each seed, and p is "
+            "McNemar's exact test on the examples exactly one arm got right."
+        )
+    first, decision = listed[0], summary["decision"]
+    primary = decision.get("primary")
+    rule = (
+        f"Holm's correction over the {decision['family']} comparisons this report lists "
+        "(both tables; a row listed twice counts once)"
+    )
+    if primary:
+        rule += f"; the primary comparison {primary[0]} − {primary[1]}, declared in the config, keeps its own p"
+    return (
+        f"Difference in accuracy points. How examples pair: {'; '.join(evidence)}. "
+        + " ".join(notes)
+        + f" 95 % percentile-bootstrap interval, {first['resamples']:,} resamples, bootstrap seed "
+        f"{first['bootstrap_seed']}. Verdict: adjusted p below {ALPHA:g}, with {rule}; otherwise no resolved "
+        "difference. The interval is shown, not used as a second test."
+    )
+
+
+def comparisons_section(
+    comparisons: list[dict], summary: dict, title: str = COMPARISONS_TITLE, intro: str = ""
+) -> list[str]:
+    """A table of paired comparisons: difference, interval, per-seed differences, p, adjusted p, verdict.
+    The first table of the report says how they were computed and decided; a second refers to it."""
     if not comparisons:
         return []
+    first = comparisons is summary.get("comparisons") or not summary.get("comparisons")
     out = [
         f"## {title}",
         "",
-        intro
-        + "Difference in accuracy points; 95 % percentile-bootstrap interval over examples (resampled within each "
-        "seed); McNemar's exact test on the examples exactly one arm got right.",
+        intro + (method_note(summary) if first else "Difference, unit, test and decision rule as in the table above."),
         "",
         "| arm | baseline | difference | 95 % CI | per seed | a right, b wrong / b right, a wrong "
-        "| McNemar p | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| p | adjusted p | verdict | provenance |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
         out.append(
-            f"| {c['a']} | {c['b']} | {_points(c['difference'])} | [{_points(c['low'])}, {_points(c['high'])}] "
-            f"| {', '.join(_points(d) for d in c['per_seed'])} | {c['a_only']} / {c['b_only']} "
-            f"| {c['mcnemar_p']:.3g} | {_verdict(c)} |"
+            f"| {_name(c['a'], summary)} | {c['b']} | {_points(c['difference'])} "
+            f"| [{_points(c['low'])}, {_points(c['high'])}] | {', '.join(_points(d) for d in c['per_seed'])} "
+            f"| {c['a_only']} / {c['b_only']} | {c['p']:.3g} | {c['p_adjusted']:.3g} | {c['verdict']} "
+            f"| {_flags(c)} |"
         )
     return out + [""]
 
@@ -197,6 +268,7 @@ def comparisons_section(comparisons: list[dict], title: str = COMPARISONS_TITLE,
 def last_stage_section(summary: dict) -> list[str]:
     return comparisons_section(
         summary.get("last_stage_gains", []),
+        summary,
         "What the last stage adds (example by example)",
         "Each multi-stage arm's final evaluation against that of the model its last stage "
         "received (the end of the stage before it), on the same examples and seeds. ",
@@ -238,6 +310,53 @@ def boundaries_section(arms: dict) -> list[str]:
     return out + [""]
 
 
+def _prefix_lines(listed: list[dict]) -> list[str]:
+    """Per prefix the plan shares between compared arms: did their runs start from it, seed by seed?"""
+    groups: dict[str, dict] = {}
+    for c in (c for c in listed if c.get("prefix")):
+        group = groups.setdefault(c["prefix"]["planned"], {"arms": {}, "seeds": {}})
+        group["arms"].update(dict.fromkeys((c["a"], c["b"])))
+        for seed, state in c["prefix"]["seeds"].items():
+            group["seeds"].setdefault(seed, {}).setdefault(state, []).append(f"{c['a']} − {c['b']}")
+    out = []
+    for name, group in groups.items():
+        seeds = "; ".join(
+            f"seed {seed}: "
+            + ", ".join(
+                state if len(states) == 1 else f"{state} ({', '.join(pairs)})" for state, pairs in states.items()
+            )
+            for seed, states in group["seeds"].items()
+        )
+        contradicted = any(
+            state in ("different checkpoints", "records differ")
+            for states in group["seeds"].values()
+            for state in states
+        )
+        out.append(
+            f"- {', '.join(group['arms'])} branch off one prefix in the plan ({name}); their runs: {seeds}"
+            + (". Where they differ, the arms did not start from one model." if contradicted else ".")
+        )
+    return out
+
+
+def provenance_section(summary: dict) -> list[str]:
+    """What the runs themselves record about the pairs: devices, commits, shared prefixes."""
+    counts = summary.get("provenance")
+    if not counts or not counts["comparisons"]:
+        return []
+    listed = summary.get("comparisons", []) + summary.get("last_stage_gains", [])
+    out = ["## Provenance", ""]
+    for what, key in (("devices", "device"), ("code commits", "commit")):
+        crossing = [f"{c['a']} − {c['b']}" for c in listed if c[f"cross_{key}_seeds"]]
+        out.append(
+            f"- {counts[f'cross_{key}']} of {counts['comparisons']} comparisons pair runs on different {what}"
+            + (f" ({'; '.join(crossing)})" if crossing else "")
+            + f"; {counts[f'{key}_not_recorded']} pair runs that did not record it, so they are not verified as "
+            f"on one {what.split()[-1][:-1]}."
+        )
+    return out + _prefix_lines(listed) + [""]
+
+
 def paper_margin_lines(summary: dict) -> list[str]:
     """The paper's margin of its method over each other paper arm, against our paired interval."""
     paper, arms = summary.get("paper"), summary["arms"]
@@ -275,7 +394,7 @@ def majority_line(summary: dict) -> list[str]:
 def reading_section(summary: dict) -> list[str]:
     out = ["## Reading", ""]
     for c in summary.get("comparisons", []) + summary.get("last_stage_gains", []):
-        out.append("- " + _comparison(c))
+        out.append("- " + _comparison(c, summary))
     if summary["data"].get("eval_examples", 0) and summary["arms"]:
         out += paper_margin_lines(summary) + majority_line(summary)
     return out
@@ -299,13 +418,30 @@ def paper_setting_line(summary: dict) -> list[str]:
     ]
 
 
+def tuning_line(summary: dict) -> str:
+    """What was tuned, and on which examples (the config's `selected_on`)."""
+    selection = summary.get("selected_on")
+    if not selection:
+        return "- Tuned hyperparameters: every arm uses fixed settings from the config; none was tuned here."
+    chosen = f"- Tuned hyperparameters: for {', '.join(selection['arms'])} (marked †), {selection['what']}, chosen"
+    if selection["split"] == "eval":
+        return (
+            f"{chosen} on this evaluation set; every other arm uses fixed settings from the config with no "
+            "search. The selected arm's numbers are optimistic until confirmed on examples the choice did not see."
+        )
+    return (
+        f"{chosen} on other examples than this evaluation set, so this set tests the choice; every other arm uses "
+        "fixed settings from the config."
+    )
+
+
 def limits_section(summary: dict) -> list[str]:
     """What these numbers do not show."""
     out = [
         "",
         "What these numbers do not show:",
         *paper_setting_line(summary),
-        "- Tuned hyperparameters: every arm uses fixed settings from the config; none was tuned here.",
+        tuning_line(summary),
         "- 'Best' picks an epoch on the evaluation set itself, so it is optimistic; 'final' is the fair number.",
     ]
     if len(summary["seeds"]) == 1:
@@ -326,9 +462,10 @@ def render_report(summary: dict) -> str:
         equal_budget_section(summary),
         longer_arms_section(summary),
         baselines_section(summary),
-        comparisons_section(summary.get("comparisons", [])),
+        comparisons_section(summary.get("comparisons", []), summary),
         last_stage_section(summary),
         boundaries_section(summary["arms"]),
+        provenance_section(summary),
         reading_section(summary),
         limits_section(summary),
     ]
