@@ -1,4 +1,6 @@
-"""`summary.json`: per arm and seed, exact budgets and accuracies read back from the run folders."""
+"""`summary.json`: per arm and seed, exact budgets, accuracies and provenance read back from the run
+folders; then what is derived from those records (comparisons, verdicts, provenance counts), which a
+later `--report-only` derives again from the summary alone when the run folders are gone (`reread`)."""
 
 from __future__ import annotations
 
@@ -185,6 +187,20 @@ def _eval_sets(arms: dict) -> dict[str, list[str]]:
     return sets
 
 
+def _machine() -> dict:
+    """The machine that assembled the summary (each run names its own device)."""
+    gpu = torch.cuda.is_available()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if gpu else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
+    }
+
+
 def summarize(plan: Plan) -> dict:
     """Per arm and seed, mean ± std over seeds, baselines and the machine, from finished runs."""
     arms, missing, zero_shot, majority, data = {}, [], {}, {}, None
@@ -219,7 +235,6 @@ def summarize(plan: Plan) -> dict:
             "seeds": {str(s): r for s, r in runs.items()},
         }
     any_cfg = next(iter(next(iter(plan.configs.values())).values()))
-    gpu = torch.cuda.is_available()
     summary = {
         "preset": plan.preset,
         "model": any_cfg.model,
@@ -238,14 +253,6 @@ def summarize(plan: Plan) -> dict:
         "missing": missing,
         "eval_sets": _eval_sets(arms),
         "versions": versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "processor": cpu_model_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": "cuda" if gpu else "cpu",
-            "gpu": torch.cuda.get_device_name(0) if gpu else None,
-        },
+        "machine": _machine(),
     }
     return {**summary, **derived(summary, plan)}
