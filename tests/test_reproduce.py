@@ -3,7 +3,9 @@ tiny end-to-end run, skipping finished arms, resuming an interrupted one, and th
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import time
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import heft.train as train_module
 from conftest import SHARED_DATA
 from heft.config import ConfigError
 from heft.io import RunFolderBusy, load_run, run_folder_lock
+from heft.provenance import checkpoint_hash, eval_set_hash
 from heft.reproduce import load_plan, reproduce
+from heft.reproduce.compare import EvalSetMismatch, compare_arms
 from heft.reproduce.report import milestones, render_report
 from heft.reproduce.run import plan_jobs
 from heft.reproduce.summary import _mean_curve
@@ -105,6 +109,11 @@ def test_overrides_win_over_the_preset_and_errors_are_one_line():
         "base.max_lenght=9": "did you mean 'max_length'?",
         "presets.cpu.epochs.lora-3=[1,2]": "a list of 1 epoch count(s)",
         "presets.cpu.epochs.lora-2=[1]": "did you mean 'lora-20'?",
+        "primary=[lora-3,lora-3]": "an [arm, baseline] pair of two arm names",
+        "selected_on.split=test": "expected eval or dev",
+        "selected_on.arms=[lora-2]": "a non-empty list of arm names",
+        "paper.arms.lora-20.accuracy=high": "expected a number",
+        "paper.method.arms=x": "did you mean 'arm'?",
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError) as info:
@@ -135,6 +144,7 @@ def tiny_reproduce_file(tmp_path: Path, model_dir: Path) -> Path:
             "heft-2+1": {"stages": [{**lora, "epochs": 2}, {**loreft, "epochs": 1}]},
             "joint-3": {"stages": [{**lora, **loreft, "method": "joint", "epochs": 3}]},
         },
+        "paper": yaml.safe_load(CONFIG.read_text())["paper"],
     }
     path = tmp_path / "reproduce.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -175,8 +185,39 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     assert read_metrics(out / "lora-20" / "seed-1") == [(-1, None), (0, 1), (0, 2)]
     # heft-2+1 continued from the LoRA stage it shares with lora-20: its copy holds that stage's lines
     assert read_metrics(out / "heft-2+1" / "seed-1") == [(-1, None), (0, 1), (0, 2), (1, 1)]
-    assert heft["branched_from"]["stages"] == 1 and summary["arms"]["lora-20"]["branched_from"] == heft["branched_from"]
+    # what each arm branched from comes from its run: the prefix's checkpoint, device and commit
+    prefix_dir = out / "_prefix" / heft["branched_from"]["planned"] / "seed-1"
+    branched = json.loads((prefix_dir / "results.json").read_text())
+    assert heft["branched_from"]["stages"] == 1 and heft["branched_from"]["recorded"]["1"] == {
+        "prefix": heft["branched_from"]["planned"],
+        "stages": 1,
+        "run_dir": str(prefix_dir),
+        "checkpoint": checkpoint_hash(prefix_dir),
+        "device": branched["device"],
+        "commit": branched["commit"],
+        "eval_set_hash": branched["eval_set_hash"],
+    }
+    assert results["branched_from"] == heft["branched_from"]["recorded"]["1"]
+    assert summary["arms"]["lora-20"]["branched_from"] == heft["branched_from"]  # one prefix, one checkpoint
     assert summary["arms"]["joint-3"]["branched_from"] is None
+    # provenance: the evaluation examples in order, their set's hash, the commit; in results and summary
+    ids = results["eval_example_ids"]
+    assert len(ids) == len(set(ids)) == 24 and results["eval_set_hash"] == eval_set_hash(ids)
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", results["commit"]), "tests run from a git checkout"
+    assert run["eval_set_hash"] == results["eval_set_hash"] and run["commit"] == results["commit"]
+    assert "eval_example_ids" not in run and summary["eval_sets"] == {results["eval_set_hash"]: ids}
+    assert all(c["pairing"] == "example ids recorded by the runs" for c in summary["comparisons"])
+    assert summary["provenance"] == {
+        "comparisons": 4,
+        "cross_device": 0,
+        "device_not_recorded": 0,
+        "cross_commit": 0,
+        "commit_not_recorded": 0,
+        "prefix_contradicted": 0,
+    }
+    assert next(c for c in summary["comparisons"] if c["a"] == "heft-2+1")["prefix"]["seeds"] == {
+        "1": "same checkpoint"
+    }
     pairs = [(c["a"], c["b"]) for c in summary["comparisons"]]
     assert pairs == [("loreft-20", "lora-20"), ("heft-2+1", "lora-20"), ("joint-3", "lora-20")]
     for c in summary["comparisons"]:
@@ -231,7 +272,7 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
     assert (
         "9,427" not in elsewhere
         and "reports BoolQ only" in elsewhere
-        and "BoolQ margin of HEFT over loreft-20" in elsewhere
+        and "BoolQ margin of HEFT over lora-20" in elsewhere
     )
     assert "9,427" in report and "BoolQ margin" not in report
 
@@ -240,6 +281,62 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
 
     monkeypatch.setattr(reproduce_module, "run_training", no_training)
     assert reproduce(str(path), show_progress=False) == summary
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
+LEGACY = ("cpu", "full-h100-partial")
+"""Summaries from before per-example records, devices and stage boundaries: their reports came from
+an older renderer and stay as committed."""
+
+
+@pytest.mark.parametrize(
+    "folder",
+    sorted(
+        str(p.parent.relative_to(COMMITTED))
+        for p in COMMITTED.rglob("summary.json")
+        if str(p.parent.relative_to(COMMITTED)) not in LEGACY
+    ),
+)
+def test_committed_summary_regenerates_its_report_byte_for_byte(folder, tmp_path, monkeypatch):
+    """--report-only on a folder holding only a summary.json re-reads its per-run records: the
+    committed report comes back identical, so what it says follows from the committed records."""
+    committed = json.loads((COMMITTED / folder / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps(committed))
+    monkeypatch.chdir(COMMITTED.parents[1])  # the summary names its config relative to the repository
+    monkeypatch.setattr(reproduce_module, "run_training", lambda *a, **k: pytest.fail("trained"))
+    summary = reproduce(committed["config"], committed["overrides"], str(tmp_path), show_progress=False, train=False)
+    assert (tmp_path / "report.md").read_text() == (COMMITTED / folder / "report.md").read_text()
+    assert summary["arms"] == committed["arms"] and summary["reread"]["config"] == committed["config"]
+
+
+def test_committed_openbookqa_flags_devices_and_the_prefix_its_runs_contradict():
+    """Re-read under the new rules: the seeds score the same 500 questions (whole test split), the
+    H200 arms pair with CPU arms across devices, and the identity arm did not start from heft-2+1's
+    LoRA stage although the plan branches both off one prefix."""
+    committed = json.loads((COMMITTED / "multiple-choice" / "openbookqa" / "summary.json").read_text())
+    pairs = {(c["a"], c["b"]): c for c in committed["comparisons"]}
+    assert all(c["unit"] == "questions" and c["questions"] == 500 and c["examples"] == 1000 for c in pairs.values())
+    assert pairs["loreft-3", "loreft-20"]["cross_device_seeds"] == [1, 2]  # H200 against the CPU
+    assert pairs["heft-2+1-identity", "lora-20"]["cross_device_seeds"] == []  # two CPU runs
+    assert pairs["heft-2+1", "lora-3"]["device_not_recorded_seeds"] == [1, 2]
+    assert pairs["heft-2+1-identity", "heft-2+1"]["prefix"]["seeds"] == {"1": "records differ", "2": "records differ"}
+    assert committed["provenance"]["prefix_contradicted"] == 1 and committed["provenance"]["cross_device"] > 0
+
+
+def test_pairing_refuses_runs_evaluated_on_different_example_sets():
+    run = {"run_dir": "out/a/seed-1", "final_correct": "0110", "eval_set_hash": "1" * 64}
+    summary = {
+        "data": {"max_eval_examples": None, "eval_split": "validation"},
+        "eval_sets": {"1" * 64: ["q1", "q2", "q3", "q4"]},
+        "arms": {"a": {"seeds": {"1": run}}, "b": {"seeds": {"1": {**run, "run_dir": "out/b/seed-1"}}}},
+    }
+    assert compare_arms(summary, "a", "b")["pairing"] == "example ids recorded by the runs"
+    other = copy.deepcopy(summary)
+    other["arms"]["b"]["seeds"]["1"]["eval_set_hash"] = "2" * 64
+    with pytest.raises(EvalSetMismatch) as info:
+        compare_arms(other, "a", "b")
+    message = str(info.value)
+    assert "out/a/seed-1 and out/b/seed-1 (seed 1) evaluated different example sets" in message and "\n" not in message
 
 
 def test_interrupted_arm_resumes_and_summary_is_complete(tmp_path, tiny_model_dir, monkeypatch):
@@ -292,7 +389,11 @@ def test_branched_arm_equals_the_same_arm_trained_from_scratch(tmp_path, tiny_mo
     a, b = load_run(out.parent), load_run(tmp_path / "scratch")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    assert summary["arms"]["heft-2+1"]["branched_from"]["run_dirs"] == {"1": str(prefix.run_dir(1))}
+    recorded = summary["arms"]["heft-2+1"]["branched_from"]["recorded"]["1"]
+    assert recorded["run_dir"] == str(prefix.run_dir(1)) and recorded["checkpoint"] == checkpoint_hash(
+        prefix.run_dir(1)
+    )
+    assert scratch["branched_from"] is None and branched["eval_set_hash"] == scratch["eval_set_hash"]
 
 
 def test_branching_replaces_an_attempt_that_left_no_checkpoint(tmp_path):

@@ -2,7 +2,7 @@
 the LoRA model it receives, and does LoRA-then-LoReFT beat spending that epoch on LoRA?
 
 Reads the paired comparisons of the committed `summary.json` files (no training) and draws each
-difference with its 95 % bootstrap interval:
+difference with its 95 % bootstrap interval, its p and its Holm-adjusted p (the reports' decision rule):
     python tools/plot_refinement.py [--output docs/results/refinement.png]
 """
 
@@ -23,7 +23,7 @@ IDENTITY, RANDOM = "#1f77b4", "#d62728"
 # (panel, summary.json, rows): a row is (label, arm a, arm b or None for "a against its own LoRA stage", colour)
 PANELS = [
     (
-        "BoolQ ablation: 1,000 training, 1,000 held-out training examples",
+        "BoolQ ablation: 1,000 held-out train examples (lr 1e-4 was chosen on them)",
         "ablate-refinement-cpu/summary.json",
         [
             ("LoReFT stage, identity start, lr 1e-4 − its LoRA-2", "heft-identity-1e-4", "lora-2", IDENTITY),
@@ -74,7 +74,7 @@ def main() -> None:
             mid, low, high = (100 * c[k] for k in ("difference", "low", "high"))
             ax.errorbar(mid, y, xerr=[[mid - low], [high - mid]], fmt="o", color=colour, capsize=3)
             ax.annotate(
-                f"{mid:+.2f}  (p = {c['mcnemar_p']:.2g})",
+                f"{mid:+.2f}  (p = {c['p']:.2g}, Holm {c['p_adjusted']:.2g})",
                 (high, y),
                 xytext=(6, -3),
                 textcoords="offset points",
@@ -84,8 +84,8 @@ def main() -> None:
         ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=8)
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_ylim(-0.6, len(rows) - 0.4)
-    axes[-1].set_xlabel("paired accuracy difference, points (95 % bootstrap interval; McNemar p)")
-    axes[-1].set_xlim(right=axes[-1].get_xlim()[1] + 1.8)  # room for the labels
+    axes[-1].set_xlabel("paired difference, points (95 % bootstrap interval); p, Holm-adjusted p")
+    axes[-1].set_xlim(right=axes[-1].get_xlim()[1] + 4.5)  # room for the labels
     fig.suptitle(
         "smollm2-135m, 2 seeds each: blue starts the LoReFT stage as the identity, red as the paper does", fontsize=9
     )

@@ -367,7 +367,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             markup=True,
         )
         return 1
-    console.print(f"summary: {summary['output_dir']}/summary.json, report: {summary['output_dir']}/report.md")
+    folder = (summary.get("reread") or summary)["output_dir"]  # a re-read summary keeps where its runs were
+    console.print(f"summary: {folder}/summary.json, report: {folder}/report.md")
     return 0
 
 

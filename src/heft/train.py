@@ -49,6 +49,7 @@ from heft.metrics import (
     results_summary,
 )
 from heft.pipeline import HeftModel, Stage
+from heft.provenance import run_provenance
 from heft.sharding import check_launch
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, task_for
@@ -128,9 +129,9 @@ class TrainingRecipe:
         self.task = task_for(cfg)
         if (run_dir / "results.json").exists():
             raise FileExistsError(f"{run_dir} already holds a finished run; choose another output_dir")
-        rows = read_splits(self.task, cfg)  # before the model: bad data must not wait for a model download
+        self.rows = read_splits(self.task, cfg)  # before the model: bad data must not wait for a model download
         self._load_model()
-        self.splits = encode_splits(self.task, cfg, rows, self.model.tokenizer)
+        self.splits = encode_splits(self.task, cfg, self.rows, self.model.tokenizer)
         pad_id = self.model.tokenizer.pad_token_id
         self.probe = fixed_batches(self.splits.train[: cfg.boundary_examples], cfg.batch_size, pad_id)
         if self.is_main:
@@ -321,6 +322,7 @@ class TrainingRecipe:
             self.record_evaluation(len(cfg.stages) - 1, FINAL, None, None)
         wall_time = time.perf_counter() - self.clock
         results = run_results(self.history, self.model, progress, self.splits.info, wall_time, self.run_dir)
+        results.update(run_provenance(self.rows.evaluation, self.run_dir))
         if self.is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
             progress.elapsed_s = time.perf_counter() - self.clock
             save_run(

@@ -13,18 +13,19 @@ once per seed, by the first arm that runs in a call, and read from whichever arm
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shlex
 import sys
 from collections.abc import Sequence
 
-from heft.files import atomic_write_text, write_json
+from heft.files import atomic_write_text, versions, write_json
 from heft.io import run_folder_lock
 from heft.reproduce.plan import Plan, load_plan
 from heft.reproduce.plots import plot
 from heft.reproduce.report import render_report
 from heft.reproduce.run import train_plan, train_plan_parallel
-from heft.reproduce.summary import summarize
+from heft.reproduce.summary import reread, summarize
 
 __all__ = ["Plan", "ReproduceJobsFailed", "load_plan", "reproduce", "summarize", "render_report", "plot"]
 
@@ -33,6 +34,13 @@ log = logging.getLogger("heft")
 
 class ReproduceJobsFailed(RuntimeError):
     """Some parallel jobs failed; the summary and report of the others were written."""
+
+
+def _only_a_summary(plan: Plan) -> bool:
+    """Whether the output folder holds a summary.json but none of the plan's finished runs: results
+    committed without their run folders, which a report-only call re-reads."""
+    finished = any((plan.run_dir(arm, seed) / "results.json").is_file() for arm in plan.configs for seed in plan.seeds)
+    return not finished and (plan.output_dir / "summary.json").is_file()
 
 
 def reproduce(
@@ -44,7 +52,8 @@ def reproduce(
     jobs: int = 1,
 ) -> dict:
     """Train every selected arm and seed not yet finished (unless `train` is False: report on what is
-    finished), then write the summary, report and plots. With `jobs` > 1 the arms and seeds train
+    finished, or re-read the summary.json of a folder that holds no runs), then write the summary,
+    report and plots. With `jobs` > 1 the arms and seeds train
     in that many worker processes at once (`train_plan_parallel`).
 
     Returns the content of `summary.json`.
@@ -59,8 +68,14 @@ def reproduce(
             failed = train_plan_parallel(plan, jobs)
         elif train:
             train_plan(plan, show_progress)
-        summary = summarize(plan)
-        summary.update(config=str(config_path), overrides=list(overrides), command=shlex.join(sys.argv))
+        invocation = {"config": str(config_path), "overrides": list(overrides), "command": shlex.join(sys.argv)}
+        if not train and _only_a_summary(plan):
+            log.info("%s holds no run folders: re-reading the per-run records of its summary.json", plan.output_dir)
+            summary = reread(json.loads((plan.output_dir / "summary.json").read_text()), plan)
+            summary["reread"] = {**invocation, "output_dir": str(plan.output_dir), "versions": versions()}
+        else:
+            summary = summarize(plan)
+            summary.update(invocation)
         plan.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(plan.output_dir / "summary.json", summary)
         atomic_write_text(plan.output_dir / "report.md", render_report(summary))

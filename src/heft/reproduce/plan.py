@@ -16,8 +16,25 @@ from heft.config import RunConfig, config_from_dict, config_to_dict, is_eval_int
 from heft.config_loader import Source, apply_override, did_you_mean, read_yaml
 from heft.tasks import task_for
 
-TOP_KEYS = ("preset", "base", "seeds", "presets", "arms", "arms_only", "output_dir", "eval_every", "compare")
+TOP_KEYS = (
+    "preset",
+    "base",
+    "seeds",
+    "presets",
+    "arms",
+    "arms_only",
+    "output_dir",
+    "eval_every",
+    "compare",
+    "primary",
+    "selected_on",
+    "paper",
+)
 PRESET_KEYS = ("base", "seeds", "epochs")
+PAPER_KEYS = ("source", "model", "parameters", "task", "task_name", "train_examples", "method", "arms")
+"""A `paper:` block: the published numbers the report sets ours beside (see configs/reproduce_boolq.yaml)."""
+SELECTION_KEYS = ("split", "arms", "what")
+"""A `selected_on:` block: which arms' settings were chosen by looking at results, on which split, and what."""
 RESERVED = ("stages", "seed", "output_dir", "eval_every", "eval_zero_shot")
 """RunConfig fields set per arm by reproduce itself, so `base` may not set them."""
 
@@ -39,6 +56,12 @@ class Plan:
     """Arm → the leading stages it shares with another selected arm, trained once per seed."""
     compare: list[tuple[str, str]] = field(default_factory=list)
     """Pairs (arm, baseline) the report compares example by example, beside its default pairs."""
+    paper: dict | None = None
+    """The `paper:` block: the published setting and numbers, keyed by our arm names (None: no paper)."""
+    primary: tuple[str, str] | None = None
+    """A comparison declared before the results: judged on its own p, the others with Holm's correction."""
+    selected_on: dict | None = None
+    """The `selected_on:` block: arms whose settings were picked on `split` (eval or dev), and what."""
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.output_dir / arm / f"seed-{seed}"
@@ -153,6 +176,9 @@ def _resolve(data: dict, src: Source) -> tuple[str, dict, dict[str, list[float]]
         "output_dir": data.get("output_dir", "runs/reproduce-{preset}"),
         "eval_every": data.get("eval_every", "epoch"),
         "compare": data.get("compare"),
+        "paper": data.get("paper"),
+        "primary": data.get("primary"),
+        "selected_on": data.get("selected_on"),
     }
     for arm, epochs in _mapping(chosen.get("epochs", {}), ("presets", preset, "epochs"), src, list(arms)).items():
         stages = resolved["arms"][arm]["stages"]
@@ -245,4 +271,44 @@ def load_plan(config_path: str | Path, overrides: Sequence[str] = (), output_dir
         selected,
         shared_prefixes(configs, selected, out),
         [tuple(c) for c in compare],
+        _paper(resolved["paper"], src),
+        _primary(resolved["primary"], arms, src),
+        _selection(resolved["selected_on"], arms, src),
     )
+
+
+def _primary(value: Any, arms: dict, src: Source) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == 2 and all(a in arms for a in value) and value[0] != value[1]
+    _check(ok, value, ("primary",), src, "null or an [arm, baseline] pair of two arm names")
+    return (value[0], value[1])
+
+
+def _selection(value: Any, arms: dict, src: Source) -> dict | None:
+    """The `selected_on:` block checked: split eval or dev, a list of arm names, a text saying what."""
+    if value is None:
+        return None
+    selection = _mapping(value, ("selected_on",), src, SELECTION_KEYS)
+    split, chosen, what = (selection.get(k) for k in SELECTION_KEYS)
+    _check(split in ("eval", "dev"), split, ("selected_on", "split"), src, "eval or dev")
+    ok = isinstance(chosen, list) and bool(chosen) and all(a in arms for a in chosen)
+    _check(ok, chosen, ("selected_on", "arms"), src, "a non-empty list of arm names")
+    _check(isinstance(what, str) and bool(what), what, ("selected_on", "what"), src, "a text saying what was chosen")
+    return selection
+
+
+def _paper(value: Any, src: Source) -> dict | None:
+    """The `paper:` block checked: every key present, arms as {epochs, accuracy} numbers."""
+    if value is None:
+        return None
+    paper = _mapping(value, ("paper",), src, PAPER_KEYS)
+    for name in PAPER_KEYS:
+        _check(name in paper, None, ("paper", name), src, "a value (every key of a paper block is needed)")
+    method = _mapping(paper["method"], ("paper", "method"), src, ("arm", "name"))
+    _check(set(method) == {"arm", "name"}, method, ("paper", "method"), src, "{arm: <arm name>, name: <label>}")
+    for arm, row in _mapping(paper["arms"], ("paper", "arms"), src).items():
+        row = _mapping(row, ("paper", "arms", arm), src, ("epochs", "accuracy"))
+        for name in ("epochs", "accuracy"):
+            _check(type(row.get(name)) in (int, float), row.get(name), ("paper", "arms", arm, name), src, "a number")
+    return paper

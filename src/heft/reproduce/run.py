@@ -12,7 +12,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 
 from heft.config import ConfigError, RunConfig, config_to_dict, load_config
+from heft.files import write_json
 from heft.models import hide_library_progress_bars
+from heft.provenance import BRANCH_RECORD, branch_record
 from heft.reproduce.plan import Plan
 from heft.tasks import task_for
 from heft.train import run_training
@@ -44,14 +46,19 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
         )
 
 
-def branch(prefix_dir: Path, run_dir: Path) -> None:
+def branch(prefix_dir: Path, run_dir: Path, record: dict | None = None) -> None:
     """Start `run_dir` as a copy of a finished prefix run: its weights, trainer state (at the stage
-    boundary) and metrics. The arm's own config and results are written by its training."""
+    boundary) and metrics, and `record` (what it branched from) as BRANCH_RECORD, in one rename.
+    The arm's own config and results are written by its training."""
     tmp = run_dir.with_name(run_dir.name + ".branching")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(
-        prefix_dir, tmp, ignore=shutil.ignore_patterns("results.json", "config.yaml", ".tmp-*", ".heft.lock*")
+        prefix_dir,
+        tmp,
+        ignore=shutil.ignore_patterns("results.json", "config.yaml", BRANCH_RECORD, ".tmp-*", ".heft.lock*"),
     )
+    if record is not None:
+        write_json(tmp / BRANCH_RECORD, record)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if run_dir.exists():  # an earlier attempt stopped before its first checkpoint: nothing in it to resume
         shutil.rmtree(run_dir)
@@ -74,7 +81,7 @@ def train_plan(plan: Plan, show_progress: bool = True) -> None:
                 if not (prefix_dir / "results.json").is_file():
                     log.info("shared prefix %s seed %d: training into %s", prefix.name, seed, prefix_dir)
                     run_training(prefix.configs[seed], prefix_dir, show_progress)
-                branch(prefix_dir, run_dir)
+                branch(prefix_dir, run_dir, branch_record(prefix_dir, prefix.name, prefix.stages))
                 log.info("%s seed %d: branched from %s after %d stage(s)", arm, seed, prefix_dir, prefix.stages)
             log.info("%s seed %d: training into %s", arm, seed, run_dir)
             run_training(cfg, run_dir, show_progress)

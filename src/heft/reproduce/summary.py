@@ -1,4 +1,6 @@
-"""`summary.json`: per arm and seed, exact budgets and accuracies read back from the run folders."""
+"""`summary.json`: per arm and seed, exact budgets, accuracies and provenance read back from the run
+folders; then what is derived from those records (comparisons, verdicts, provenance counts), which a
+later `--report-only` derives again from the summary alone when the run folders are gone (`reread`)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,10 @@ import torch
 from heft.config import RunConfig
 from heft.files import versions
 from heft.metrics import evaluations, read_metrics
-from heft.reproduce.plan import Plan
-from heft.stats import paired_comparison
+from heft.reproduce.compare import compare_arms, decide_all, last_stage_gain, run_devices
+from heft.reproduce.plan import Plan, Prefix
 from heft.sysinfo import cpu_model_name
 from heft.tasks import task_for
-
-PAPER = {"heft-2+1": (3, 85.17), "lora-20": (20, 85.05), "loreft-20": (20, 83.36)}
-"""(epochs, BoolQ accuracy %) from arXiv 2509.09801 (Llama-2-7B, full BoolQ), keyed by our arm names."""
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
@@ -32,7 +31,7 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
     """One arm and seed: accuracy per cumulative epoch (counted across stages) and exact budgets."""
     results = json.loads((run_dir / "results.json").read_text())
     every = read_metrics(run_dir / "metrics.jsonl")
-    # one line per evaluated epoch (resume drops unsaved ones)
+    # one line per evaluated epoch (resume drops unsaved ones); folders from before `kind` hold evaluations only
     lines = {(m["stage_index"], m["epoch"]): m for m in evaluations(every)}
     offsets = [0]
     for stage in cfg.stages:
@@ -78,14 +77,12 @@ def _run_summary(run_dir: Path, cfg: RunConfig) -> dict:
         "wall_time_s": results["wall_time_s"],
         "peak_memory_mb": results["peak_memory_mb"],
         "device": results.get("device"),
+        "commit": results.get("commit"),
+        "branched_from": results.get("branched_from"),
+        "eval_set_hash": results.get("eval_set_hash"),
+        "eval_example_ids": results.get("eval_example_ids"),
         "data": results["data"],
     }
-
-
-def _device_label(device: dict | None) -> str:
-    if not device:
-        return "not recorded"  # runs from before results.json named their device
-    return f"{device['type']} ({device['name']})" if device.get("name") else device["type"]
 
 
 def _mean_curve(curves: list[list[dict]]) -> list[dict]:
@@ -116,36 +113,92 @@ def _received_correct(lines: dict, cfg: RunConfig) -> list[int] | str | None:
     return line.get("eval_correct") if line else None
 
 
-def last_stage_gain(arms: dict, arm: str) -> dict | None:
-    """Paired comparison of `arm`'s final evaluation with that of the model its last stage received:
-    does the refinement stage improve on what the stages before it learned?"""
-    runs = arms[arm]["seeds"]
-    if not runs or any(r.get("received_correct") is None or r["final_correct"] is None for r in runs.values()):
-        return None
-    received = f"its {arms[arm]['methods'][-2]} stage"
+def comparison_pairs(plan: Plan) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs the report compares: every arm against the first, then the config's `compare`."""
+    first = next(iter(plan.configs))
+    pairs = [(arm, first) for arm in plan.configs if arm != first] + [p for p in plan.compare if p[0] != p[1]]
+    return list(dict.fromkeys(pairs))
+
+
+def derived(summary: dict, plan: Plan) -> dict:
+    """What a summary derives from its per-run records under this code and config: where the arms
+    trained, the paired comparisons and their verdicts, what each last stage adds, how many pairs
+    cross devices or commits, and the config's paper, selection and primary comparison."""
+    arms = summary["arms"]
+    for arm in arms.values():
+        arm["trained_on"] = sorted({label for r in arm["seeds"].values() for label in run_devices(r)})
+    comparisons = [c for a, b in comparison_pairs(plan) if (c := compare_arms(summary, a, b)) is not None]
+    gains = [c for arm in arms if (c := last_stage_gain(summary, arm)) is not None]
     return {
-        "a": arm,
-        "b": received,
-        "seed_list": [int(s) for s in runs],
-        **paired_comparison(
-            [r["final_correct"] for r in runs.values()], [r["received_correct"] for r in runs.values()]
-        ).to_dict(),
+        "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
+        "comparisons": comparisons,
+        "last_stage_gains": gains,
+        "decision": decide_all(comparisons, gains, plan.primary),
+        "provenance": provenance_counts(comparisons + gains),
+        "paper": plan.paper,
+        "selected_on": plan.selected_on,
     }
 
 
-def compare_arms(arms: dict, a: str, b: str) -> dict | None:
-    """Paired comparison of the final evaluations of `a` and `b` over the seeds both finished."""
-    if a not in arms or b not in arms:
-        return None
-    seeds = [s for s in arms[a]["seeds"] if s in arms[b]["seeds"]]
-    correct = [(arms[a]["seeds"][s]["final_correct"], arms[b]["seeds"][s]["final_correct"]) for s in seeds]
-    if not seeds or any(x is None or y is None for x, y in correct):
-        return None  # runs from before per-example results were recorded
+def provenance_counts(comparisons: list[dict]) -> dict:
+    """How many listed comparisons pair runs across devices or commits, or runs that did not record
+    them, and how many pair arms whose shared prefix the runs contradict."""
+    contradicted = ("different checkpoints", "records differ")
     return {
-        "a": a,
-        "b": b,
-        "seed_list": [int(s) for s in seeds],
-        **paired_comparison([x for x, _ in correct], [y for _, y in correct]).to_dict(),
+        "comparisons": len(comparisons),
+        **{
+            key: sum(bool(c[f"{key}_seeds"]) for c in comparisons)
+            for key in ("cross_device", "device_not_recorded", "cross_commit", "commit_not_recorded")
+        },
+        "prefix_contradicted": sum(
+            any(v in contradicted for v in (c["prefix"] or {}).get("seeds", {}).values()) for c in comparisons
+        ),
+    }
+
+
+def _branch_from_runs(runs: dict, prefix: Prefix | None) -> dict | None:
+    """The prefix the plan branched an arm from, and per seed what its run recorded it started from
+    (None for a run trained from scratch, or from before runs recorded it)."""
+    recorded = {str(s): r.get("branched_from") for s, r in runs.items()}
+    if prefix is None and not any(recorded.values()):
+        return None
+    planned = {"planned": prefix.name, "stages": prefix.stages} if prefix else {"planned": None, "stages": None}
+    return {**planned, "recorded": recorded}
+
+
+def reread(previous: dict, plan: Plan) -> dict:
+    """A summary rebuilt from an earlier summary.json when its run folders are gone (committed
+    results): the per-run records stay as they were; what is derived from them is derived again
+    under this code and `plan`'s config (comparisons, verdicts, provenance flags, the paper's rows)."""
+    for arm in previous["arms"].values():
+        old = arm.get("branched_from")
+        if old and "planned" not in old:  # written from the plan before runs recorded their branch
+            arm["branched_from"] = {"planned": old["prefix"], "stages": old["stages"], "recorded": {}}
+    return {**previous, **derived(previous, plan)}
+
+
+def _eval_sets(arms: dict) -> dict[str, list[str]]:
+    """Each recorded evaluation set's example ids, once per set (runs keep only its hash)."""
+    sets = {}
+    for arm in arms.values():
+        for run in arm["seeds"].values():
+            ids = run.pop("eval_example_ids", None)
+            if ids is not None:
+                sets[run["eval_set_hash"]] = ids
+    return sets
+
+
+def _machine() -> dict:
+    """The machine that assembled the summary (each run names its own device)."""
+    gpu = torch.cuda.is_available()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if gpu else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
     }
 
 
@@ -179,23 +232,11 @@ def summarize(plan: Plan) -> dict:
                 for k in ("train_tokens", "eval_tokens", "optimizer_steps", "wall_time_s", "peak_memory_mb")
             },
             "trainable_params": next(iter(runs.values()))["trainable_params"],
-            "trained_on": sorted({_device_label(r.get("device")) for r in runs.values()}),
-            "branched_from": (
-                {
-                    "prefix": plan.prefixes[arm].name,
-                    "stages": plan.prefixes[arm].stages,
-                    "run_dirs": {str(s): str(plan.prefixes[arm].run_dir(s)) for s in runs},
-                }
-                if arm in plan.prefixes
-                else None
-            ),
+            "branched_from": _branch_from_runs(runs, plan.prefixes.get(arm)),
             "seeds": {str(s): r for s, r in runs.items()},
         }
     any_cfg = next(iter(next(iter(plan.configs.values())).values()))
-    first = next(iter(plan.configs))
-    pairs = [(arm, first) for arm in plan.configs if arm != first] + [p for p in plan.compare if p[0] != p[1]]
-    gpu = torch.cuda.is_available()
-    return {
+    summary = {
         "preset": plan.preset,
         "model": any_cfg.model,
         "task": task_for(any_cfg).name,  # a name also when the config's task is a mapping of a kind
@@ -211,22 +252,8 @@ def summarize(plan: Plan) -> dict:
         "zero_shot_accuracy": _stats(list(zero_shot.values())) if zero_shot else None,
         "arms": arms,
         "missing": missing,
-        "trained_on": sorted({label for a in arms.values() for label in a["trained_on"]}),
-        "comparisons": [c for a, b in dict.fromkeys(pairs) if (c := compare_arms(arms, a, b)) is not None],
-        "last_stage_gains": [c for arm in arms if (c := last_stage_gain(arms, arm)) is not None],
-        "paper": {
-            "model": "Llama-2-7B",
-            "source": "arXiv 2509.09801",
-            "arms": {arm: {"epochs": epochs, "accuracy": acc} for arm, (epochs, acc) in PAPER.items()},
-        },
+        "eval_sets": _eval_sets(arms),
         "versions": versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "processor": cpu_model_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": "cuda" if gpu else "cpu",
-            "gpu": torch.cuda.get_device_name(0) if gpu else None,
-        },
+        "machine": _machine(),
     }
+    return {**summary, **derived(summary, plan)}
