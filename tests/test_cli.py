@@ -335,7 +335,7 @@ def test_eval_runs_on_the_launch_device_and_ranks_share_the_run_folder(monkeypat
     fake_model = SimpleNamespace(to=lambda device: moved.append(device) or "model on device")
     state = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0), is_main_process=True)
     monkeypatch.setattr(heft.evaluate, "process_state", lambda: state)
-    monkeypatch.setattr(heft.io, "load_run", lambda run_dir, base_model=None: fake_model)
+    monkeypatch.setattr(heft.io, "load_run", lambda run_dir, base_model=None, zero_shot=False: fake_model)
     assert _load_for_eval(Path("run")) == ("model on device", True) and moved == [torch.device("cuda", 0)]
 
     cfg = SimpleNamespace(task="boolq", model="models/tiny", output_dir="runs/{task}-{model}")

@@ -43,6 +43,7 @@ def test_lines_without_kind_are_evaluations(tmp_path):
     assert boundary_summary(lines, 0) == {
         "loss_at_start": None,
         "loss_at_end": None,
+        "loss_before_merge": None,
         "accuracy_at_start": None,
         "accuracy": 0.7,
         "rolled_back": False,
@@ -74,6 +75,7 @@ def test_boundaries_and_rollback_come_from_the_stage_lines(tmp_path):
     assert boundary_summary(lines, 1) == {
         "loss_at_start": 1.4,
         "loss_at_end": 1.3,
+        "loss_before_merge": None,
         "accuracy_at_start": 0.6,
         "accuracy": 0.65,
         "rolled_back": True,
