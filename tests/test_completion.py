@@ -17,10 +17,11 @@ import yaml
 
 from conftest import WORDS, make_heft, make_model, make_tokenizer
 from heft.cli import main
-from heft.config import DataConfig, config_from_dict
+from heft.config import DataConfig, config_from_dict, load_config
+from heft.config_loader import ConfigError
 from heft.evaluate import completion_metrics, evaluate, generate_responses, response_logliks
 from heft.io import load_run
-from heft.tasks import CompletionTask, DataError, get_task, register_task
+from heft.tasks import CompletionTask, DataError, get_task, register_task, task_for
 from heft.tasks.completion import EncodedCompletion
 from heft.train import collate, run_training
 from test_train import toy_config
@@ -159,6 +160,24 @@ def test_answer_pattern_must_compile_and_find_the_reference_answer(tmp_path):
     with pytest.raises(ValueError, match="data.template does not apply to messages rows"):
         write_jsonl(tmp_path / "m" / "train.jsonl", shaped("messages"))
         load(tmp_path / "m", template="{prompt}")
+
+
+def test_a_config_sets_the_completion_options_and_a_bad_one_names_its_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: m\ntask:\n  kind: completion\n  name: arith\n  answer_pattern: '-?\\d+'\n  stop: [\"\\n\\n\"]\n"
+    )
+    task = task_for(load_config(config))
+    assert isinstance(task, CompletionTask) and task.name == "arith" and task.stop == ("\n\n",)
+    assert task.is_correct("so 3 + 4 = 7", "7") and task.chat_template == "auto"
+    config.write_text("model: m\ntask:\n  kind: completion\n  answer_pattern: '([0-9]+'\n")
+    with pytest.raises(
+        ConfigError, match=rf"'task.answer_pattern' in {re.escape(str(config))} line 4; .*does not compile"
+    ):
+        task_for(load_config(config))
+    config.write_text("model: m\ntask: {kind: completion, max_new_tokens: 0}\n")
+    with pytest.raises(ConfigError, match="task.max_new_tokens"):
+        task_for(load_config(config))
 
 
 def test_exact_match_normalises_and_answer_pattern_compares_the_last_match():

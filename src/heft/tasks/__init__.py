@@ -15,13 +15,14 @@ from typing import Any
 from heft.config import RunConfig
 from heft.config_loader import OptionError, Source, build, did_you_mean, source_of
 from heft.tasks.base import EncodedExample, Example, Task, accuracy
-from heft.tasks.completion import CompletionTask
+from heft.tasks.completion import CompletionOptions, CompletionTask
 from heft.tasks.data import DataError, subsample
 from heft.tasks.multiple_choice import MultipleChoiceOptions, MultipleChoiceTask
 from heft.tasks.presets import PRESETS
 from heft.tasks.yes_no import YesNoOptions, YesNoTask
 
 __all__ = [
+    "CompletionOptions",
     "CompletionTask",
     "DataError",
     "EncodedExample",
@@ -127,9 +128,8 @@ KINDS: dict[str, type[Task]] = {
     "multiple_choice": MultipleChoiceTask,
     "completion": CompletionTask,
 }
-"""The one place kinds join the registry: the completion kind (heft.tasks.completion) joins here as
-`"completion": CompletionTask`, a Task subclass; its `Options` dataclass, if it has one, holds the
-settings a config's `task: {kind: completion, ...}` may give."""
+"""The one place kinds join the registry; each kind's `Options` dataclass holds the settings a config's
+`task: {kind: ..., <option>: ...}` may give."""
 for _name, _kind in KINDS.items():
     register_kind(_kind, _name)
 for _preset in PRESETS:

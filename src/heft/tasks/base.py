@@ -220,7 +220,7 @@ class Task:
         """For messages about a missing column: the config key whose template names each field, where a
         config wrote that template (a preset's own template is no key to fix)."""
         named = {}
-        if self.Options is not None and self.template != self.Options().template:
+        if self.Options is not None and self.template != getattr(self.Options(), "template", self.template):
             named = dict.fromkeys(self.text_fields, "task.template")
         if data_cfg.template is not None:
             named |= dict.fromkeys(template_fields(data_cfg.template), "data.template")

@@ -19,9 +19,10 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from heft.config import DataConfig
+from heft.config_loader import OptionError
 from heft.tasks.base import EncodedExample, Example, Task, continuation_ids
 from heft.tasks.data import (
     DataError,
@@ -95,10 +96,41 @@ def compile_answer_pattern(pattern: str | None) -> re.Pattern | None:
         raise ValueError(f"answer_pattern {pattern!r} does not compile: {e}") from None
 
 
+@dataclass
+class CompletionOptions:
+    """Options of the completion kind (`task: {kind: completion, answer_pattern: '-?\\d+'}`)."""
+
+    name: str = "completion"
+    """Label of the task in run folders and tables, and its folder under `$HEFT_DATA_DIR`."""
+    chat_template: Literal["auto", "none"] = "auto"
+    """`auto`: the tokenizer's chat template when it has one (instruction-tuned models were trained
+    on that layout); `none`: the plain `User: …\\nAssistant: …` layout."""
+    answer_pattern: str | None = None
+    """A regex; when set, the answers compared are its last match in the generation and in the
+    reference (its first group when it has one), e.g. `-?\\d+` for the last number."""
+    max_new_tokens: int = 64
+    """Where generation stops at the latest."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a response (cut off with what follows), beside the tokenizer's end tokens."""
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in ("auto", "none"):
+            raise OptionError("chat_template", f"{self.chat_template!r}: expected auto or none")
+        if self.max_new_tokens < 1:
+            raise OptionError("max_new_tokens", f"{self.max_new_tokens}: expected a value > 0")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise OptionError("stop", f"{self.stop!r}: expected a list of non-empty strings")
+        try:
+            compile_answer_pattern(self.answer_pattern)
+        except ValueError as e:
+            raise OptionError("answer_pattern", str(e)) from None
+
+
 class CompletionTask(Task):
     """Prompt → response rows, trained on the response and scored by exact match of a greedy generation."""
 
-    name = "completion"
+    kind = "completion"
+    Options = CompletionOptions
     fields = PROMPT.fields
     label_field = PROMPT.response_field
     template = "{prompt}"
@@ -108,31 +140,14 @@ class CompletionTask(Task):
     scoring = "generation"
     headline = "exact_match"
 
-    def __init__(
-        self,
-        chat_template: str = "auto",
-        answer_pattern: str | None = None,
-        max_new_tokens: int = 64,
-        stop: Sequence[str] = (),
-        name: str | None = None,
-    ) -> None:
-        """`chat_template`: auto (the tokenizer's, when it has one) or none (the plain layout).
-        `answer_pattern`: a regex; when set, the answers compared are its last match in the generation
-        and in the reference (its first group when it has one), e.g. `-?\\d+` for the last number.
-        `max_new_tokens`: where generation stops at the latest; `stop`: strings that end a response."""
-        if chat_template not in ("auto", "none"):
-            raise ValueError(f"chat_template {chat_template!r}: expected auto or none")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens}: expected a value > 0")
-        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop {stop!r}: expected a list of non-empty strings")
-        self.chat_template = chat_template
-        self.answer_pattern = answer_pattern
-        self._answer_re = compile_answer_pattern(answer_pattern)
-        self.max_new_tokens = max_new_tokens
-        self.stop = tuple(stop)
-        if name is not None:
-            self.name = name
+    def __init__(self, options: CompletionOptions | None = None, **settings: Any) -> None:
+        """Settings from `options`, or as keywords for Python users:
+        `CompletionTask(name="arith", answer_pattern=r"-?\\d+")`."""
+        if options is not None and settings:
+            raise TypeError("give CompletionTask either options or keyword settings, not both")
+        super().__init__(options if options is not None else CompletionOptions(**settings))
+        self.stop = tuple(self.stop)
+        self._answer_re = compile_answer_pattern(self.answer_pattern)
 
     # ------------------------------------------------------------------------------------- rows
     def load_split(
