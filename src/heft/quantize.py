@@ -27,7 +27,8 @@ class QuantizeConfig:
     bits: int = 4
     """4 (bitsandbytes Linear4bit, `quant_type`) or 8 (LLM.int8(), Linear8bitLt, which computes in float16)."""
     backend: str = "bitsandbytes"
-    """bitsandbytes (CPU and CUDA; `pip install heft[quantize]`). torchao is refused (see the README)."""
+    """bitsandbytes (CPU and CUDA; `pip install heft[quantize]`). torchao is refused (see
+    docs/guide/gpus-and-scale.md)."""
     quant_type: str = "nf4"
     """4-bit code book: nf4 (QLoRA's) or fp4. Ignored at 8 bits."""
     compute_dtype: str = "bfloat16"
