@@ -50,8 +50,8 @@ def cpu_rows() -> list[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
     rows = ["| batch | plan MiB | measured MiB | plan / measured |", "|---|---:|---:|---:|"]
     for batch, length in CPU_SHAPES:
-        with_tmp = REPO / "runs" / f"plan-accuracy-{batch}x{length}"
-        script = [sys.executable, str(REPO / "tests" / "plan_measure_script.py"), str(with_tmp), str(batch), str(length)]
+        out = REPO / "runs" / f"plan-accuracy-{batch}x{length}"
+        script = [sys.executable, str(REPO / "tests" / "plan_measure_script.py"), str(out), str(batch), str(length)]
         done = subprocess.run(script, env=env, capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])["above_mb"]
         cfg = load_config(REPO / "configs" / "boolq_heft.yaml", [f"batch_size={batch}", f"max_length={length}"])

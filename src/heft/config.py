@@ -111,8 +111,8 @@ class RunConfig:
     """Load the frozen base quantized, e.g. `{bits: 4}` (QLoRA); None: in `dtype`. See `quantize.*` below."""
     task: str | dict[str, Any] = "boolq"
     """A registered task (boolq, arc_easy, arc_challenge, openbookqa), a task kind with its defaults
-    (yes_no, multiple_choice), or a mapping of a `kind` and its options, e.g. {kind: multiple_choice,
-    template: "Q: {question}\\nA:", headline: acc}; the kinds' options are listed below."""
+    (yes_no, multiple_choice, completion), or a mapping of a `kind` and its options, e.g.
+    {kind: multiple_choice, template: "Q: {question}\\nA:", headline: acc}; the kinds' options are listed below."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data source and column mapping."""
     max_length: int = 256

@@ -10,7 +10,7 @@ from heft.config_loader import render_section
 from heft.methods.lora.config import LoraConfig
 from heft.methods.reft.config import ReftConfig
 from heft.quantize import QuantizeConfig
-from heft.tasks import MultipleChoiceOptions, YesNoOptions
+from heft.tasks import CompletionOptions, MultipleChoiceOptions, YesNoOptions
 
 SECTIONS = (
     (RunConfig, "top level"),
@@ -21,6 +21,7 @@ SECTIONS = (
     (ReftConfig, "`stages.<i>.reft`"),
     (YesNoOptions, "`task: {kind: yes_no, ...}`"),
     (MultipleChoiceOptions, "`task: {kind: multiple_choice, ...}`"),
+    (CompletionOptions, "`task: {kind: completion, ...}`"),
 )
 
 
