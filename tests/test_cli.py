@@ -69,8 +69,8 @@ def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys)
 def test_train_summary_pairs_the_final_model_with_its_baselines_within_80_columns(trained_run):
     """results.json compares the final evaluation with zero-shot and the majority class example by example,
     and `heft train`'s table and lines fit an 80-column terminal at their natural width (rendered 200
-    wide, so nothing is wrapped for them), with the widest cells of a real run: a rolled-back stage, 2.4M
-    parameters."""
+    wide, so nothing is wrapped for them), with the widest cells of a real run: a merge that moved the loss,
+    a rolled-back stage, 2.4M parameters."""
     results = json.loads((trained_run / "results.json").read_text())
     n = results["data"]["eval_examples"]
     assert list(results["paired"]) == ["final_vs_zero_shot", "final_vs_majority_class"]
@@ -78,13 +78,15 @@ def test_train_summary_pairs_the_final_model_with_its_baselines_within_80_column
     results["stages"][1]["rolled_back"] = True
     for stage in results["stages"]:
         stage["trainable_params"] = 2_442_240
+    results["stages"][0].update(loss_at_start=4.7954, loss_before_merge=2.2976, loss_at_end=2.2991)  # bf16 merge
     wide = Console(width=200, record=True, file=io.StringIO())
     wide.print(train_table(results, "arc_challenge", 64))
     for line in paired_lines(results):
         wide.print(line, highlight=False, markup=False)
     lines = wide.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80, "\n".join(lines)
-    assert any("1-loreft (1 ep, rolled back)" in line for line in lines)
+    assert any("4.7954 → 2.2976" in line for line in lines) and any("merged 2.2991" in line for line in lines)
+    assert any("rolled back" in line for line in lines)
     assert sum(line.startswith(("  zero-shot ", "  majority class ")) for line in lines) == 2
 
 

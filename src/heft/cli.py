@@ -247,8 +247,9 @@ BASELINES = {"final_vs_zero_shot": "zero-shot", "final_vs_majority_class": "majo
 
 
 def train_table(results: dict, task_name: str, boundary_examples: int) -> Table:
-    """`heft train`'s summary: per stage where it starts and ends. Short headers and cells keep it
-    within 80 columns, so that a terminal of that width shows each row on one line."""
+    """`heft train`'s summary: per stage where it starts and ends. Short headers, and second lines
+    where a cell has more to say (a merge that moved the loss, a rollback), keep it within 80 columns:
+    no terminal wraps it."""
     table = Table(
         title=f"{task_name}, {results['data']['eval_examples']} eval examples: loss on the first {boundary_examples} "
         "training examples (eval mode) and accuracy, where each stage starts → ends"
@@ -258,11 +259,11 @@ def train_table(results: dict, task_name: str, boundary_examples: int) -> Table:
     if results["zero_shot_accuracy"] is not None:
         table.add_row("zero-shot", "0", "", f"{results['zero_shot_accuracy']:.4f}")
     for stage in results["stages"]:
-        state = ", rolled back" if stage.get("rolled_back") else ""
+        state = "\nrolled back" if stage.get("rolled_back") else ""
         table.add_row(
-            f"{stage['name']} ({stage['epochs']:g} ep{state})",
+            f"{stage['name']} ({stage['epochs']:g} ep){state}",
             f"{stage['trainable_params']:,}",
-            _loss_span(stage.get("loss_at_start"), stage.get("loss_before_merge"), stage.get("loss_at_end")),
+            _loss_span(stage.get("loss_at_start"), stage.get("loss_before_merge"), stage.get("loss_at_end"), "\n"),
             f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}",
         )
     table.add_row("majority class", "", "", f"{results['majority_accuracy']:.4f}")
@@ -287,11 +288,12 @@ def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def _loss_span(start: float | None, before_merge: float | None, end: float | None) -> str:
-    """`start → end`, with the loss just before the merge when merging changed it (a quantized base)."""
+def _loss_span(start: float | None, before_merge: float | None, end: float | None, sep: str = ", ") -> str:
+    """`start → end`, with the loss just before the merge when merging changed it (a quantized base, or
+    bf16 rounding of the merged weights), after `sep`: a newline keeps a narrow table narrow."""
     if before_merge is None or end is None or abs(end - before_merge) < 5e-5:
         return f"{_num(start)} → {_num(end)}"
-    return f"{_num(start)} → {_num(before_merge)}, merged {_num(end)} ({end - before_merge:+.4f})"
+    return f"{_num(start)} → {_num(before_merge)}{sep}merged {_num(end)} ({end - before_merge:+.4f})"
 
 
 def _base_text(base: dict) -> str:
