@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 import heft.io
 import heft.pipeline
 from conftest import SHARED_DATA, make_model, make_tokenizer
 from heft.api import score
-from heft.cli import main
+from heft.cli import main, paired_lines, train_table
 from heft.io import load_run
 from heft.tasks import get_task
 from test_train import toy_config, write_toy_boolq
@@ -62,6 +64,30 @@ def test_eval_matches_results_and_predict_answers(trained_run, tmp_path, capsys)
     assert main(["info", str(trained_run)]) == 0
     out = capsys.readouterr().out
     assert "0-lora" in out and "merged" in out and "1-loreft" in out
+
+
+def test_train_summary_pairs_the_final_model_with_its_baselines_within_80_columns(trained_run):
+    """results.json compares the final evaluation with zero-shot and the majority class example by example,
+    and `heft train`'s table and lines fit an 80-column terminal at their natural width (rendered 200
+    wide, so nothing is wrapped for them), with the widest cells of a real run: a merge that moved the loss,
+    a rolled-back stage, 2.4M parameters."""
+    results = json.loads((trained_run / "results.json").read_text())
+    n = results["data"]["eval_examples"]
+    assert list(results["paired"]) == ["final_vs_zero_shot", "final_vs_majority_class"]
+    assert all(c["examples"] == n and c["p"] <= 1 for c in results["paired"].values())
+    results["stages"][1]["rolled_back"] = True
+    for stage in results["stages"]:
+        stage["trainable_params"] = 2_442_240
+    results["stages"][0].update(loss_at_start=4.7954, loss_before_merge=2.2976, loss_at_end=2.2991)  # bf16 merge
+    wide = Console(width=200, record=True, file=io.StringIO())
+    wide.print(train_table(results, "arc_challenge", 64))
+    for line in paired_lines(results):
+        wide.print(line, highlight=False, markup=False)
+    lines = wide.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert any("4.7954 → 2.2976" in line for line in lines) and any("merged 2.2991" in line for line in lines)
+    assert any("rolled back" in line for line in lines)
+    assert sum(line.startswith(("  zero-shot ", "  majority class ")) for line in lines) == 2
 
 
 def test_info_shows_each_stage_end_also_when_only_the_final_model_is_evaluated(tmp_path, tiny_model_dir, capsys):

@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import json
 
-from heft.metrics import append_line, boundary_summary, drop_unsaved, evaluations, read_metrics, results_summary
+import pytest
+
+from heft.evaluate import majority_correct
+from heft.metrics import (
+    append_line,
+    boundary_summary,
+    drop_unsaved,
+    evaluations,
+    paired_summary,
+    read_metrics,
+    results_summary,
+)
+from heft.tasks import EncodedExample, get_task
 
 
 def line(stage_index: int, epoch: int | None, accuracy: float, **extra) -> dict:
@@ -97,3 +109,32 @@ def test_drop_unsaved_keeps_what_the_checkpoint_holds(tmp_path):
     assert [(m["stage_index"], m["epoch"]) for m in read_metrics(path)] == [(-1, None), (0, 0), (0, 1)]
     drop_unsaved(path, stage=0, epoch=0)  # no epoch of stage 0 saved: its start goes too
     assert [(m["stage_index"], m["epoch"]) for m in read_metrics(path)] == [(-1, None)]
+
+
+def test_paired_summary_pairs_the_final_evaluation_with_zero_shot_and_the_majority_class():
+    """40 examples: the final model alone right on 18, zero-shot alone on 3 (McNemar by hand:
+    2 · (1 + 21 + 210 + 1330) / 2^21); the majority baseline alone right on 2 the final model missed."""
+    zero_shot = "0" * 18 + "1" * 3 + "1" * 9 + "0" * 10
+    final = "1" * 18 + "0" * 3 + "1" * 9 + "0" * 10
+    majority = "1" * 18 + "0" * 3 + "1" * 4 + "0" * 13 + "11"
+    lines = [
+        {"kind": "eval", **line(-1, None, 12 / 40, eval_correct=zero_shot)},
+        {"kind": "eval", **line(1, 1, 27 / 40, eval_correct=final)},
+        {"kind": "stage_end", **line(1, 1, 27 / 40, eval_correct=final), "boundary_loss": 1.0},
+    ]
+    paired = paired_summary(lines, majority)
+    vs_zero, vs_majority = paired["final_vs_zero_shot"], paired["final_vs_majority_class"]
+    assert (vs_zero["a_only"], vs_zero["b_only"], vs_zero["examples"]) == (18, 3, 40)
+    assert vs_zero["difference"] == pytest.approx(15 / 40)
+    assert vs_zero["p"] == pytest.approx(2 * 1562 / 2**21)
+    assert vs_zero["low"] < 15 / 40 < vs_zero["high"]
+    assert (vs_majority["a_only"], vs_majority["b_only"]) == (5, 2)
+    assert vs_majority["difference"] == pytest.approx(3 / 40) and vs_majority["p"] > 0.4
+
+    without_zero_shot = paired_summary(lines[1:], majority)
+    assert list(without_zero_shot) == ["final_vs_majority_class"]
+
+
+def test_the_majority_baseline_is_right_where_the_gold_label_is_the_most_frequent_one():
+    examples = [EncodedExample([1], 1, label, False) for label in (2, 0, 2, 1, 2, 0)]
+    assert majority_correct(get_task("arc_easy"), examples) == "101010"

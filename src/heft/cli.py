@@ -69,26 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = run_training(cfg, out, show_progress=not args.quiet)
     if not is_main:
         return 0
-    table = Table(
-        title=f"{task.name}: {results['data']['eval_examples']} eval examples; loss on the first "
-        f"{cfg.boundary_examples} training examples (eval mode)"
-    )
-    for column in ("after", "trainable params", "loss at start → end", "accuracy at start → end"):
-        table.add_column(column, justify="right" if column != "after" else "left")
-    if results["zero_shot_accuracy"] is not None:
-        table.add_row("zero-shot", "0", "", f"{results['zero_shot_accuracy']:.4f}")
-    for stage in results["stages"]:
-        name = f"stage {stage['name']} ({stage['epochs']:g} ep)" + (
-            " [rolled back]" if stage.get("rolled_back") else ""
-        )
-        table.add_row(
-            name,
-            f"{stage['trainable_params']:,}",
-            _loss_span(stage.get("loss_at_start"), stage.get("loss_before_merge"), stage.get("loss_at_end")),
-            f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}",
-        )
-    table.add_row("majority class", "", "", f"{results['majority_accuracy']:.4f}")
-    console.print(table)
+    console.print(train_table(results, task.name, cfg.boundary_examples))
+    for line in paired_lines(results):
+        console.print(line, highlight=False, markup=False)
     for stage in results["stages"]:
         if stage.get("rollback_reason"):
             console.print(f"stage {stage['name']} rolled back: {stage['rollback_reason']}")
@@ -259,15 +242,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+BASELINES = {"final_vs_zero_shot": "zero-shot", "final_vs_majority_class": "majority class"}
+"""results.json's `paired` keys, as `heft train` names the baselines."""
+
+
+def train_table(results: dict, task_name: str, boundary_examples: int) -> Table:
+    """`heft train`'s summary: per stage where it starts and ends. Short headers, and second lines
+    where a cell has more to say (a merge that moved the loss, a rollback), keep it within 80 columns:
+    no terminal wraps it."""
+    table = Table(
+        title=f"{task_name}, {results['data']['eval_examples']} eval examples: loss on the first {boundary_examples} "
+        "training examples (eval mode) and accuracy, where each stage starts → ends"
+    )
+    for column in ("model", "params", "loss", "accuracy"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    if results["zero_shot_accuracy"] is not None:
+        table.add_row("zero-shot", "0", "", f"{results['zero_shot_accuracy']:.4f}")
+    for stage in results["stages"]:
+        state = "\nrolled back" if stage.get("rolled_back") else ""
+        table.add_row(
+            f"{stage['name']} ({stage['epochs']:g} ep){state}",
+            f"{stage['trainable_params']:,}",
+            _loss_span(stage.get("loss_at_start"), stage.get("loss_before_merge"), stage.get("loss_at_end"), "\n"),
+            f"{_num(stage.get('accuracy_at_start'))} → {_num(stage['accuracy'])}",
+        )
+    table.add_row("majority class", "", "", f"{results['majority_accuracy']:.4f}")
+    return table
+
+
+def paired_lines(results: dict) -> list[str]:
+    """The final model against each baseline on the same examples (results.json's `paired`): the
+    difference, its bootstrap interval and McNemar's p, in lines of at most 80 characters."""
+    paired = results.get("paired") or {}
+    if not paired:
+        return []
+    n = next(iter(paired.values()))["examples"]
+    lines = [f"final model vs baselines, paired on the {n} eval examples (95 % CI, McNemar):"]
+    for key, c in paired.items():
+        points = f"{100 * c['difference']:+6.2f} points [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
+        lines.append(f"  {BASELINES[key]:<15}{points}, p = {c['p']:.2g} ({c['a_only']} won, {c['b_only']} lost)")
+    return lines
+
+
 def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
-def _loss_span(start: float | None, before_merge: float | None, end: float | None) -> str:
-    """`start → end`, with the loss just before the merge when merging changed it (a quantized base)."""
+def _loss_span(start: float | None, before_merge: float | None, end: float | None, sep: str = ", ") -> str:
+    """`start → end`, with the loss just before the merge when merging changed it (a quantized base, or
+    bf16 rounding of the merged weights), after `sep`: a newline keeps a narrow table narrow."""
     if before_merge is None or end is None or abs(end - before_merge) < 5e-5:
         return f"{_num(start)} → {_num(end)}"
-    return f"{_num(start)} → {_num(before_merge)}, merged {_num(end)} ({end - before_merge:+.4f})"
+    return f"{_num(start)} → {_num(before_merge)}{sep}merged {_num(end)} ({end - before_merge:+.4f})"
 
 
 def _base_text(base: dict) -> str:

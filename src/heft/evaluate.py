@@ -239,6 +239,18 @@ def evaluate(model: HeftModel, task: Task, examples: Sequence[EncodedExample], *
     return {**result, "headline": task.headline} if task.scoring == "continuation" else result
 
 
+def majority_correct(task: Task, examples: Sequence[EncodedExample]) -> str:
+    """Which examples the majority-class baseline gets right ("0"/"1" in input order): always answering
+    the evaluation set's most frequent label (completion: reference answer). Its accuracy is the
+    `majority_accuracy` of `metrics`; per example, it pairs with a model's `correct` (McNemar)."""
+    if isinstance(task, CompletionTask):
+        answers = [task.answer(ex.reference) for ex in examples]  # type: ignore[attr-defined]
+    else:
+        answers = [ex.label for ex in examples]
+    top = Counter(answers).most_common(1)[0][0]
+    return "".join("1" if answer == top else "0" for answer in answers)
+
+
 @torch.no_grad()
 def generate_answers(
     model: HeftModel,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
 from heft.files import append_jsonl, atomic_write_text
+from heft.stats import paired_comparison
 
 ZERO_SHOT = "zero-shot"
 """Stage name of the evaluation of the untrained model, before the first stage (stage_index -1)."""
@@ -182,6 +183,22 @@ def results_summary(lines: Sequence[MetricsLine]) -> dict:
         "zero_shot_accuracy": next((m["eval_accuracy"] for m in evals if m["stage"] == ZERO_SHOT), None),
         "per_class_accuracy": final["eval_per_class_accuracy"],
         "mean_margin": final["eval_mean_margin"],
+    }
+
+
+def paired_summary(lines: Sequence[MetricsLine], majority_correct: str) -> dict:
+    """The `paired` part of `results.json`: the final evaluation against the zero-shot one (when the
+    run made it) and against the majority-class baseline, example by example on the same evaluation
+    set (exact McNemar, paired bootstrap interval; `heft.stats`). Accuracies alone cannot say whether
+    a gain of a few points on a few hundred examples is more than noise."""
+    evals = evaluations(lines)
+    final = evals[-1]["eval_correct"]
+    zero_shot = next((m["eval_correct"] for m in evals if m["stage"] == ZERO_SHOT), None)
+    baselines = {"zero_shot": zero_shot, "majority_class": majority_correct}
+    return {
+        f"final_vs_{name}": paired_comparison([final], [correct]).to_dict()
+        for name, correct in baselines.items()
+        if correct is not None
     }
 
 

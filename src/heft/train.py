@@ -31,7 +31,7 @@ from transformers import get_scheduler
 
 from heft.config import ConfigError, RunConfig, StageConfig, save_config
 from heft.data import collate, encode_splits, fixed_batches, length_grouped_batches, read_splits
-from heft.evaluate import autocast, evaluate, scored_tokens
+from heft.evaluate import autocast, evaluate, majority_correct, scored_tokens
 from heft.files import write_json
 from heft.io import load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run
 from heft.metrics import (
@@ -45,6 +45,7 @@ from heft.metrics import (
     copied_evaluation,
     drop_unsaved,
     evaluation_fields,
+    paired_summary,
     read_metrics,
     results_summary,
 )
@@ -321,7 +322,8 @@ class TrainingRecipe:
         if cfg.eval_every == "never":
             self.record_evaluation(len(cfg.stages) - 1, FINAL, None, None)
         wall_time = time.perf_counter() - self.clock
-        results = run_results(self.history, self.model, progress, self.splits.info, wall_time, self.run_dir)
+        majority = majority_correct(self.task, self.splits.evaluation)
+        results = run_results(self.history, majority, self.model, progress, self.splits.info, wall_time, self.run_dir)
         results.update(run_provenance(self.rows.evaluation, self.run_dir))
         if self.is_main:  # the trainer state lets `heft reproduce` branch further stages off this run
             progress.elapsed_s = time.perf_counter() - self.clock
@@ -505,15 +507,18 @@ def evaluates_after(eval_every: str | int, epoch: int, last: bool) -> bool:
 
 def run_results(
     history: Sequence[MetricsLine],
+    majority_correct: str,
     model: HeftModel,
     progress: Progress,
     data_info: dict,
     wall_time_s: float,
     run_dir: Path,
 ) -> dict:
-    """results.json: the final evaluation, each stage's boundaries, the budget spent, the machine."""
+    """results.json: the final evaluation, its paired comparisons with zero-shot and the majority class
+    (`majority_correct`: that baseline's right answers), each stage's boundaries, the budget spent, the machine."""
     return {
         **results_summary(history),
+        "paired": paired_summary(history, majority_correct),
         "stages": [
             {
                 "name": s.name,
