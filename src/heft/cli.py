@@ -24,6 +24,11 @@ errors = Console(stderr=True, soft_wrap=True)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
+def _auto_or_int(text: str) -> str | int:
+    """`auto` or a whole number: options heft can also choose itself (argparse reports anything else)."""
+    return text if text == "auto" else int(text)
+
+
 def _run_dir_config(run_dir: Path):
     from heft.config import load_config
 
@@ -390,6 +395,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         clock=args.clock,
         activation_checkpointing=args.activation_checkpointing,
         compile_mode=args.compile,
+        pad_to_multiple_of=args.pad_to_multiple_of,
     )
     for table in tables(record):
         console.print(table)
@@ -614,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile heft's training paths in this mode (default, "
         "reduce-overhead or max-autotune-no-cudagraphs), as `compile:` in a run config; warm-up s then "
         "includes the compilation",
+    )
+    p.add_argument(
+        "--pad-to-multiple-of",
+        type=_auto_or_int,
+        default="auto",
+        metavar="N",
+        help="round batch widths up to a multiple of N, as `pad_to_multiple_of:` in a run config "
+        "(default: auto, 64 on CUDA and none on the CPU)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument(
