@@ -351,8 +351,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from heft.reproduce import ReproduceJobsFailed, reproduce
 
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, not {args.jobs}")
+    if args.jobs != "auto" and args.jobs < 1:
+        raise ValueError(f"--jobs must be auto or at least 1, not {args.jobs}")
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
     args.resume_with = "the same command"
     try:
@@ -576,10 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=_auto_or_int,
         default=1,
         metavar="N",
-        help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well)",
+        help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well); "
+        "auto: as many as the free memory holds at the arms' peaks that `heft plan` traces",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument(
