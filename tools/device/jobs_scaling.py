@@ -32,15 +32,21 @@ def worker(args: argparse.Namespace, rank: int, barrier, results) -> None:
 
     device = torch.device(args.device)
     model = HeftModel.from_pretrained(args.model).to(device)
-    cfg = RunConfig(model=args.model, task="boolq", max_length=args.max_length, seed=rank, max_eval_examples=8)
-    cfg.max_train_examples = args.batches * args.batch_size
+    cfg = RunConfig(
+        model=args.model,
+        task="boolq",
+        max_length=args.max_length,
+        max_train_examples=args.batches * args.batch_size,
+        max_eval_examples=8,
+        seed=rank,
+    )
     train = load_data(get_task("boolq"), cfg, model.tokenizer).train
     multiple = pad_multiple(args.pad_to_multiple_of, device)
     order = length_grouped_batches([len(e.input_ids) for e in train], args.batch_size, rank)
     pad_id = model.tokenizer.pad_token_id
-    batches = [
-        {k: v.to(device) for k, v in collate([train[i] for i in b], pad_id, "right", multiple).items()} for b in order
-    ]
+    collated = [collate([train[i] for i in b], pad_id, "right", multiple) for b in order]
+    tokens_of = [int(b["attention_mask"].sum()) for b in collated]  # counted here: no device sync per step
+    batches = [{k: v.to(device) for k, v in b.items()} for b in collated]
     model.add_stage(bench.stage_config(args.path), seed=rank)
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
@@ -60,7 +66,7 @@ def worker(args: argparse.Namespace, rank: int, barrier, results) -> None:
         tokens, start, i = 0, time.perf_counter(), 0
         while time.perf_counter() - start < args.seconds:
             step(batches[i % len(batches)])
-            tokens += int(batches[i % len(batches)]["attention_mask"].sum())
+            tokens += tokens_of[i % len(batches)]
             i += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
