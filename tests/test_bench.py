@@ -110,11 +110,15 @@ def test_cpu_clock_for_a_shared_machine_is_recorded_and_checked(tmp_path, tiny_m
             repeats=2,
             threads=1,
             clock="cpu",
+            pad_to_multiple_of=16,
         )
         assert torch.get_num_threads() == 1 and record["machine"]["torch_threads"] == 1
     finally:
         torch.set_num_threads(threads)
-    assert record["settings"]["clock"] == "cpu" and record["command"].endswith("--threads 1 --clock cpu")
+    assert record["settings"]["clock"] == "cpu" and record["command"].endswith(
+        "--threads 1 --clock cpu --pad-to-multiple-of 16"
+    )
+    assert record["settings"]["pad_to_multiple_of"] == 16 and record["data"]["padded_tokens"] % (4 * 16) == 0
     assert record["paths"]["lora"]["tok_s"] > 0
     with pytest.raises(ValueError, match="--clock"):
         run_bench(str(tiny_model_dir), device="cpu", clock="gpu")

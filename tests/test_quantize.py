@@ -316,3 +316,39 @@ def test_resuming_with_other_quantize_settings_is_refused(model_dir, tmp_path, m
         run_training(config_from_dict(raw), tmp_path / "run", show_progress=False)
     with pytest.raises(ConfigError, match="'quantize'"):
         run_training(config_from_dict({**raw, "quantize": {"bits": 4}}), tmp_path / "run", show_progress=False)
+
+
+@pytest.mark.parametrize("quantize", [FOUR, EIGHT], ids=["4bit", "8bit"])
+def test_the_fused_lora_linear_leaves_bitsandbytes_layers_to_peft(model_dir, quantize):
+    """peft's bitsandbytes LoRA layers dequantize inside their own forward; the fused linear multiplies by
+    `base.weight` as a float matrix, so it must not take them over (nor a plain peft layer whose base is a
+    bitsandbytes subclass of nn.Linear). The training forward with gradients (heft's training kernels)
+    then computes what peft's and transformers' own layers do in training mode: without gradients, where
+    heft's kernels stay off (not in eval mode: bitsandbytes' int8 layers compute otherwise there)."""
+    import bitsandbytes as bnb
+    import peft
+
+    from heft.methods.lora.fused import fusable, fused_lora_training
+
+    model = HeftModel(load_model(str(model_dir), quantize=quantize))
+    model.add_stage(LORA, seed=0)
+    name = model.stages[-1].adapter_name
+    layers = model._lora.layers[name]
+    assert len(layers) == 2 * 7 and all(type(m).__module__ == "peft.tuners.lora.bnb" for m in layers)
+    assert not any(fusable(m, name) for m in layers)
+    with fused_lora_training(layers, name) as fused:
+        assert fused == 0
+    base = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+    over_bnb = peft.tuners.lora.Linear(base, "a", peft.LoraConfig(r=4), r=4)
+    assert isinstance(over_bnb, peft.tuners.lora.Linear) and not fusable(over_bnb.train(), "a")
+
+    with torch.no_grad():  # B starts at 0 in peft: a non-zero B makes the adapters count in the loss
+        for param in model.trainable_parameters():
+            param.normal_(std=0.1)
+    batch = batch_of(toy_data(8))
+    model.train()
+    trained = model(**batch).loss
+    trained.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_parameters())
+    with torch.no_grad():
+        assert torch.allclose(trained.detach(), model(**batch).loss, atol=1e-5)

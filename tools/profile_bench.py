@@ -88,6 +88,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--batch-index",
+        type=int,
+        help="warm up on and profile only this batch (one width, e.g. a typical one; default: the others in turn)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +122,10 @@ def main() -> None:
     for path in paths:
         torch.manual_seed(args.seed)
         work = bench._workload(path, args.model, examples, collated, dev, n_linear, args.seed)
-        work.step(0)  # warm-up
+        work.step(args.batch_index or 0)  # warm-up
         steps = [1 + i % (len(collated) - 1) for i in range(args.steps)] if len(collated) > 1 else [0] * args.steps
+        if args.batch_index is not None:
+            steps = [args.batch_index] * args.steps
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start, cpu = time.perf_counter(), time.process_time()
             for i in steps:

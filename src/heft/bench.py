@@ -29,7 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from heft.config import COMPILE_MODES, RunConfig, StageConfig
-from heft.data import collate, length_grouped_batches, load_data
+from heft.data import collate, length_grouped_batches, load_data, pad_multiple
 from heft.evaluate import autocast, predict
 from heft.methods.lora import LoraConfig, to_peft_config
 from heft.methods.reft import ReftConfig
@@ -316,6 +316,7 @@ def command_line(
     clock: str = "wall",
     activation_checkpointing: bool = False,
     compile_mode: str | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> str:
     """The command that reruns this benchmark with every option spelled out (and the data folder)."""
     args = [
@@ -342,6 +343,7 @@ def command_line(
     args += ["--clock", clock] if clock != "wall" else []
     args += ["--activation-checkpointing"] if activation_checkpointing else []
     args += ["--compile", compile_mode] if compile_mode else []
+    args += ["--pad-to-multiple-of", str(pad_to_multiple_of)] if pad_to_multiple_of != 1 else []
     data_dir = os.environ.get("HEFT_DATA_DIR")
     return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
 
@@ -361,12 +363,14 @@ def run_bench(
     clock: str = "wall",
     activation_checkpointing: bool = False,
     compile_mode: str | None = None,
+    pad_to_multiple_of: int | str | None = "auto",
 ) -> dict:
     """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
     `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
     the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
     heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation;
-    with the CPU clock only what this process spends on it, not its compiler processes).
+    with the CPU clock only what this process spends on it, not its compiler processes);
+    `pad_to_multiple_of`: batch widths rounded up as training rounds them (`auto`: 64 on CUDA, none on the CPU).
 
     On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
     pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first
@@ -382,8 +386,11 @@ def run_bench(
     paths = parse_paths(",".join(paths))
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    if min(batches, batch_size, max_length, repeats) < 1 or warmup < 0:
-        raise ValueError("--batches, --batch-size, --max-length and --repeats must be ≥ 1, --warmup ≥ 0")
+    multiple = pad_multiple(pad_to_multiple_of, dev)
+    if min(batches, batch_size, max_length, repeats, multiple) < 1 or warmup < 0:
+        raise ValueError(
+            "--batches, --batch-size, --max-length, --repeats and --pad-to-multiple-of must be ≥ 1, --warmup ≥ 0"
+        )
     probe = HeftModel.from_pretrained(model)
     shapes = linear_shapes(probe.model)
     n_linear = sum(count * n_in * n_out for (n_in, n_out), count in shapes.items())
@@ -401,7 +408,7 @@ def run_bench(
     # Length-grouped as heft trains; with ≤ 32 batches that means each batch holds examples of similar length.
     order = length_grouped_batches([len(e.input_ids) for e in splits.train], batch_size, seed)[:batches]
     examples = [[splits.train[i] for i in batch] for batch in order]
-    collated = [{k: v.to(dev) for k, v in collate(ex, pad_id).items()} for ex in examples]
+    collated = [{k: v.to(dev) for k, v in collate(ex, pad_id, pad_to_multiple_of=multiple).items()} for ex in examples]
     m = round(statistics.mean(b["input_ids"].numel() for b in collated))
     log.info("bench: %d batches of %d on %s; GEMM peaks at M = %d", len(collated), batch_size, dev, m)
     gemm = {
@@ -439,6 +446,7 @@ def run_bench(
             clock,
             activation_checkpointing,
             compile_mode,
+            multiple,
         ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(dev),
@@ -464,6 +472,7 @@ def run_bench(
             "warmup_steps_run": path_warmup,
             "activation_checkpointing": activation_checkpointing,
             "compile": compile_mode,
+            "pad_to_multiple_of": multiple,
             "gemm_repeats": repeats,
             "clock": clock,
             "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"},

@@ -39,6 +39,7 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
             "warmup": settings["warmup_steps"],
             "activation_checkpointing": settings.get("activation_checkpointing", False),
             "compile_mode": settings.get("compile"),
+            "pad_to_multiple_of": settings.get("pad_to_multiple_of", 1),  # records before buckets: none
             "clock": settings.get("clock", "wall"),
             "threads": record["machine"].get("torch_threads"),
         }

@@ -24,6 +24,11 @@ errors = Console(stderr=True, soft_wrap=True)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
+def _auto_or_int(text: str) -> str | int:
+    """`auto` or a whole number: options heft can also choose itself (argparse reports anything else)."""
+    return text if text == "auto" else int(text)
+
+
 def _run_dir_config(run_dir: Path):
     from heft.config import load_config
 
@@ -372,8 +377,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from heft.reproduce import ReproduceJobsFailed, reproduce
 
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, not {args.jobs}")
+    if args.jobs != "auto" and args.jobs < 1:
+        raise ValueError(f"--jobs must be auto or at least 1, not {args.jobs}")
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
     args.resume_with = "the same command"
     try:
@@ -416,6 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         clock=args.clock,
         activation_checkpointing=args.activation_checkpointing,
         compile_mode=args.compile,
+        pad_to_multiple_of=args.pad_to_multiple_of,
     )
     for table in tables(record):
         console.print(table)
@@ -596,10 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs",
-        type=int,
+        type=_auto_or_int,
         default=1,
         metavar="N",
-        help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well)",
+        help="train arms and seeds in N processes side by side (one GPU runs several small-model jobs well); "
+        "auto: as many as the free memory holds at the arms' peaks that `heft plan` traces",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -640,6 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile heft's training paths in this mode (default, "
         "reduce-overhead or max-autotune-no-cudagraphs), as `compile:` in a run config; warm-up s then "
         "includes the compilation",
+    )
+    p.add_argument(
+        "--pad-to-multiple-of",
+        type=_auto_or_int,
+        default="auto",
+        metavar="N",
+        help="round batch widths up to a multiple of N, as `pad_to_multiple_of:` in a run config "
+        "(default: auto, 64 on CUDA and none on the CPU)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument(

@@ -138,6 +138,10 @@ class RunConfig:
     """`torch.compile` the decoder layers for training (evaluation stays eager): default,
     reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs; None trains eagerly. The first
     steps pay the compilation (tens of seconds); dropout masks differ from eager ones."""
+    pad_to_multiple_of: int | str | None = "auto"
+    """Round each training batch's length up to a multiple of this, so that compiled layers (CUDA graphs
+    above all, one per shape) see a bounded set of shapes; the loss is unchanged (padding is masked out).
+    auto: 64 on CUDA, none on the CPU; None or 1: pad to the longest example only."""
     eval_batch_size: int = 16
     """Examples per evaluation batch."""
     eval_every: str | int = "epoch"
@@ -200,6 +204,10 @@ CHECKS: Checks = {
         "one of epoch, stage, never, or a number of epochs > 0",
     ),
     (RunConfig, "compile"): _one_of(*COMPILE_MODES),
+    (RunConfig, "pad_to_multiple_of"): (
+        lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        "auto or a whole number > 0",
+    ),
     **{
         (RunConfig, k): _POSITIVE
         for k in (

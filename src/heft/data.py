@@ -26,9 +26,25 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------- batching
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad token lists to a (B, T) tensor on `side`; returns input ids and attention mask."""
-    width = max(len(s) for s in sequences)
+CUDA_PAD_MULTIPLE = 64
+"""Batch widths on CUDA are rounded up to a multiple of this (`pad_to_multiple_of: auto`): CUDA graphs
+(`compile: reduce-overhead`) record one graph per shape, and at most max_length / 64 widths occur."""
+
+
+def pad_multiple(setting: int | str | None, device: torch.device) -> int:
+    """The `pad_to_multiple_of` setting as a number: `auto` is CUDA_PAD_MULTIPLE on CUDA and 1 elsewhere
+    (the CPU gains nothing from fixed shapes and pays for every padded position); None is 1."""
+    if setting == "auto":
+        return CUDA_PAD_MULTIPLE if device.type == "cuda" else 1
+    return int(setting or 1)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to a (B, T) tensor on `side`, T the longest list rounded up to `multiple`;
+    returns input ids and attention mask."""
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -38,9 +54,12 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tup
     return ids, mask
 
 
-def collate(examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad a batch; mark prompt tokens (where ReFT may intervene) and target tokens (the loss)."""
-    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id, padding_side)
+def collate(
+    examples: Sequence[EncodedExample], pad_id: int, padding_side: str = "right", pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Pad a batch (its width a multiple of `pad_to_multiple_of`); mark prompt tokens (where ReFT may
+    intervene) and target tokens (the loss). Extra padding changes neither: it is masked out of both."""
+    input_ids, attention_mask = pad_batch([e.input_ids for e in examples], pad_id, padding_side, pad_to_multiple_of)
     width = input_ids.shape[1]
     lengths = torch.tensor([len(e.input_ids) for e in examples]).unsqueeze(1)
     prompt_lens = torch.tensor([e.prompt_len for e in examples]).unsqueeze(1)

@@ -123,13 +123,14 @@ def resolve_device(device: str | None, gpu_memory: str | None) -> Device:
         return Device("cuda", props.total_memory, f"{name} ({props.name}, {props.total_memory / GIB:.0f} GiB)")
     if kind != "cpu":
         raise ValueError(f"--device {name}: plans are for cpu or cuda devices")
-    ram = _ram_bytes()
+    ram = meminfo_bytes()
     return Device("cpu", ram, "cpu" + (f" ({ram / GIB:.0f} GiB RAM)" if ram else ""))
 
 
-def _ram_bytes() -> int | None:
+def meminfo_bytes(field: str = "MemTotal") -> int | None:
+    """A /proc/meminfo field in bytes (MemTotal: the machine's RAM; MemAvailable: what can be had now)."""
     try:
-        line = next(s for s in Path("/proc/meminfo").read_text().splitlines() if s.startswith("MemTotal:"))
+        line = next(s for s in Path("/proc/meminfo").read_text().splitlines() if s.startswith(field + ":"))
     except (OSError, StopIteration):
         return None
     return int(line.split()[1]) * 1024

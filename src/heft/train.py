@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from heft.config import ConfigError, RunConfig, StageConfig, save_config
-from heft.data import collate, encode_splits, fixed_batches, length_grouped_batches, read_splits
+from heft.data import collate, encode_splits, fixed_batches, length_grouped_batches, pad_multiple, read_splits
 from heft.evaluate import autocast, evaluate, majority_correct, scored_tokens
 from heft.files import write_json
 from heft.io import load_optimizer, load_run, read_trainer_state, run_folder_lock, save_run
@@ -360,13 +360,14 @@ def train_stage(
     scheduler = _schedule(optimizer, stage, plan, cfg.grad_accum, progress.epoch if resume_from else 0)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loop = _EpochLoop(model, wrapped, optimizer, scheduler, cfg, accelerator, progress, show_progress)
+    # bucketed widths: the compiled layers (CUDA graphs: one per shape) see at most max_length / multiple shapes
+    multiple = pad_multiple(cfg.pad_to_multiple_of, accelerator.device)
+    collate_fn = partial(collate, pad_id=model.tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     for epoch in range(progress.epoch, len(plan)):
         epoch_seed = cfg.seed * 1_000_003 + progress.stage * 1_009 + epoch
         torch.manual_seed(epoch_seed)  # dropout masks: a resumed epoch equals an uninterrupted one
         batches = length_grouped_batches(lengths, cfg.batch_size, epoch_seed)[: plan[epoch]]
-        loader = accelerator.prepare_data_loader(
-            DataLoader(data, batch_sampler=batches, collate_fn=partial(collate, pad_id=model.tokenizer.pad_token_id))
-        )
+        loader = accelerator.prepare_data_loader(DataLoader(data, batch_sampler=batches, collate_fn=collate_fn))
         tokens, loss_sum, loss_count = loop.run(loader, f"stage {progress.stage} epoch {epoch + 1}/{len(plan)}")
         progress.train_tokens += int(tokens)
         progress.epoch = epoch + 1

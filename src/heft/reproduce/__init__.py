@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from heft.files import atomic_write_text, versions, write_json
 from heft.io import run_folder_lock
+from heft.reproduce.jobs import auto_jobs
 from heft.reproduce.plan import Plan, load_plan
 from heft.reproduce.plots import plot
 from heft.reproduce.report import render_report
@@ -49,12 +50,13 @@ def reproduce(
     output_dir: str | None = None,
     show_progress: bool = True,
     train: bool = True,
-    jobs: int = 1,
+    jobs: int | str = 1,
 ) -> dict:
     """Train every selected arm and seed not yet finished (unless `train` is False: report on what is
     finished, or re-read the summary.json of a folder that holds no runs), then write the summary,
     report and plots. With `jobs` > 1 the arms and seeds train
-    in that many worker processes at once (`train_plan_parallel`).
+    in that many worker processes at once (`train_plan_parallel`); `auto` chooses that number from
+    the free memory and the arms' planned peaks (`heft.reproduce.jobs`).
 
     Returns the content of `summary.json`.
     """
@@ -64,6 +66,8 @@ def reproduce(
     # only reads finished runs and replaces the summary, report and plots whole, so it may run
     # beside training into the same folder (a progress report on long runs).
     with run_folder_lock(plan.output_dir) if train else contextlib.nullcontext():
+        if train and jobs == "auto":
+            jobs = auto_jobs(plan)
         if train and jobs > 1:
             failed = train_plan_parallel(plan, jobs)
         elif train:
