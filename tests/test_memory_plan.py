@@ -138,7 +138,7 @@ def bench_records() -> list[tuple[dict, str, bool]]:
     out = []
     for path in sorted(BENCH.glob("gpu-h200-warm-*.json")):
         record = json.loads(path.read_text())
-        if record["settings"].get("compile_mode") or "compile" in path.name:
+        if record["settings"].get("compile"):
             continue
         for name in ("lora", "loreft", "joint"):
             if name in record["paths"]:

@@ -133,6 +133,8 @@ def test_paired_summary_pairs_the_final_evaluation_with_zero_shot_and_the_majori
 
     without_zero_shot = paired_summary(lines[1:], majority)
     assert list(without_zero_shot) == ["final_vs_majority_class"]
+    old = [{k: v for k, v in m.items() if k != "eval_correct"} for m in lines]  # files before per-example records
+    assert paired_summary(old, majority) == {}
 
 
 def test_the_majority_baseline_is_right_where_the_gold_label_is_the_most_frequent_one():

@@ -1,5 +1,5 @@
 """`heft reproduce --jobs auto`: N from the free memory (stubbed here) over the largest pending arm's planned
-peak, capped by the pending jobs and, on the CPU, the cores; arms alike in memory are planned once."""
+peak plus a process's overhead, capped by the pending jobs and the cores; arms alike in memory are planned once."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def planned(monkeypatch) -> list[tuple[str, ...]]:
         return SimpleNamespace(peak=peak, peak_checkpointed=peak // 3)
 
     monkeypatch.setattr(jobs, "plan_run", fake_plan_run)
+    monkeypatch.setattr(jobs, "PROCESS_OVERHEAD", {"cuda": 0, "cpu": 0})
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 64)
     return calls
 
 
@@ -43,9 +45,12 @@ def test_memory_sets_n_at_the_largest_arms_peak(tmp_path, monkeypatch, planned):
     n, why = jobs.choose_jobs(plan, "cuda")
     assert len(plan_jobs(plan)) > 6
     assert n == 6, why  # 40 GiB × 90 % / 6 GiB (joint-3)
-    assert why == "cuda: 40.0 GiB free × 90% / 6.00 GiB per arm (the planned peak of joint-3) = 6"
+    assert why == "cuda: 40.0 GiB free × 90% / 6.00 GiB per arm (the planned peak of joint-3 + 0.00 per process) = 6"
     # lora-20 and lora-3 alike, loreft-20 and loreft-3, heft-2+1 and heft-1+2: 5 traces for 8 arms
     assert len(planned) == 5 and len(set(planned)) == 4  # heft-2+1-identity: same methods, another init
+    monkeypatch.setattr(jobs, "PROCESS_OVERHEAD", {"cuda": 3 * GIB, "cpu": 0})
+    assert jobs.choose_jobs(plan, "cuda")[0] == 4  # each worker's CUDA context counts: 36 GiB / 9 GiB
+    monkeypatch.setattr(jobs, "PROCESS_OVERHEAD", {"cuda": 0, "cpu": 0})
 
     plan = load_plan(CONFIG, ["preset=full", "arms_only=[lora-3,loreft-3]"], tmp_path)
     assert jobs.choose_jobs(plan, "cuda")[0] == 6  # 12 fit at 3 GiB, 3 seeds × 2 arms pending
@@ -67,6 +72,7 @@ def test_finished_jobs_and_cores_cap_n(tmp_path, monkeypatch, planned):
     monkeypatch.setattr(jobs.os, "cpu_count", lambda: 4)
     n, why = jobs.choose_jobs(plan, "cpu")
     assert n == 4 and why.endswith("capped by 6 pending jobs, capped by 4 cores")
+    assert jobs.choose_jobs(plan, "cuda")[0] == 4  # a GPU's workers need a host core each too
 
 
 def test_checkpointed_arms_are_planned_with_checkpointing(tmp_path, monkeypatch, planned):
@@ -78,7 +84,8 @@ def test_checkpointed_arms_are_planned_with_checkpointing(tmp_path, monkeypatch,
 def test_auto_logs_its_choice_in_one_line(tmp_path, monkeypatch, planned, caplog):
     plan = load_plan(CONFIG, ["preset=full", "arms_only=[lora-3]"], tmp_path)
     free(monkeypatch, 40)
-    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 8)  # this machine's device: the CPU, here
+    monkeypatch.setattr(jobs.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the CPU, on any machine
     with caplog.at_level(logging.INFO, logger="heft"):
         assert jobs.auto_jobs(plan) == 3
     (line,) = [r.getMessage() for r in caplog.records if "--jobs auto" in r.getMessage()]
@@ -89,5 +96,6 @@ def test_cli_takes_auto_or_a_number():
     parse = build_parser().parse_args
     assert parse(["reproduce", "x.yaml", "--jobs", "auto"]).jobs == "auto"
     assert parse(["reproduce", "x.yaml", "--jobs", "3"]).jobs == 3
-    with pytest.raises(SystemExit):
-        parse(["reproduce", "x.yaml", "--jobs", "many"])
+    for bad in ("many", "0", "-2"):
+        with pytest.raises(SystemExit):
+            parse(["reproduce", "x.yaml", "--jobs", bad])

@@ -28,7 +28,7 @@ def gpu_rows() -> list[str]:
     rows = []
     for path in sorted(BENCH.glob("gpu-h200-warm-*.json")):
         record = json.loads(path.read_text())
-        if record["settings"].get("compile_mode") or "compile" in path.name:
+        if record["settings"].get("compile"):
             continue
         batch, length = record["data"]["batch_size"], record["data"]["max_length"]
         checkpointing = bool(record["settings"].get("activation_checkpointing"))

@@ -25,8 +25,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _auto_or_int(text: str) -> str | int:
-    """`auto` or a whole number: options heft can also choose itself (argparse reports anything else)."""
-    return text if text == "auto" else int(text)
+    """`auto` or a whole number ≥ 1: options heft can also choose itself; argparse reports the rest."""
+    if text == "auto":
+        return text
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number ≥ 1, not {text!r}")
+    return int(text)
 
 
 def _run_dir_config(run_dir: Path):
@@ -377,8 +381,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from heft.reproduce import ReproduceJobsFailed, reproduce
 
-    if args.jobs != "auto" and args.jobs < 1:
-        raise ValueError(f"--jobs must be auto or at least 1, not {args.jobs}")
     overrides = [*args.overrides, *([f"arms_only=[{','.join(args.only)}]"] if args.only else [])]
     args.resume_with = "the same command"
     try:

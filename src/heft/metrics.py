@@ -190,10 +190,13 @@ def paired_summary(lines: Sequence[MetricsLine], majority_correct: str) -> dict:
     """The `paired` part of `results.json`: the final evaluation against the zero-shot one (when the
     run made it) and against the majority-class baseline, example by example on the same evaluation
     set (exact McNemar, paired bootstrap interval; `heft.stats`). Accuracies alone cannot say whether
-    a gain of a few points on a few hundred examples is more than noise."""
+    a gain of a few points on a few hundred examples is more than noise. A run resumed from files
+    that predate per-example records has nothing to pair: an empty summary."""
     evals = evaluations(lines)
-    final = evals[-1]["eval_correct"]
-    zero_shot = next((m["eval_correct"] for m in evals if m["stage"] == ZERO_SHOT), None)
+    final = evals[-1].get("eval_correct")
+    if final is None:
+        return {}
+    zero_shot = next((m.get("eval_correct") for m in evals if m["stage"] == ZERO_SHOT), None)
     baselines = {"zero_shot": zero_shot, "majority_class": majority_correct}
     return {
         f"final_vs_{name}": paired_comparison([final], [correct]).to_dict()

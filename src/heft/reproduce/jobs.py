@@ -4,7 +4,9 @@ training peak `heft plan` traces for each pending arm.
 A small model leaves a GPU mostly idle in one process (its steps are bound by kernel launches), so
 several processes share it well, up to the memory they need together. Each worker's peak is
 planned, not guessed: `memory_plan.plan_run` traces one training step of every stage. What the plan
-does not count (each process's CUDA context, allocator slack, libraries) is left to `HEADROOM`.
+does not count is each process's fixed cost (`PROCESS_OVERHEAD`: a CUDA context, or on the CPU the
+imported libraries), added per worker, and allocator slack, left to `HEADROOM`. Each worker also needs
+a host core to dispatch its ops, so cores cap N on either device.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 from heft.memory_plan import GIB, HEADROOM, Device, default_target_tokens, meminfo_bytes, plan_run
@@ -21,14 +25,17 @@ from heft.tasks import task_for
 
 log = logging.getLogger("heft")
 
+PROCESS_OVERHEAD = {"cuda": 768 * 2**20, "cpu": 768 * 2**20}
+"""Bytes a worker holds beside its planned peak: a CUDA context (about 0.5 GiB on an H100/H200, with
+cuBLAS workspaces), or on the CPU the resident set of torch, transformers and peft once imported."""
+
 
 def free_memory(kind: str) -> int:
     """Bytes free now: the current GPU's (`torch.cuda.mem_get_info`) or the RAM that can be had
     without swapping (MemAvailable)."""
-    if kind == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[0]
+    if kind == "cuda":  # asked in a child process: a context opened here would hold memory all run long
+        probe = "import torch; print(torch.cuda.mem_get_info()[0])"
+        return int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
     return meminfo_bytes("MemAvailable") or 0
 
 
@@ -70,22 +77,21 @@ def arm_peaks(plan: Plan, arms: list[str], kind: str) -> dict[str, int]:
 
 def choose_jobs(plan: Plan, kind: str) -> tuple[int, str]:
     """(N, why): the workers `--jobs auto` starts on a `kind` device: as many of the largest pending
-    arm's peak as fit in HEADROOM of the free memory, on the CPU at most one per core, at most one per
-    pending job, at least one."""
+    arm's peak plus a process's overhead as fit in HEADROOM of the free memory, at most one per core
+    and one per pending job, at least one."""
     pending = pending_jobs(plan)
     if not pending:
         return 1, "no job pending"
     peaks = arm_peaks(plan, sorted({arm for _, arms in pending for arm in arms}), kind)
     largest = max(peaks, key=peaks.get)
     free = free_memory(kind)
-    fit = int(free * HEADROOM // peaks[largest])
+    per_worker = peaks[largest] + PROCESS_OVERHEAD[kind]
+    fit = int(free * HEADROOM // per_worker)
     why = (
-        f"{kind}: {free / GIB:.1f} GiB free × {HEADROOM:.0%} / {peaks[largest] / GIB:.2f} GiB per arm "
-        f"(the planned peak of {largest}) = {fit}"
+        f"{kind}: {free / GIB:.1f} GiB free × {HEADROOM:.0%} / {per_worker / GIB:.2f} GiB per arm "
+        f"(the planned peak of {largest} + {PROCESS_OVERHEAD[kind] / GIB:.2f} per process) = {fit}"
     )
-    caps = [(len(pending), "pending jobs")]
-    if kind == "cpu":
-        caps.append((os.cpu_count() or 1, "cores"))
+    caps = [(len(pending), "pending jobs"), (os.cpu_count() or 1, "cores")]
     n = fit
     for cap, what in caps:
         if cap < n:
