@@ -25,8 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/heft train configs/demo.yaml max_train_examples=$(DEMO_TRAIN) max_eval_examples=$(DEMO_EVAL) \
-		--output-dir runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/heft train configs/demo.yaml max_train_examples=$(DEMO_TRAIN) max_eval_examples=$(DEMO_EVAL)
 
 test: setup
 	$(VENV)/bin/ruff check .
