@@ -678,8 +678,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("heft").setLevel(logging.INFO)
-    if not args.verbose:  # peft imports it when installed; on the CPU it says a Hub kernel (optional) is missing
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if getattr(args, "quiet", False):
         from heft.models import hide_library_progress_bars
 
