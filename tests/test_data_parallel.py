@@ -1,4 +1,4 @@
-"""Data parallelism on two CPU processes (torchrun, gloo): evaluation and training equal one process; no FSDP."""
+"""Two CPU processes (torchrun, gloo): evaluation, and training with DDP and with FSDP, equal one process."""
 
 from __future__ import annotations
 
@@ -111,8 +111,16 @@ def run_files(run: Path) -> dict[str, Path]:
     return {str(p.relative_to(run)): p for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(tmp_path, tiny_model_dir) -> None:
-    """LoRA (merged) → LoReFT under DDP on two CPU processes with batches of 8, against one process
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}
+"""What `accelerate launch --use_fsdp --fsdp_sharding_strategy FULL_SHARD` sets in each process."""
+
+
+@pytest.mark.parametrize("launch", [{}, FSDP], ids=["ddp", "fsdp"])
+def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
+    tmp_path, tiny_model_dir, launch
+) -> None:
+    """LoRA (merged) → LoReFT under DDP, and under FSDP (FULL_SHARD: each process holds half of every
+    decoder weight; the merge adds into the halves), on two CPU processes with batches of 8, against one process
     with batches of 8 and grad_accum 2 (global batch 16 both ways; process i takes batches i, i+2...
     of the one-process order, as the two micro-batches of each accumulated step). Without dropout the
     two runs compute the same steps: every loss, evaluation and saved weight agrees to float32
@@ -126,8 +134,9 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     base["stages"][1]["reft"]["dropout"] = 0.0
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump(base))
-    status, output = torchrun_heft(["train", str(config), "--output-dir", str(tmp_path / "two"), "-q"])
+    status, output = torchrun_heft(["train", str(config), "--output-dir", str(tmp_path / "two"), "-q"], launch)
     assert status == 0, output[-3000:]
+    assert output.count("FSDP: every decoder layer sharded over 2 processes") == (2 if launch else 0), output[-3000:]
     one = config_from_dict({**base, "grad_accum": 2, "output_dir": str(tmp_path / "one")})
     run_training(one, tmp_path / "one", show_progress=False)
 
@@ -154,29 +163,21 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
             torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
 
 
-def test_fsdp_is_refused_in_one_line_before_anything_loads(tmp_path, tiny_model_dir) -> None:
-    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP; on CPU processes accelerate 1.15 would
-    train with DDP instead, so both processes stop with heft's one-line reason (exit 2, no run folder)."""
-    from test_train import toy_config, write_toy_boolq
-
-    config = tmp_path / "toy.yaml"
-    data = write_toy_boolq(tmp_path / "data", 16, 8)
-    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
-    args = ["train", str(config), "--output-dir", str(tmp_path / "run"), "-q"]
-    status, output = torchrun_heft(args, {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"})
-    assert status != 0
-    refusals = [line for line in output.splitlines() if line.startswith("error: FSDP was requested")]
-    assert len(refusals) == 2 and "accelerators only" in refusals[0] and "MULTI_CPU" in refusals[0], output[-3000:]
-    assert not (tmp_path / "run" / "manifest.json").exists()
-
-
-def test_fsdp_where_accelerate_shards_is_refused_with_heft_s_reason() -> None:
+def test_fsdp_settings_heft_does_not_run_are_refused_before_anything_loads(monkeypatch) -> None:
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from heft.sharding import ShardingError, check_launch
 
-    with pytest.raises(ShardingError, match="stage boundaries .* FSDP's shards"):
-        check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP))
-    check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP runs
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    assert check_launch(ddp, quantized=True) is False  # DDP runs, quantized or not
+    assert check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP), quantized=False) is True
+    for name, value in FSDP.items():
+        monkeypatch.setenv(name, value)
+    assert check_launch(ddp, quantized=False) is True  # CPU processes: accelerate keeps MULTI_CPU, heft shards
+    with pytest.raises(ShardingError, match="FSDP with 'quantize'"):
+        check_launch(ddp, quantized=True)
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    with pytest.raises(ShardingError, match="SHARD_GRAD_OP: heft shards with FULL_SHARD only"):
+        check_launch(ddp, quantized=False)
