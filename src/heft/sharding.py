@@ -5,10 +5,11 @@ holds the whole model on every process, each training on its share of each epoch
 
 FSDP (`accelerate launch --use_fsdp`, FULL_SHARD) is heft's own, built on torch's per-parameter
 FSDP2 (`torch.distributed.fsdp.fully_shard`) over accelerate's process group, not on accelerate's
-FSDP plugin: accelerate 1.15 selects FSDP only on accelerator devices (on CPU processes it keeps
-MULTI_CPU and would silently train with DDP), and its FSDP2 path wants one model and optimizer
-prepared together, while heft's stages change the model's modules between trainings (LoRA injected,
-merged, removed; ReFT hooks added). What heft shards is what costs the memory in PEFT:
+FSDP plugin: accelerate 1.15 selects FSDP only on accelerator devices (on CPU processes its plugin
+fails to build), and its FSDP2 path wants one model and optimizer prepared together, while heft's
+stages change the model's modules between trainings (LoRA injected, merged, removed; ReFT hooks
+added). heft reads the launch's FSDP settings itself (`check_launch`) and builds its `Accelerator`
+for plain data parallelism (`fsdp_hidden_from_accelerate`). What heft shards is what costs the memory in PEFT:
 
 - Every decoder layer's base weights are sharded once, right after loading (`shard_base`): each
   process keeps 1/N of each weight; a layer's forward (and its backward) all-gathers it, then frees it.
@@ -24,19 +25,23 @@ merged, removed; ReFT hooks added). What heft shards is what costs the memory in
   loader gives every process as many batches, and evaluation under FSDP scores every batch on every
   process instead of splitting them (`evaluate.sharded`).
 
-`tests/test_data_parallel.py` checks that two CPU processes, with DDP and with FSDP, train what one
-process trains with the same global batch. A quantized base is not sharded (bitsandbytes' packed
+`tests/test_data_parallel.py` checks that two CPU processes, with DDP (torchrun) and with FSDP (started by
+`accelerate launch --use_fsdp` itself), train what one process trains with the same global batch. On a host
+without GPUs the launch is `accelerate launch --num_processes 2 --use_fsdp --fsdp_sharding_strategy FULL_SHARD
+-m heft train ...` (accelerate refuses `--cpu` together with `--use_fsdp`; with no CUDA device heft runs
+the processes on the CPU, over gloo). A quantized base is not sharded (bitsandbytes' packed
 weights are not DTensors): FSDP with `quantize` is refused before anything loads.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 FULL_SHARD = ("FULL_SHARD", "1")
@@ -49,19 +54,44 @@ class ShardingError(ValueError):
     hint = "launch with --use_fsdp --fsdp_sharding_strategy FULL_SHARD, or without --use_fsdp (DDP)"
 
 
-def check_launch(accelerator: Any, quantized: bool) -> bool:
-    """Whether the launch asks for FSDP (accelerate's config or `--use_fsdp`); refuses, before anything
-    loads, the FSDP settings heft does not run."""
-    if not (accelerator.distributed_type == DistributedType.FSDP or parse_flag_from_env("ACCELERATE_USE_FSDP")):
+def check_launch(quantized: bool) -> bool:
+    """Whether the launch asks for FSDP (`accelerate launch --use_fsdp`, or an accelerate config with FSDP:
+    both reach each process as ACCELERATE_USE_FSDP and FSDP_* variables); refuses, before anything loads,
+    the FSDP settings heft does not run."""
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return False
-    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+    strategy = _strategy()
     if strategy.upper() not in FULL_SHARD:
         raise ShardingError(f"FSDP sharding strategy {strategy}: heft shards with FULL_SHARD only")
+    if parse_flag_from_env("FSDP_OFFLOAD_PARAMS"):
+        raise ShardingError("FSDP offload_params: heft keeps every shard on the process's device")
     if quantized:
         raise ShardingError(
             "FSDP with 'quantize': a quantized base is not sharded (its packed weights are not DTensors)"
         )
     return True
+
+
+def _strategy() -> str:
+    """The sharding asked for, read as accelerate reads it: FSDP_SHARDING_STRATEGY under FSDP 1 (accelerate's
+    default), FSDP_RESHARD_AFTER_FORWARD under `--fsdp_version 2` (false is SHARD_GRAD_OP's behaviour)."""
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        return os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+    return "FULL_SHARD" if parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", default=True) else "SHARD_GRAD_OP"
+
+
+@contextmanager
+def fsdp_hidden_from_accelerate() -> Iterator[None]:
+    """Build the `Accelerator` inside this: it then sets up plain data parallelism, since heft shards by
+    itself. Seeing ACCELERATE_USE_FSDP, accelerate would build its FSDP plugin, which heft never uses and
+    which fails on CPU processes under `accelerate launch --use_fsdp` ("no available devices": the
+    launcher's default `--fsdp_sync_module_states true` asks it for an accelerator device)."""
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
 def shard_base(layers: nn.ModuleList) -> None:

@@ -53,7 +53,7 @@ from heft.metrics import (
 from heft.models import decoder_layers
 from heft.pipeline import HeftModel, Stage
 from heft.provenance import run_provenance
-from heft.sharding import average_gradients, check_launch, is_sharded, shard_base
+from heft.sharding import average_gradients, check_launch, fsdp_hidden_from_accelerate, is_sharded, shard_base
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, task_for
 from heft.tracking import StepLog, accelerator_options, end_tracking, line_scalars, results_scalars, start_tracking
@@ -121,13 +121,14 @@ class TrainingRecipe:
         # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
         # accelerate's state is process-global, and runs with different settings share a process.
         # cpu=True on GPU-less hosts lets `torchrun --nproc_per_node N` run data-parallel on CPU (gloo).
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.grad_accum,
-            cpu=not torch.cuda.is_available(),
-            **accelerator_options(cfg, run_dir),
-        )
         # FSDP settings heft does not run are refused before anything loads
-        self.sharded = check_launch(self.accelerator, cfg.quantize is not None)
+        self.sharded = check_launch(cfg.quantize is not None)
+        with fsdp_hidden_from_accelerate():
+            self.accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.grad_accum,
+                cpu=not torch.cuda.is_available(),
+                **accelerator_options(cfg, run_dir),
+            )
         self.is_main = self.accelerator.is_main_process
         self.show_progress = self.show_progress and self.is_main
         self.task = task_for(cfg)
