@@ -390,6 +390,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         clock=args.clock,
         activation_checkpointing=args.activation_checkpointing,
         compile_mode=args.compile,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        synthetic=args.synthetic,
+        plan=args.plan,
     )
     for table in tables(record):
         console.print(table)
@@ -615,6 +619,22 @@ def build_parser() -> argparse.ArgumentParser:
         "reduce-overhead or max-autotune-no-cudagraphs), as `compile:` in a run config; warm-up s then "
         "includes the compilation",
     )
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the base's weights (default: float32)"
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        metavar="BITS",
+        help="load the base in 4 (nf4) or 8 bits with bitsandbytes for every path; peft-lora is then QLoRA",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random token ids of full length instead of BoolQ: a random model saved without a tokenizer "
+        "(training paths only)",
+    )
+    p.add_argument("--plan", action="store_true", help="heft plan's peak memory beside each of heft's training paths")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument(
         "--clock",
