@@ -122,3 +122,45 @@ def test_cpu_clock_for_a_shared_machine_is_recorded_and_checked(tmp_path, tiny_m
     assert record["paths"]["lora"]["tok_s"] > 0
     with pytest.raises(ValueError, match="--clock"):
         run_bench(str(tiny_model_dir), device="cpu", clock="gpu")
+
+
+def test_a_random_model_without_tokenizer_benches_on_a_4bit_base_beside_its_plan(tmp_path):
+    """The 7B GPU bench's path (tools/device/bench_7b.sh) on a tiny random Llama saved without a tokenizer:
+    synthetic token ids, a 4-bit bitsandbytes base for heft's paths and the QLoRA reference alike, and
+    `heft plan`'s peak beside each of heft's training paths."""
+    import bitsandbytes as bnb
+
+    from conftest import make_model
+    from heft.bench import Base
+
+    folder = tmp_path / "random-llama"
+    make_model("llama").save_pretrained(folder)  # config and weights only
+    loaded = Base(str(folder), "bfloat16", 4, tokenizer=False).load()
+    assert loaded.tokenizer is None
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules()) == 2 * 7  # q k v o gate up down
+    out = tmp_path / "bench.json"
+    options = ["--model", str(folder), "--dtype", "bfloat16", "--quantize", "4", "--synthetic", "--plan"]
+    sizes = ["--batches", "2", "--batch-size", "2", "--max-length", "16", "--device", "cpu", "--repeats", "1"]
+    assert main(["bench", *options, *sizes, "--paths", "lora,peft-lora,loreft,joint", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["command"].endswith("--dtype bfloat16 --quantize 4 --synthetic --plan")
+    assert record["settings"]["quantize"] == {"bits": 4, "backend": "bitsandbytes"}
+    assert record["settings"]["weights_dtype"] == "bfloat16"
+    assert record["data"]["source"] == "synthetic token ids (vocabulary 64)"
+    assert record["data"]["tokens"] == record["data"]["padded_tokens"] == 2 * 2 * 16
+    assert record["model"]["linear_shapes"] == [[32, 16, 4], [32, 32, 4], [32, 64, 4], [64, 32, 2]]
+    assert list(record["paths"]) == ["lora", "peft-lora", "loreft", "joint"]
+    for name, r in record["paths"].items():
+        assert r["tok_s"] > 0 and r["tokens"] == 64
+        assert ("plan_peak_mb" in r) == (name != "peft-lora")
+        assert r.get("plan_peak_mb", 1) > 0
+    assert record["paths"]["lora"]["trainable_params"] == record["paths"]["peft-lora"]["trainable_params"]
+
+
+def test_synthetic_data_is_for_training_paths_and_a_base_has_4_or_8_bits(tiny_model_dir):
+    from heft.bench import run_bench
+
+    with pytest.raises(ValueError, match="--synthetic times the training paths"):
+        run_bench(str(tiny_model_dir), device="cpu", synthetic=True)  # the default paths include scoring
+    with pytest.raises(ValueError, match="--quantize 3"):
+        run_bench(str(tiny_model_dir), device="cpu", quantize=3)

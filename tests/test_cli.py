@@ -419,3 +419,21 @@ def test_an_interrupt_ends_with_status_130_and_says_how_to_resume(tmp_path, caps
     monkeypatch.setattr(heft.cli, "cmd_info", interrupted)
     assert main(["info", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"  # nothing to resume
+
+
+def test_heft_train_prints_no_library_notice(tmp_path, tiny_model_dir):
+    """A run without quantization still imports bitsandbytes (peft does, when it is installed), whose
+    import warns of an optional kernel heft never uses; `heft train` must not print it, nor anything else
+    on stderr under -q but heft's own log lines."""
+    data = write_toy_boolq(tmp_path / "data", 8, 8)
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "run", eval_zero_shot=False)))
+    args = ["train", str(config), "stages.0.epochs=1", "stages.1.epochs=1", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(Path(heft.io.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "heft", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernels-community" not in done.stdout + done.stderr
+    foreign = [line for line in done.stderr.splitlines() if not line.startswith("INFO heft: ")]
+    assert not foreign, foreign
+    imported = subprocess.run([sys.executable, "-c", "import heft.api"], env=env, capture_output=True, text=True)
+    assert imported.returncode == 0 and imported.stderr == "", imported.stderr[-3000:]  # the Python API too

@@ -1,4 +1,4 @@
-"""Data parallelism on two CPU processes (torchrun, gloo): evaluation and training equal one process; no FSDP."""
+"""Two CPU processes (torchrun, gloo): evaluation, and training with DDP and with FSDP, equal one process."""
 
 from __future__ import annotations
 
@@ -85,19 +85,31 @@ def test_two_processes_evaluate_like_one(tmp_path: Path, tiny_model_dir: Path) -
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["eval_batch_size"] == 5
 
 
-def torchrun_heft(args: list[str], env_extra: dict[str, str] | None = None, timeout: int = 600) -> tuple[int, str]:
-    """`python -m heft ARGS` in two CPU processes (torchrun, gloo); the exit status and the output."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE_FSDP = [
+    *[sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "0"],
+    *["--num_cpu_threads_per_process", "1", "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD"],
+]
+"""`accelerate launch --use_fsdp` itself: every FSDP_* variable it sets, at its defaults (which include
+`--fsdp_sync_module_states true`), reaches heft as it does for a user."""
+
+
+def launch_heft(args: list[str], launcher: list[str] = TORCHRUN, timeout: int = 600) -> tuple[int, str]:
+    """`python -m heft ARGS` in two CPU processes (gloo) started by `launcher`; the exit status and the output."""
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(heft.__file__).parents[1]),
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        **(env_extra or {}),
     }
     env.pop("RANK", None)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "heft"]
     proc = subprocess.Popen(
-        [*launch, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        [*launcher, "-m", "heft", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -111,8 +123,17 @@ def run_files(run: Path) -> dict[str, Path]:
     return {str(p.relative_to(run)): p for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(tmp_path, tiny_model_dir) -> None:
-    """LoRA (merged) → LoReFT under DDP on two CPU processes with batches of 8, against one process
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}
+"""The two variables of `accelerate launch --use_fsdp --fsdp_sharding_strategy FULL_SHARD` that ask heft to shard."""
+
+
+@pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE_FSDP], ids=["ddp-torchrun", "fsdp-accelerate-launch"])
+def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
+    tmp_path, tiny_model_dir, launcher
+) -> None:
+    """LoRA (merged) → LoReFT under DDP (torchrun), and under FSDP started by `accelerate launch --use_fsdp`
+    (FULL_SHARD: each process holds half of every decoder weight; the merge adds into the halves), on two
+    CPU processes with batches of 8, against one process
     with batches of 8 and grad_accum 2 (global batch 16 both ways; process i takes batches i, i+2...
     of the one-process order, as the two micro-batches of each accumulated step). Without dropout the
     two runs compute the same steps: every loss, evaluation and saved weight agrees to float32
@@ -126,8 +147,10 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     base["stages"][1]["reft"]["dropout"] = 0.0
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump(base))
-    status, output = torchrun_heft(["train", str(config), "--output-dir", str(tmp_path / "two"), "-q"])
+    status, output = launch_heft(["train", str(config), "--output-dir", str(tmp_path / "two"), "-q"], launcher)
     assert status == 0, output[-3000:]
+    sharded = 2 if launcher is ACCELERATE_FSDP else 0
+    assert output.count("FSDP: every decoder layer sharded over 2 processes") == sharded, output[-3000:]
     one = config_from_dict({**base, "grad_accum": 2, "output_dir": str(tmp_path / "one")})
     run_training(one, tmp_path / "one", show_progress=False)
 
@@ -154,29 +177,29 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
             torch.testing.assert_close(theirs[key], mine[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
 
 
-def test_fsdp_is_refused_in_one_line_before_anything_loads(tmp_path, tiny_model_dir) -> None:
-    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP; on CPU processes accelerate 1.15 would
-    train with DDP instead, so both processes stop with heft's one-line reason (exit 2, no run folder)."""
-    from test_train import toy_config, write_toy_boolq
+def test_fsdp_settings_heft_does_not_run_are_refused_before_anything_loads(monkeypatch) -> None:
+    from heft.sharding import ShardingError, check_launch, fsdp_hidden_from_accelerate
 
-    config = tmp_path / "toy.yaml"
-    data = write_toy_boolq(tmp_path / "data", 16, 8)
-    config.write_text(yaml.safe_dump(toy_config(tiny_model_dir, data, tmp_path / "unused")))
-    args = ["train", str(config), "--output-dir", str(tmp_path / "run"), "-q"]
-    status, output = torchrun_heft(args, {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "FULL_SHARD"})
-    assert status != 0
-    refusals = [line for line in output.splitlines() if line.startswith("error: FSDP was requested")]
-    assert len(refusals) == 2 and "accelerators only" in refusals[0] and "MULTI_CPU" in refusals[0], output[-3000:]
-    assert not (tmp_path / "run" / "manifest.json").exists()
-
-
-def test_fsdp_where_accelerate_shards_is_refused_with_heft_s_reason() -> None:
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from heft.sharding import ShardingError, check_launch
-
-    with pytest.raises(ShardingError, match="stage boundaries .* FSDP's shards"):
-        check_launch(SimpleNamespace(distributed_type=DistributedType.FSDP))
-    check_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP runs
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_SHARDING_STRATEGY", "FSDP_RESHARD_AFTER_FORWARD"):
+        monkeypatch.delenv(name, raising=False)
+    assert check_launch(quantized=True) is False  # DDP runs, quantized or not
+    for name, value in FSDP.items():
+        monkeypatch.setenv(name, value)
+    assert check_launch(quantized=False) is True
+    with fsdp_hidden_from_accelerate():
+        assert "ACCELERATE_USE_FSDP" not in os.environ  # accelerate builds no FSDP plugin of its own
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"
+    with pytest.raises(ShardingError, match="FSDP with 'quantize'"):
+        check_launch(quantized=True)
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ShardingError, match="offload_params"):
+        check_launch(quantized=False)
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    with pytest.raises(ShardingError, match="SHARD_GRAD_OP: heft shards with FULL_SHARD only"):
+        check_launch(quantized=False)
+    monkeypatch.setenv("FSDP_VERSION", "2")  # accelerate reads FSDP_RESHARD_AFTER_FORWARD instead
+    assert check_launch(quantized=False) is True
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    with pytest.raises(ShardingError, match="SHARD_GRAD_OP: heft shards with FULL_SHARD only"):
+        check_launch(quantized=False)

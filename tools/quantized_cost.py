@@ -1,7 +1,7 @@
 """What a quantized base costs HEFT: accuracy (paired), peak memory and speed at bf16, 4-bit and 8-bit,
 and both choices at the LoRA → LoReFT boundary (merge into the quantized weights, or keep the adapter).
 
-    python tools/quantized_cost.py run OUT_DIR [--jobs 2] [--train 256] [--eval 200]
+    python tools/quantized_cost.py run OUT_DIR [--jobs 2] [--train 256] [--eval 200] [--tasks T,..] [--arms A,..]
     python tools/quantized_cost.py summarize OUT_DIR [--json docs/results/quantized/summary.json]
 
 `run` trains every arm with `heft train` in its own process on one torch thread (on a CPU shared with
@@ -102,8 +102,8 @@ def read_arm(folder: Path) -> dict:
 def _points(comparison) -> str:
     c = comparison
     return (
-        f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}] (p = {c.mcnemar_p:.2f}, "
-        f"{c.a_only}/{c.b_only})"
+        f"{100 * c.difference:+.1f} [{100 * c.low:+.1f}, {100 * c.high:+.1f}] ({c.test} p = {c.p:.2g}, "
+        f"{c.a_only}/{c.b_only}, n = {c.examples})"
     )
 
 
@@ -118,8 +118,8 @@ def summarize(root: Path) -> tuple[str, dict]:
         text += [
             f"### {task}",
             "",
-            "| arm | accuracy zero-shot → after LoRA → final | final vs bf16, points [95 % CI] (McNemar p, "
-            "a-only/b-only) | probe loss end of LoRA → after merge | final probe loss | peak RSS MB | CPU s | "
+            "| arm | accuracy zero-shot → after LoRA → final | final vs bf16, points [95 % CI] (test p, "
+            "a-only/b-only, n) | probe loss end of LoRA → after merge | final probe loss | peak RSS MB | CPU s | "
             "tokens / CPU s |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -159,12 +159,18 @@ def main() -> None:
     run.add_argument("--train", type=int, default=256)
     run.add_argument("--eval", type=int, default=200)
     run.add_argument("--tasks", default=",".join(TASKS))
+    run.add_argument("--arms", default=",".join(ARMS), help="comma-separated, run in this order")
     report = sub.add_parser("summarize")
     report.add_argument("out", type=Path)
     report.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.command == "run":
-        jobs = [(task, arm) for task in args.tasks.split(",") for arm in ARMS]
+        tasks, arms = args.tasks.split(","), args.arms.split(",")
+        unknown = sorted(set(tasks) - TASKS.keys()) + sorted(set(arms) - ARMS.keys())
+        if unknown:
+            known = f"tasks: {', '.join(TASKS)}; arms: {', '.join(ARMS)}"
+            parser.error(f"unknown task or arm {', '.join(unknown)}; {known}")
+        jobs = [(task, arm) for task in tasks for arm in arms]
         with ThreadPoolExecutor(args.jobs) as pool:
             for line in pool.map(lambda job: run_arm(*job, args.out, args.train, args.eval), jobs):
                 print(line, flush=True)

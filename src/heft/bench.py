@@ -33,8 +33,9 @@ from heft.data import collate, length_grouped_batches, load_data, pad_multiple
 from heft.evaluate import autocast, predict
 from heft.methods.lora import LoraConfig, to_peft_config
 from heft.methods.reft import ReftConfig
-from heft.models import decoder_layers, load_model
+from heft.models import LoadedModel, decoder_layers, load_model
 from heft.pipeline import HeftModel
+from heft.quantize import QuantizeConfig
 from heft.sysinfo import code_versions, cpu_flags, cpu_model_name, proc_status_mb, reset_peak_memory
 from heft.tasks import EncodedExample, get_task
 
@@ -50,6 +51,9 @@ FLOPS_CONVENTION = (
     "no LM head, no attention scores, adapters not counted); tokens exclude padding; "
     "MFU = model FLOPs/s ÷ the bf16 GEMM peak measured in the same run"
 )
+
+SYNTHETIC_TARGETS = 2
+"""Target tokens at the end of each synthetic example: a short answer, as BoolQ's " yes" or " no"."""
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 """The CPU features that decide bf16 GEMM speed, recorded because they explain a machine's peak."""
@@ -70,6 +74,30 @@ def parse_paths(text: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown --paths {unknown or text!r}; choose from {','.join(PATHS)}")
     return [path for path in PATHS if path in names]
+
+
+@dataclass(frozen=True)
+class Base:
+    """How every path loads the frozen base, so that heft and the peft reference run on the same one."""
+
+    model: str
+    dtype: str = "float32"
+    bits: int | None = None
+    """4 (nf4, bf16 compute) or 8 (LLM.int8()): bitsandbytes, as a run's `quantize: {bits: ...}`; None: `dtype`."""
+    tokenizer: bool = True
+
+    def load(self) -> LoadedModel:
+        quantize = None if self.bits is None else QuantizeConfig(bits=self.bits)
+        return load_model(self.model, self.dtype, quantize, tokenizer=self.tokenizer)
+
+
+def synthetic_examples(vocab: int, batches: int, batch_size: int, length: int, seed: int) -> list[list[EncodedExample]]:
+    """Random token ids, every example `length` long with its last SYNTHETIC_TARGETS tokens the target:
+    a randomly initialised model (a 7B-shaped one has no tokenizer at hand) runs as fast on these as on
+    text, and needs no data set."""
+    ids = torch.randint(0, vocab, (batches, batch_size, length), generator=torch.Generator().manual_seed(seed))
+    prompt = length - SYNTHETIC_TARGETS
+    return [[EncodedExample(row.tolist(), prompt, 0, False) for row in batch] for batch in ids]
 
 
 # ------------------------------------------------------------------------------------------ GEMM
@@ -180,7 +208,7 @@ def _train_step(
 
 def _workload(
     path: str,
-    model_id: str,
+    base: Base,
     examples: Sequence[Sequence[EncodedExample]],
     batches: Sequence[dict],
     device: torch.device,
@@ -190,15 +218,20 @@ def _workload(
     compile_mode: str | None = None,
 ) -> Workload:
     """A fresh model per path, so that no path inherits another's adapters, optimizer or memory.
-    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager)."""
+    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager).
+    On a quantized base the peft reference is QLoRA's recipe (`prepare_model_for_kbit_training`)."""
     train_tokens = [int(b["attention_mask"].sum()) for b in batches]
     if path == "peft-lora":  # the usual route: full-vocabulary logits at every position, loss by transformers
-        base = load_model(model_id).model.to(device)
+        loaded = base.load().model
+        if base.bits is None:
+            loaded = loaded.to(device)
+        else:  # loaded onto the device; float32 norms, embeddings and head, as QLoRA trains
+            loaded = peft.prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
         with warnings.catch_warnings():
             warnings.filterwarnings(
                 "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
             )
-            model = peft.get_peft_model(base, to_peft_config(stage_config(path).lora, base))
+            model = peft.get_peft_model(loaded, to_peft_config(stage_config(path).lora, loaded))
         if activation_checkpointing:
             model.base_model.model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
@@ -219,7 +252,7 @@ def _workload(
             sum(p.numel() for p in params),
         )
 
-    heft_model = HeftModel.from_pretrained(model_id).to(device)
+    heft_model = HeftModel(base.load()).to(device)
     # The bf16 copies of the frozen weights are made once per path, as `evaluate` makes them once per
     # evaluation set and `heft train` once per epoch (here: after the model and stage are built).
     held = contextlib.ExitStack()
@@ -317,6 +350,9 @@ def command_line(
     activation_checkpointing: bool = False,
     compile_mode: str | None = None,
     pad_to_multiple_of: int = 1,
+    base: Base | None = None,
+    synthetic: bool = False,
+    plan: bool = False,
 ) -> str:
     """The command that reruns this benchmark with every option spelled out (and the data folder)."""
     args = [
@@ -344,8 +380,75 @@ def command_line(
     args += ["--activation-checkpointing"] if activation_checkpointing else []
     args += ["--compile", compile_mode] if compile_mode else []
     args += ["--pad-to-multiple-of", str(pad_to_multiple_of)] if pad_to_multiple_of != 1 else []
+    args += ["--dtype", base.dtype] if base and base.dtype != "float32" else []
+    args += ["--quantize", str(base.bits)] if base and base.bits else []
+    args += ["--synthetic"] if synthetic else []
+    args += ["--plan"] if plan else []
     data_dir = os.environ.get("HEFT_DATA_DIR")
     return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
+
+
+# ------------------------------------------------------------------------------------------ data
+def _boolq_data(
+    model: str, batches: int, batch_size: int, max_length: int, seed: int
+) -> tuple[Counter[tuple[int, int]], list[list[EncodedExample]], str, int]:
+    """The model's linear shapes, `batches` BoolQ training batches, their source and the pad id."""
+    probe = HeftModel.from_pretrained(model)
+    cfg = RunConfig(
+        model=model,
+        task="boolq",
+        max_length=max_length,
+        max_train_examples=batches * batch_size,
+        max_eval_examples=batch_size,
+        seed=seed,
+    )
+    splits = load_data(get_task("boolq"), cfg, probe.tokenizer)
+    # Length-grouped as heft trains; with ≤ 32 batches that means each batch holds examples of similar length.
+    order = length_grouped_batches([len(e.input_ids) for e in splits.train], batch_size, seed)[:batches]
+    examples = [[splits.train[i] for i in batch] for batch in order]
+    return linear_shapes(probe.model), examples, splits.info["source"], probe.tokenizer.pad_token_id
+
+
+def _synthetic_data(
+    model: str, batches: int, batch_size: int, max_length: int, seed: int
+) -> tuple[Counter[tuple[int, int]], list[list[EncodedExample]], str, int]:
+    """As `_boolq_data`, from the model's config alone (shapes on the meta device) and random token ids."""
+    from transformers import AutoModelForCausalLM
+
+    from heft.memory_plan import model_config
+
+    config = model_config(model)
+    with torch.device("meta"):
+        shapes = linear_shapes(AutoModelForCausalLM.from_config(config))
+    examples = synthetic_examples(config.vocab_size, batches, batch_size, max_length, seed)
+    return shapes, examples, f"synthetic token ids (vocabulary {config.vocab_size:,})", 0
+
+
+PLAN_MEASURE = (
+    "plan_peak_mb: `heft plan`'s peak for the path's stage at this batch shape, weights included (on CUDA "
+    "comparable with max allocated; on the CPU the measured peak is above the loaded model's RSS)"
+)
+
+
+def planned_peak_mb(
+    base: Base, path: str, batch_size: int, max_length: int, synthetic: bool, device: torch.device, checkpointing: bool
+) -> float:
+    """What `heft plan` predicts for the stage `path` trains, on this base and batch shape."""
+    from heft.memory_plan import default_target_tokens, plan_run, resolve_device
+
+    targets = SYNTHETIC_TARGETS if synthetic else default_target_tokens(get_task("boolq"))
+    cfg = RunConfig(
+        model=base.model,
+        task="boolq",
+        max_length=max_length,
+        batch_size=batch_size,
+        dtype=base.dtype,
+        bf16=True,
+        stages=[stage_config(path)],
+    )
+    plan = plan_run(cfg, resolve_device(str(device), None), targets, weight_bits=base.bits, alternatives=False)
+    stage = plan.stages[0]
+    return round((stage.peak_checkpointed if checkpointing else stage.peak) / 2**20, 1)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -364,8 +467,16 @@ def run_bench(
     activation_checkpointing: bool = False,
     compile_mode: str | None = None,
     pad_to_multiple_of: int | str | None = "auto",
+    dtype: str = "float32",
+    quantize: int | None = None,
+    synthetic: bool = False,
+    plan: bool = False,
 ) -> dict:
     """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
+    `dtype`: the base's weights (bfloat16 for a model whose float32 copy would not fit); `quantize`: a 4- or
+    8-bit bitsandbytes base for every path (the peft reference is then QLoRA); `synthetic`: random token ids
+    of full length instead of BoolQ, for a randomly initialised model saved without a tokenizer (the training
+    paths only); `plan`: `heft plan`'s peak for each of heft's training paths beside the measured one.
     `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
     the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
     heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation;
@@ -391,23 +502,17 @@ def run_bench(
         raise ValueError(
             "--batches, --batch-size, --max-length, --repeats and --pad-to-multiple-of must be ≥ 1, --warmup ≥ 0"
         )
-    probe = HeftModel.from_pretrained(model)
-    shapes = linear_shapes(probe.model)
-    n_linear = sum(count * n_in * n_out for (n_in, n_out), count in shapes.items())
-    cfg = RunConfig(
-        model=model,
-        task="boolq",
-        max_length=max_length,
-        max_train_examples=batches * batch_size,
-        max_eval_examples=batch_size,
-        seed=seed,
+    if quantize not in (None, 4, 8):
+        raise ValueError(f"--quantize {quantize}: a quantized base has 4 or 8 bits")
+    if synthetic and ("scoring" in paths or max_length <= SYNTHETIC_TARGETS):
+        raise ValueError(f"--synthetic times the training paths, at --max-length > {SYNTHETIC_TARGETS}; drop scoring")
+    base = Base(model, dtype, quantize, tokenizer=not synthetic)
+    shapes, examples, source, pad_id = (
+        _synthetic_data(model, batches, batch_size, max_length, seed)
+        if synthetic
+        else _boolq_data(model, batches, batch_size, max_length, seed)
     )
-    splits = load_data(get_task("boolq"), cfg, probe.tokenizer)
-    pad_id = probe.tokenizer.pad_token_id
-    del probe
-    # Length-grouped as heft trains; with ≤ 32 batches that means each batch holds examples of similar length.
-    order = length_grouped_batches([len(e.input_ids) for e in splits.train], batch_size, seed)[:batches]
-    examples = [[splits.train[i] for i in batch] for batch in order]
+    n_linear = sum(count * n_in * n_out for (n_in, n_out), count in shapes.items())
     collated = [{k: v.to(dev) for k, v in collate(ex, pad_id, pad_to_multiple_of=multiple).items()} for ex in examples]
     m = round(statistics.mean(b["input_ids"].numel() for b in collated))
     log.info("bench: %d batches of %d on %s; GEMM peaks at M = %d", len(collated), batch_size, dev, m)
@@ -420,8 +525,12 @@ def run_bench(
     for path in paths:
         log.info("bench: %s", path)
         torch.manual_seed(seed)
-        work = _workload(path, model, examples, collated, dev, n_linear, seed, activation_checkpointing, compile_mode)
+        work = _workload(path, base, examples, collated, dev, n_linear, seed, activation_checkpointing, compile_mode)
         results[path] = measure(work, len(collated), path_warmup, dev, gemm["bfloat16"]["gflops"], timer)
+        if plan and path not in ("scoring", "peft-lora"):
+            results[path]["plan_peak_mb"] = planned_peak_mb(
+                base, path, batch_size, max_length, synthetic, dev, activation_checkpointing
+            )
         work.close()
         del work
         gc.collect()
@@ -447,6 +556,9 @@ def run_bench(
             activation_checkpointing,
             compile_mode,
             multiple,
+            base,
+            synthetic,
+            plan,
         ),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(dev),
@@ -457,7 +569,7 @@ def run_bench(
             "linear_shapes": [[i, o, c] for (i, o), c in sorted(shapes.items())],
         },
         "data": {
-            "source": splits.info["source"],
+            "source": source,
             "batches": len(collated),
             "batch_size": batch_size,
             "max_length": max_length,
@@ -466,7 +578,8 @@ def run_bench(
         },
         "settings": {
             "bf16_autocast": True,
-            "weights_dtype": "float32",
+            "weights_dtype": dtype,
+            "quantize": None if quantize is None else {"bits": quantize, "backend": "bitsandbytes"},
             "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)",
             "warmup_steps": warmup,
             "warmup_steps_run": path_warmup,
@@ -481,6 +594,7 @@ def run_bench(
         "memory_measure": "CUDA max allocated (weights included)"
         if dev.type == "cuda"
         else "peak RSS above the RSS when the path's model was ready",
+        **({"plan_measure": PLAN_MEASURE} if plan else {}),
         "gemm": {"m": m, **gemm},
         "paths": results,
         "heft_lora_vs_peft_lora": ratio,
@@ -510,7 +624,8 @@ def tables(record: dict) -> list[Table]:
         f"{data['tokens']:,} tokens), bf16 autocast, {record['machine']['device']}",
         caption=record["flops_convention"] + "; memory: " + record["memory_measure"],
     )
-    for column in ("path", "tok/s", "MFU", "peak MB", "warm-up s", "tokens", "vs peft-lora"):
+    planned = any("plan_peak_mb" in r for r in record["paths"].values())
+    for column in ("path", "tok/s", "MFU", "peak MB", "warm-up s", "tokens", "vs peft-lora", "plan MB")[: 7 + planned]:
         paths.add_column(column, justify="left" if column == "path" else "right")
     for name, r in record["paths"].items():
         ratio = (
@@ -525,5 +640,6 @@ def tables(record: dict) -> list[Table]:
             f"{r['warmup_seconds']:.2f}" if "warmup_seconds" in r else "—",
             f"{r['tokens']:,}",
             ratio,
+            *([f"{r['plan_peak_mb']:,.0f}" if "plan_peak_mb" in r else "—"] if planned else []),
         )
     return [gemm, paths]

@@ -424,6 +424,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing,
         compile_mode=args.compile,
         pad_to_multiple_of=args.pad_to_multiple_of,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        synthetic=args.synthetic,
+        plan=args.plan,
     )
     for table in tables(record):
         console.print(table)
@@ -658,6 +662,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="round batch widths up to a multiple of N, as `pad_to_multiple_of:` in a run config "
         "(default: auto, 64 on CUDA and none on the CPU)",
     )
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the base's weights (default: float32)"
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        metavar="BITS",
+        help="load the base in 4 (nf4) or 8 bits with bitsandbytes for every path; peft-lora is then QLoRA",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random token ids of full length instead of BoolQ: a random model saved without a tokenizer "
+        "(training paths only)",
+    )
+    p.add_argument("--plan", action="store_true", help="heft plan's peak memory beside each of heft's training paths")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument(
         "--clock",
@@ -721,8 +741,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("heft").setLevel(logging.INFO)
-    if not args.verbose:  # peft imports it when installed; on the CPU it says a Hub kernel (optional) is missing
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if getattr(args, "quiet", False):
         from heft.models import hide_library_progress_bars
 

@@ -29,6 +29,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from heft.data import pad_batch
 from heft.pipeline import HeftModel
+from heft.sharding import is_sharded
 from heft.tasks import EncodedExample, Task
 from heft.tasks.completion import CompletionTask, EncodedCompletion
 
@@ -67,14 +68,17 @@ def sharded(
     score: Callable[[list[int]], list[R]],
     desc: str = "eval",
     progress: bool = True,
+    split: bool = True,
 ) -> list[R]:
     """`score` applied to every batch of example indices; the result of example i at position i.
 
     With several processes each takes every N-th batch (batches are sorted by length, so the shares
-    cost about the same), and the per-example results are gathered onto every process.
+    cost about the same), and the per-example results are gathered onto every process. Without
+    `split` (a model sharded by FSDP, whose every forward is a collective) every process scores
+    every batch, so all run the same forwards in step.
     """
     state = process_state()
-    rank, world = state.process_index, state.num_processes
+    rank, world = state.process_index, state.num_processes if split else 1
     mine = list(batches)[rank::world] if world > 1 else list(batches)
     results: list[R | None] = [None] * size
     pairs = []
@@ -130,7 +134,9 @@ def predict(
 
     try:
         with model.frozen_weights_bf16(bf16):  # cast the frozen weights once for the whole set, not at every forward
-            return sharded(_batches(examples, batch_size), len(examples), score, progress=progress)
+            return sharded(
+                _batches(examples, batch_size), len(examples), score, progress=progress, split=not is_sharded(model)
+            )
     finally:
         model.train(was_training)
 
@@ -278,7 +284,14 @@ def generate_answers(
         texts = [model.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in generated]
         return [(text, task.parse_generation(text)) for text in texts]
 
-    return sharded(_batches(examples, batch_size), len(examples), answer, desc="generate", progress=progress)
+    return sharded(
+        _batches(examples, batch_size),
+        len(examples),
+        answer,
+        desc="generate",
+        progress=progress,
+        split=not is_sharded(model),
+    )
 
 
 def generation_metrics(outputs: Sequence[tuple[str, int | None]], examples: Sequence[EncodedExample]) -> dict:
@@ -346,7 +359,14 @@ def generate_responses(
         return [task.cut_response(text, stop_strings) for text in texts]
 
     with _eval_mode(model), model.frozen_weights_bf16(bf16):
-        return sharded(_batches(examples, batch_size), len(examples), answer, desc="generate", progress=progress)
+        return sharded(
+            _batches(examples, batch_size),
+            len(examples),
+            answer,
+            desc="generate",
+            progress=progress,
+            split=not is_sharded(model),
+        )
 
 
 @torch.no_grad()
@@ -367,7 +387,14 @@ def response_logliks(
             return [lls[0] for lls in continuation_logprobs(model, prompts, responses)]
 
     with _eval_mode(model), model.frozen_weights_bf16(bf16):
-        return sharded(_batches(examples, batch_size), len(examples), score, desc="log-likelihood", progress=progress)
+        return sharded(
+            _batches(examples, batch_size),
+            len(examples),
+            score,
+            desc="log-likelihood",
+            progress=progress,
+            split=not is_sharded(model),
+        )
 
 
 def evaluate_completion(

@@ -79,7 +79,7 @@ class LoadedModel:
     model: Any
     """The `transformers` causal LM, in eval mode."""
     tokenizer: Any
-    """Its tokenizer; `pad_token` is always set (falls back to `eos_token`)."""
+    """Its tokenizer; `pad_token` is always set (falls back to `eos_token`). None when loaded without one."""
     model_id: str
     """The alias, folder or hub id exactly as given to `load_model`."""
     weights_sha256: str
@@ -116,16 +116,20 @@ def hide_library_progress_bars() -> None:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", quantize: QuantizeConfig | None = None
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    quantize: QuantizeConfig | None = None,
+    tokenizer: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from an alias, a local HF folder or a hub id.
 
     Aliases backed by GGUF are converted once to a safetensors folder under `cache_root()`, so
     only the first load pays for de-quantisation. With `quantize` the linear layers of the decoder
     load quantized onto the device heft runs on (a quantized model is not moved afterwards); the
-    fingerprint stays that of the full-precision files.
+    fingerprint stays that of the full-precision files. `tokenizer=False` loads none (`heft bench
+    --synthetic` feeds token ids to a randomly initialised model saved without one).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
     folder: Path | None
@@ -163,15 +167,7 @@ def load_model(
     model.eval()
     if quantize is not None:
         prepare_loaded(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:  # ValueError: no tokenizer files that transformers can use
-        raise ModelNotFoundError(f"could not load the tokenizer of {name_or_path!r} from {where}: {err}") from err
-
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    loaded_tokenizer = _load_tokenizer(source, name_or_path, where) if tokenizer else None
 
     if folder is None:
         folder = _hub_snapshot_folder(name_or_path)
@@ -181,7 +177,22 @@ def load_model(
     else:
         logger.info("no weights files found for %s; fingerprinting the loaded tensors instead", name_or_path)
         digest = _state_dict_sha256(model)
-    return LoadedModel(model, tokenizer, name_or_path, digest, [str(f) for f in files], quantize)
+    return LoadedModel(model, loaded_tokenizer, name_or_path, digest, [str(f) for f in files], quantize)
+
+
+def _load_tokenizer(source: str, name_or_path: str, where: str) -> Any:
+    """The model's tokenizer, with `pad_token` set (falls back to `eos_token`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:  # ValueError: no tokenizer files that transformers can use
+        raise ModelNotFoundError(f"could not load the tokenizer of {name_or_path!r} from {where}: {err}") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {name_or_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def weights_sha256(files: Sequence[str | os.PathLike[str]]) -> str:

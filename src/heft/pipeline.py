@@ -14,6 +14,7 @@ import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Cache
 
@@ -25,6 +26,7 @@ from heft.methods.reft import PositionState, ReftModel
 from heft.models import LoadedModel, decoder_layers, hidden_size, load_model
 from heft.quantize import QuantizeConfig
 from heft.quantize import problems as quantize_problems
+from heft.sharding import add_to_shards, is_sharded
 
 SHORT_CPU_SEQUENCE = 128
 """Up to this many positions, training on the CPU runs SDPA's math kernel instead of its flash
@@ -206,12 +208,23 @@ class HeftModel(nn.Module):
         if stage.config.uses_lora:
             stage.lora_state = self._lora.state_dict(stage.adapter_name)
             if stage.config.lora.merge:
-                self.model = self._lora.merge(stage.adapter_name)
+                self.model = self._merge(stage.adapter_name)
         if stage.reft is not None:
             stage.reft.freeze_()
         stage.finished = True
         self.requires_grad_(False)
         self.eval()
+
+    def _merge(self, name: str) -> nn.Module:
+        """Fold adapter `name` into the base weights; under FSDP into each process's rows of them
+        (`heft.sharding.add_to_shards`), peft's merge writing into whole weights only."""
+        if not is_sharded(self.model):
+            return self._lora.merge(name)
+        if self._lora.unmerged != [name]:
+            raise ValueError(f"cannot merge LoRA stage {name!r} while earlier adapters stay unmerged")
+        model, deltas = self._lora.unload_with_deltas()
+        add_to_shards(model, deltas)
+        return model
 
     def roll_back_stage(self) -> None:
         """Remove the unfinished last stage's modules without merging anything, so the model computes
@@ -339,7 +352,12 @@ class HeftModel(nn.Module):
                     if not isinstance(module, nn.Linear) or "lora_" in name or id(module) in skip:
                         continue
                     for param in (module.weight, module.bias):
-                        if param is not None and param.dtype == torch.float32 and not param.requires_grad:
+                        if (
+                            param is not None
+                            and param.dtype == torch.float32
+                            and not param.requires_grad
+                            and not isinstance(param, DTensor)  # FSDP's shard: it gathers its own storage
+                        ):
                             swapped.append((param, param.data))
                             param.data = param.data.to(torch.bfloat16)
             if type(head) is nn.Linear and not any(

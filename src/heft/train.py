@@ -8,7 +8,7 @@ results. `train_stage` is the loop of one stage, also used by the Python API (`h
 Each stage gets its own AdamW optimizer and schedule. Batches are length-grouped and padded
 dynamically; the loss covers target tokens only. `accelerate` provides devices, DDP, gradient
 accumulation and the experiment trackers (`report_to`), so `accelerate launch -m heft train ...`
-scales out (FSDP is refused: `heft.sharding` says why). Every completed epoch is a checkpoint: an
+scales out, with DDP or FSDP (`heft.sharding` says how heft shards). Every completed epoch is a checkpoint: an
 interrupted run resumes from its last epoch.
 """
 
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -49,9 +51,10 @@ from heft.metrics import (
     read_metrics,
     results_summary,
 )
+from heft.models import decoder_layers
 from heft.pipeline import HeftModel, Stage
 from heft.provenance import run_provenance
-from heft.sharding import check_launch
+from heft.sharding import average_gradients, check_launch, fsdp_hidden_from_accelerate, is_sharded, shard_base
 from heft.sysinfo import device_info, peak_memory_mb, reset_peak_memory
 from heft.tasks import EncodedExample, task_for
 from heft.tracking import StepLog, accelerator_options, end_tracking, line_scalars, results_scalars, start_tracking
@@ -119,12 +122,14 @@ class TrainingRecipe:
         # bf16 is applied by our own autocast (as in evaluation), not by Accelerator(mixed_precision=...):
         # accelerate's state is process-global, and runs with different settings share a process.
         # cpu=True on GPU-less hosts lets `torchrun --nproc_per_node N` run data-parallel on CPU (gloo).
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.grad_accum,
-            cpu=not torch.cuda.is_available(),
-            **accelerator_options(cfg, run_dir),
-        )
-        check_launch(self.accelerator)  # FSDP is refused before anything loads (heft.sharding says why)
+        # FSDP settings heft does not run are refused before anything loads
+        self.sharded = check_launch(cfg.quantize is not None)
+        with fsdp_hidden_from_accelerate():
+            self.accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.grad_accum,
+                cpu=not torch.cuda.is_available(),
+                **accelerator_options(cfg, run_dir),
+            )
         self.is_main = self.accelerator.is_main_process
         self.show_progress = self.show_progress and self.is_main
         self.task = task_for(cfg)
@@ -159,6 +164,9 @@ class TrainingRecipe:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self.model.to(self.accelerator.device)
+        if self.sharded:
+            shard_base(decoder_layers(self.model.model))
+            log.info("FSDP: every decoder layer sharded over %d processes", self.accelerator.num_processes)
         if cfg.activation_checkpointing:
             self.model.enable_activation_checkpointing()
 
@@ -358,7 +366,7 @@ def train_stage(
     if resume_from is not None:
         load_optimizer(optimizer, resume_from)
     scheduler = _schedule(optimizer, stage, plan, cfg.grad_accum, progress.epoch if resume_from else 0)
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    wrapped, optimizer, scheduler = _prepare(accelerator, model, optimizer, scheduler)
     loop = _EpochLoop(model, wrapped, optimizer, scheduler, cfg, accelerator, progress, show_progress)
     # bucketed widths: the compiled layers (CUDA graphs: one per shape) see at most max_length / multiple shapes
     multiple = pad_multiple(cfg.pad_to_multiple_of, accelerator.device)
@@ -373,6 +381,26 @@ def train_stage(
         progress.epoch = epoch + 1
         # the torch optimizer inside accelerate's wrapper
         on_epoch_end(model, epoch, float(loss_sum / max(loss_count, 1)), optimizer.optimizer)
+
+
+def _prepare(
+    accelerator: Accelerator,
+    model: HeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple:
+    """accelerate's wrappers (DDP's, accumulation's); under FSDP the model stays as sharded by
+    `heft.sharding.shard_base`, and the optimizer and schedule get the wrappers `prepare` would give."""
+    if not is_sharded(model):
+        return accelerator.prepare(model, optimizer, scheduler)
+    optimizer = AcceleratedOptimizer(optimizer, device_placement=False)
+    scheduler = AcceleratedScheduler(
+        scheduler,
+        optimizer,
+        step_with_optimizer=accelerator.step_scheduler_with_optimizer,
+        split_batches=accelerator.split_batches,
+    )
+    return model, optimizer, scheduler
 
 
 @dataclass
@@ -423,14 +451,24 @@ class _EpochLoop:
             accelerator.backward(loss * scale)
             step_log.add(loss.item(), tokens)
             if accelerator.sync_gradients:
-                if self.cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.max_grad_norm)
+                self._sync_and_clip()
                 self.progress.optimizer_steps += 1
                 step_log.step(self.progress.optimizer_steps, self.scheduler.get_last_lr()[0])
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _sync_and_clip(self) -> None:
+        """Gradients of a whole accumulation group: under FSDP the trainable parameters, which it does not
+        manage, are averaged here (DDP does it in the backward); then clipped to `max_grad_norm`."""
+        params = self.model.trainable_parameters()
+        if self.wrapped is self.model and is_sharded(self.model):
+            average_gradients(params)
+            if self.cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
 
 
 def _optimizer(model: HeftModel, stage: StageConfig) -> torch.optim.AdamW:
