@@ -3,7 +3,8 @@
 # questions), for a run's zero-shot base model and for the run itself:
 #   bash docs/results/lm-eval/record.sh RUN_DIR
 # Writes docs/results/lm-eval/record.json: acc and acc_norm from both, and on how many questions
-# the two disagree (lm-eval's per-document samples against heft's per-example `correct`).
+# the two disagree (lm-eval's per-document samples against heft's per-example `correct`). The
+# lm-eval files each call writes into the run folder stay there; earlier ones are left alone.
 set -euo pipefail
 run=$1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,10 +15,10 @@ for model in zero-shot trained; do
     flags=()
     [ "$model" = zero-shot ] && flags=(--zero-shot)
     $heft eval "$run" --split test --max-examples 100000 "${flags[@]}" > "$work/heft-$model.json"
-    rm -f "$run"/lm-eval-*
     $heft eval "$run" --lm-eval arc_easy "${flags[@]}" > "$work/lm-eval-$model.txt"
-    cp "$run"/lm-eval-*[0-9].json "$work/lm-eval-$model.json"
-    cp "$run"/lm-eval-*-samples.jsonl "$work/lm-eval-$model-samples.jsonl"
+    newest=$(ls -t "$run"/lm-eval-*[0-9].json | head -1)  # the file this call wrote
+    cp "$newest" "$work/lm-eval-$model.json"
+    cp "${newest%.json}-samples.jsonl" "$work/lm-eval-$model-samples.jsonl"
 done
 python - "$work" "$run" "$here/record.json" <<'PY'
 import json, subprocess, sys
