@@ -286,7 +286,8 @@ def test_summary_report_and_plots_from_exact_run_numbers(tmp_path, tiny_model_di
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results"
 LEGACY = ("cpu", "full-h100-partial")
 """Summaries from before per-example records, devices and stage boundaries: their reports came from
-an older renderer and stay as committed."""
+an older renderer and stay as committed. (`heft reproduce` writes summary.json; other tools' records
+have other names.)"""
 
 
 @pytest.mark.parametrize(

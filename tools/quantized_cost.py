@@ -2,7 +2,7 @@
 and both choices at the LoRA → LoReFT boundary (merge into the quantized weights, or keep the adapter).
 
     python tools/quantized_cost.py run OUT_DIR [--jobs 2] [--train 256] [--eval 200] [--tasks T,..] [--arms A,..]
-    python tools/quantized_cost.py summarize OUT_DIR [--json docs/results/quantized/summary.json]
+    python tools/quantized_cost.py summarize OUT_DIR [--json docs/results/quantized/arms.json]
 
 `run` trains every arm with `heft train` in its own process on one torch thread (on a CPU shared with
 other jobs, more threads mostly wait for each other) and records that process's CPU time and peak
