@@ -92,6 +92,20 @@ def sharded(
     return results  # type: ignore[return-value]
 
 
+def each_example(
+    model: HeftModel,
+    examples: Sequence[EncodedExample],
+    batch_size: int,
+    score: Callable[[list[int]], list[R]],
+    desc: str = "eval",
+    progress: bool = True,
+) -> list[R]:
+    """`sharded` over `examples` in length-sorted batches; split across processes unless FSDP shards
+    the model (then every process runs every batch)."""
+    batches = _batches(examples, batch_size)
+    return sharded(batches, len(examples), score, desc=desc, progress=progress, split=not is_sharded(model))
+
+
 def autocast(model: HeftModel, bf16: bool) -> torch.autocast:
     """The autocast context training used, so evaluation from a run folder scores identically."""
     return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -134,9 +148,7 @@ def predict(
 
     try:
         with model.frozen_weights_bf16(bf16):  # cast the frozen weights once for the whole set, not at every forward
-            return sharded(
-                _batches(examples, batch_size), len(examples), score, progress=progress, split=not is_sharded(model)
-            )
+            return each_example(model, examples, batch_size, score, progress=progress)
     finally:
         model.train(was_training)
 
@@ -284,14 +296,7 @@ def generate_answers(
         texts = [model.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in generated]
         return [(text, task.parse_generation(text)) for text in texts]
 
-    return sharded(
-        _batches(examples, batch_size),
-        len(examples),
-        answer,
-        desc="generate",
-        progress=progress,
-        split=not is_sharded(model),
-    )
+    return each_example(model, examples, batch_size, answer, desc="generate", progress=progress)
 
 
 def generation_metrics(outputs: Sequence[tuple[str, int | None]], examples: Sequence[EncodedExample]) -> dict:
@@ -359,14 +364,7 @@ def generate_responses(
         return [task.cut_response(text, stop_strings) for text in texts]
 
     with _eval_mode(model), model.frozen_weights_bf16(bf16):
-        return sharded(
-            _batches(examples, batch_size),
-            len(examples),
-            answer,
-            desc="generate",
-            progress=progress,
-            split=not is_sharded(model),
-        )
+        return each_example(model, examples, batch_size, answer, desc="generate", progress=progress)
 
 
 @torch.no_grad()
@@ -387,14 +385,7 @@ def response_logliks(
             return [lls[0] for lls in continuation_logprobs(model, prompts, responses)]
 
     with _eval_mode(model), model.frozen_weights_bf16(bf16):
-        return sharded(
-            _batches(examples, batch_size),
-            len(examples),
-            score,
-            desc="log-likelihood",
-            progress=progress,
-            split=not is_sharded(model),
-        )
+        return each_example(model, examples, batch_size, score, desc="log-likelihood", progress=progress)
 
 
 def evaluate_completion(
