@@ -132,6 +132,7 @@ def test_a_random_model_without_tokenizer_benches_on_a_4bit_base_beside_its_plan
 
     from conftest import make_model
     from heft.bench import Base
+    from heft.bench_check import baseline_settings
 
     folder = tmp_path / "random-llama"
     make_model("llama").save_pretrained(folder)  # config and weights only
@@ -146,6 +147,10 @@ def test_a_random_model_without_tokenizer_benches_on_a_4bit_base_beside_its_plan
     assert record["command"].endswith("--dtype bfloat16 --quantize 4 --synthetic --plan")
     assert record["settings"]["quantize"] == {"bits": 4, "backend": "bitsandbytes"}
     assert record["settings"]["weights_dtype"] == "bfloat16"
+    again = baseline_settings(record)
+    assert (again["dtype"], again["quantize"], again["synthetic"]) == ("bfloat16", 4, True), (
+        "`heft bench --check` reruns this record on the same kind of base and data"
+    )
     assert record["data"]["source"] == "synthetic token ids (vocabulary 64)"
     assert record["data"]["tokens"] == record["data"]["padded_tokens"] == 2 * 2 * 16
     assert record["model"]["linear_shapes"] == [[32, 16, 4], [32, 32, 4], [32, 64, 4], [64, 32, 2]]

@@ -105,7 +105,14 @@ def test_settings_come_from_the_baseline_and_the_committed_json_has_them():
         "pad_to_multiple_of": 1,
         "clock": "wall",
         "threads": 2,
+        "dtype": "float32",
+        "quantize": None,
+        "synthetic": False,
     }
+    quantized = {**BASE, "settings": {**BASE["settings"], "weights_dtype": "bfloat16", "quantize": {"bits": 4}}}
+    assert baseline_settings(quantized) == {**baseline_settings(BASE), "dtype": "bfloat16", "quantize": 4}, (
+        "a baseline on a quantized bf16 base is rerun on one"
+    )
     one_thread = {**BASE, "machine": {**MACHINE, "torch_threads": 1}, "settings": {**BASE["settings"], "clock": "cpu"}}
     assert baseline_settings(one_thread) == {**baseline_settings(BASE), "clock": "cpu", "threads": 1}, (
         "a baseline timed on one thread's CPU clock is rerun so"

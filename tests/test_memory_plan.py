@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import importlib.util
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,6 @@ from transformers import LlamaConfig
 import heft
 import heft.cli
 from heft import memory_plan
-from heft.bench import stage_config
 from heft.cli import main
 from heft.config import RunConfig, StageConfig
 from heft.memory_plan import (
@@ -39,7 +35,6 @@ from heft.methods.reft import ReftConfig
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BENCH = REPO / "docs" / "results" / "bench"
 TOLERANCE = 0.25
 """The issue's bound on a plan's error against a measured peak."""
 
@@ -132,62 +127,34 @@ def test_advice_says_what_fits_and_what_would(tiny_model_dir) -> None:
     assert any("nothing planned here fits" in s or "4-bit" in s for s in on(fixed // 2))
 
 
-def bench_records() -> list[tuple[dict, str, bool]]:
-    """(record, path, checkpointing) of the GPU bench records taken at commit cc09ab7 (the `warm`
-    ones; the first lease's predate the bf16 weight copies), compile off."""
-    out = []
-    for path in sorted(BENCH.glob("gpu-h200-warm-*.json")):
-        record = json.loads(path.read_text())
-        if record["settings"].get("compile"):
-            continue
-        for name in ("lora", "loreft", "joint"):
-            if name in record["paths"]:
-                out.append((record, name, bool(record["settings"].get("activation_checkpointing"))))
-    return out
+def plan_accuracy():
+    """tools/plan_accuracy.py, which prints these comparisons as docs/results/plan's tables."""
+    spec = importlib.util.spec_from_file_location("plan_accuracy", REPO / "tools" / "plan_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_cuda_plans_are_within_25_percent_of_the_gpu_bench_records() -> None:
-    """Each committed H200 record (CUDA max allocated, weights included, smollm2's shapes, float32
-    weights under bf16 autocast) against the plan of its path at its batch size × max_length. The
-    records' widest batch can be narrower than max_length (491 of 512 at 64 × 512): a plan is for
+    """Each committed warm H200 record against the plan of its path at its batch size × max_length.
+    The records' widest batch can be narrower than max_length (491 of 512 at 64 × 512): a plan is for
     the widest batch the run allows."""
-    records = bench_records()
-    assert {(r["data"]["batch_size"], r["data"]["max_length"], ckpt) for r, _, ckpt in records} >= {
+    comparisons = plan_accuracy().gpu_comparisons()
+    assert {(c["batch"], c["length"], c["checkpointing"]) for c in comparisons} >= {
         (64, 512, False),
         (64, 512, True),
         (16, 64, False),
     }
-    plans = {}
-    for record, name, checkpointing in records:
-        shape = (record["data"]["batch_size"], record["data"]["max_length"], name)
-        if shape not in plans:
-            cfg = RunConfig(batch_size=shape[0], max_length=shape[1], bf16=True, stages=[stage_config(name)])
-            plans[shape] = plan_run(cfg, Device("cuda", None, "H200"), alternatives=False).stages[0]
-        stage = plans[shape]
-        planned = (stage.peak_checkpointed if checkpointing else stage.peak) / 2**20
-        measured = record["paths"][name]["peak_memory_mb"]
-        assert abs(planned / measured - 1) <= TOLERANCE, (shape, checkpointing, planned, measured)
+    for c in comparisons:
+        assert abs(c["planned_mb"] / c["measured_mb"] - 1) <= TOLERANCE, c
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("batch_size", "max_length"), [(4, 128), (8, 256)])
 def test_cpu_plans_are_within_25_percent_of_heft_trains_measured_peak(tmp_path, batch_size, max_length) -> None:
-    """`heft train`'s recipe on smollm2 (configs/boolq_heft.yaml, LoRA then LoReFT) in a fresh process:
-    its peak RSS above the RSS before the model loads against the plan's peak over both stages. At 128
-    tokens the CPU trains with SDPA's math kernel, at 256 with flash."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(heft.__file__).parents[1]), str(HERE)]),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [sys.executable, str(HERE / "plan_measure_script.py"), str(tmp_path), str(batch_size), str(max_length)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.strip().splitlines()[-1])["above_mb"]
-    cfg = heft.load_config(
-        REPO / "configs" / "boolq_heft.yaml", [f"batch_size={batch_size}", f"max_length={max_length}"]
-    )
-    planned = plan_run(cfg, Device("cpu", None, "cpu"), alternatives=False).peak / 2**20
+    """`heft train`'s recipe on smollm2 in a fresh process against the plan's peak over both stages.
+    At 128 tokens the CPU trains with SDPA's math kernel, at 256 with flash."""
+    planned, measured = plan_accuracy().cpu_comparison(batch_size, max_length, tmp_path)
     assert abs(planned / measured - 1) <= TOLERANCE, (planned, measured)
 
 

@@ -18,10 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from heft import bench
-from heft.config import RunConfig
-from heft.data import collate, length_grouped_batches, load_data
-from heft.pipeline import HeftModel
-from heft.tasks import get_task
+from heft.data import collate
 
 CATEGORIES = (
     (
@@ -77,7 +74,7 @@ def category(name: str) -> str:
     return "other"
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--paths", default=",".join(bench.PATHS))
@@ -93,27 +90,42 @@ def main() -> None:
         type=int,
         help="warm up on and profile only this batch (one width, e.g. a typical one; default: the others in turn)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def print_profile(path: str, prof: profile, steps: list[int], wall: float, cpu: float, tokens: float, top: int) -> None:
+    """The step's time per op category and its top ops by self CPU time, as Markdown tables."""
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events)
+    n_ops = sum(e.count for e in events if e.key.startswith("aten::")) / len(steps)
+    by_cat: dict[str, float] = defaultdict(float)
+    for e in events:
+        by_cat[category(e.key)] += e.self_cpu_time_total
+    print(
+        f"\n## {path}: {wall:.3f} s/step wall, {cpu:.3f} s/step process CPU (profiled), {tokens:.0f} tokens/step, "
+        f"{n_ops:.0f} aten ops/step, self CPU {total_self / 1e6 / len(steps):.3f} s/step"
+    )
+    print("| category | self CPU s/step | share |\n|---|---|---|")
+    for label, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"| {label} | {t / 1e6 / len(steps):.3f} | {100 * t / total_self:.1f} % |")
+    print("\n| op | calls/step | self CPU s/step | share |\n|---|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(
+            f"| `{e.key}` | {e.count / len(steps):.0f} | {e.self_cpu_time_total / 1e6 / len(steps):.3f} | "
+            f"{100 * e.self_cpu_time_total / total_self:.1f} % |"
+        )
+
+
+def main() -> None:
+    args = arguments()
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = bench.parse_paths(args.paths)
     dev = torch.device("cpu")
-    probe = HeftModel.from_pretrained(args.model)
-    shapes = bench.linear_shapes(probe.model)
-    n_linear = sum(c * i * o for (i, o), c in shapes.items())
-    cfg = RunConfig(
-        model=args.model,
-        task="boolq",
-        max_length=args.max_length,
-        max_train_examples=args.batches * args.batch_size,
-        max_eval_examples=args.batch_size,
-        seed=args.seed,
+    shapes, examples, _, pad_id = bench._boolq_data(
+        args.model, args.batches, args.batch_size, args.max_length, args.seed
     )
-    splits = load_data(get_task("boolq"), cfg, probe.tokenizer)
-    pad_id = probe.tokenizer.pad_token_id
-    del probe
-    order = length_grouped_batches([len(e.input_ids) for e in splits.train], args.batch_size, args.seed)[: args.batches]
-    examples = [[splits.train[i] for i in b] for b in order]
+    n_linear = sum(c * i * o for (i, o), c in shapes.items())
     collated = [collate(ex, pad_id) for ex in examples]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; batches: "
@@ -121,7 +133,7 @@ def main() -> None:
     )
     for path in paths:
         torch.manual_seed(args.seed)
-        work = bench._workload(path, args.model, examples, collated, dev, n_linear, args.seed)
+        work = bench._workload(path, bench.Base(args.model), examples, collated, dev, n_linear, args.seed)
         work.step(args.batch_index or 0)  # warm-up
         steps = [1 + i % (len(collated) - 1) for i in range(args.steps)] if len(collated) > 1 else [0] * args.steps
         if args.batch_index is not None:
@@ -132,27 +144,8 @@ def main() -> None:
                 work.step(i)
             wall = (time.perf_counter() - start) / len(steps)
             cpu = (time.process_time() - cpu) / len(steps)
-        tokens = statistics.mean(work.tokens(i) for i in steps)
-        events = prof.key_averages()
-        total_self = sum(e.self_cpu_time_total for e in events)
-        n_ops = sum(e.count for e in events if e.key.startswith("aten::")) / len(steps)
-        by_cat: dict[str, float] = defaultdict(float)
-        for e in events:
-            by_cat[category(e.key)] += e.self_cpu_time_total
-        print(
-            f"\n## {path}: {wall:.3f} s/step wall, {cpu:.3f} s/step process CPU (profiled), {tokens:.0f} tokens/step, "
-            f"{n_ops:.0f} aten ops/step, self CPU {total_self / 1e6 / len(steps):.3f} s/step"
-        )
-        print("| category | self CPU s/step | share |\n|---|---|---|")
-        for label, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
-            print(f"| {label} | {t / 1e6 / len(steps):.3f} | {100 * t / total_self:.1f} % |")
-        print("\n| op | calls/step | self CPU s/step | share |\n|---|---|---|---|")
-        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
-            print(
-                f"| `{e.key}` | {e.count / len(steps):.0f} | {e.self_cpu_time_total / 1e6 / len(steps):.3f} | "
-                f"{100 * e.self_cpu_time_total / total_self:.1f} % |"
-            )
-        getattr(work, "close", lambda: None)()  # heft bench before 6eaf4d0 has no close
+        print_profile(path, prof, steps, wall, cpu, statistics.mean(work.tokens(i) for i in steps), args.top)
+        work.close()
         del work, prof
 
 

@@ -206,6 +206,44 @@ def _train_step(
     return step
 
 
+def _peft_workload(
+    base: Base,
+    batches: Sequence[dict],
+    train_tokens: list[int],
+    device: torch.device,
+    n_linear: int,
+    activation_checkpointing: bool,
+) -> Workload:
+    """The reference: transformers + peft LoRA by the usual route, full-vocabulary logits at every
+    position and the loss by transformers; on a quantized base, QLoRA's recipe
+    (`prepare_model_for_kbit_training`)."""
+    loaded = base.load().model
+    if base.bits is None:
+        loaded = loaded.to(device)
+    else:  # loaded onto the device; float32 norms, embeddings and head, as QLoRA trains
+        loaded = peft.prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = peft.get_peft_model(loaded, to_peft_config(stage_config("peft-lora").lora, loaded))
+    if activation_checkpointing:
+        model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def forward(batch: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Workload(
+        _train_step(forward, params, batches),
+        train_tokens.__getitem__,
+        4.0 * n_linear,
+        sum(p.numel() for p in params),
+    )
+
+
 def _workload(
     path: str,
     base: Base,
@@ -218,39 +256,10 @@ def _workload(
     compile_mode: str | None = None,
 ) -> Workload:
     """A fresh model per path, so that no path inherits another's adapters, optimizer or memory.
-    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager).
-    On a quantized base the peft reference is QLoRA's recipe (`prepare_model_for_kbit_training`)."""
+    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager)."""
     train_tokens = [int(b["attention_mask"].sum()) for b in batches]
-    if path == "peft-lora":  # the usual route: full-vocabulary logits at every position, loss by transformers
-        loaded = base.load().model
-        if base.bits is None:
-            loaded = loaded.to(device)
-        else:  # loaded onto the device; float32 norms, embeddings and head, as QLoRA trains
-            loaded = peft.prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
-            model = peft.get_peft_model(loaded, to_peft_config(stage_config(path).lora, loaded))
-        if activation_checkpointing:
-            model.base_model.model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-        model.train()
-
-        def forward(batch: dict) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                return model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-                ).loss
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        return Workload(
-            _train_step(forward, params, batches),
-            train_tokens.__getitem__,
-            4.0 * n_linear,
-            sum(p.numel() for p in params),
-        )
+    if path == "peft-lora":
+        return _peft_workload(base, batches, train_tokens, device, n_linear, activation_checkpointing)
 
     heft_model = HeftModel(base.load()).to(device)
     # The bf16 copies of the frozen weights are made once per path, as `evaluate` makes them once per
@@ -336,56 +345,81 @@ def machine_info(device: torch.device) -> dict:
     }
 
 
-def command_line(
-    model: str,
-    batches: int,
-    batch_size: int,
-    max_length: int,
-    device: str,
-    paths: Sequence[str],
-    repeats: int,
-    warmup: int,
-    threads: int | None = None,
-    clock: str = "wall",
-    activation_checkpointing: bool = False,
-    compile_mode: str | None = None,
-    pad_to_multiple_of: int = 1,
-    base: Base | None = None,
-    synthetic: bool = False,
-    plan: bool = False,
-) -> str:
-    """The command that reruns this benchmark with every option spelled out (and the data folder)."""
-    args = [
-        "heft",
-        "bench",
-        "--model",
-        model,
-        "--batches",
-        str(batches),
-        "--batch-size",
-        str(batch_size),
-        "--max-length",
-        str(max_length),
-        "--device",
-        device,
-        "--paths",
-        ",".join(paths),
-        "--repeats",
-        str(repeats),
-        "--warmup",
-        str(warmup),
-    ]
-    args += ["--threads", str(threads)] if threads else []
-    args += ["--clock", clock] if clock != "wall" else []
-    args += ["--activation-checkpointing"] if activation_checkpointing else []
-    args += ["--compile", compile_mode] if compile_mode else []
-    args += ["--pad-to-multiple-of", str(pad_to_multiple_of)] if pad_to_multiple_of != 1 else []
-    args += ["--dtype", base.dtype] if base and base.dtype != "float32" else []
-    args += ["--quantize", str(base.bits)] if base and base.bits else []
-    args += ["--synthetic"] if synthetic else []
-    args += ["--plan"] if plan else []
-    data_dir = os.environ.get("HEFT_DATA_DIR")
-    return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
+@dataclass
+class BenchSettings:
+    """`heft bench`'s options, one field per command-line option.
+
+    `dtype`: the base's weights (bfloat16 for a model whose float32 copy would not fit); `quantize`: a 4- or
+    8-bit bitsandbytes base for every path (the peft reference is then QLoRA); `synthetic`: random token ids
+    of full length instead of BoolQ, for a randomly initialised model saved without a tokenizer (the training
+    paths only); `plan`: `heft plan`'s peak for each of heft's training paths beside the measured one.
+    `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
+    the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
+    heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation;
+    with the CPU clock only what this process spends on it, not its compiler processes);
+    `pad_to_multiple_of`: batch widths rounded up as training rounds them (`auto`: 64 on CUDA, none on the CPU).
+    """
+
+    model: str = "smollm2-135m"
+    batches: int = 12
+    batch_size: int = 8
+    max_length: int = 256
+    device: str | None = None
+    paths: Sequence[str] = PATHS
+    repeats: int = 10
+    warmup: int = 1
+    seed: int = 42
+    threads: int | None = None
+    clock: str = "wall"
+    activation_checkpointing: bool = False
+    compile_mode: str | None = None
+    pad_to_multiple_of: int | str | None = "auto"
+    dtype: str = "float32"
+    quantize: int | None = None
+    synthetic: bool = False
+    plan: bool = False
+
+    def checked(self) -> tuple[torch.device, list[str], int]:
+        """The device, the paths in run order and the resolved pad multiple; ValueError naming the
+        option for a value that cannot run, before anything is loaded."""
+        dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.clock not in CLOCKS or (self.clock == "cpu" and dev.type != "cpu"):
+            raise ValueError(f"--clock {self.clock!r}: choose wall, or cpu on a CPU device")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("--threads must be ≥ 1")
+        paths = parse_paths(",".join(self.paths))
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        multiple = pad_multiple(self.pad_to_multiple_of, dev)
+        if min(self.batches, self.batch_size, self.max_length, self.repeats, multiple) < 1 or self.warmup < 0:
+            raise ValueError(
+                "--batches, --batch-size, --max-length, --repeats and --pad-to-multiple-of must be ≥ 1, --warmup ≥ 0"
+            )
+        if self.quantize not in (None, 4, 8):
+            raise ValueError(f"--quantize {self.quantize}: a quantized base has 4 or 8 bits")
+        if self.synthetic and ("scoring" in paths or self.max_length <= SYNTHETIC_TARGETS):
+            raise ValueError(
+                f"--synthetic times the training paths, at --max-length > {SYNTHETIC_TARGETS}; drop scoring"
+            )
+        return dev, paths, multiple
+
+    def command_line(self, device: torch.device, paths: Sequence[str], multiple: int) -> str:
+        """The command that reruns this benchmark with every option spelled out (and the data folder)."""
+        args = ["heft", "bench", "--model", self.model, "--batches", str(self.batches)]
+        args += ["--batch-size", str(self.batch_size), "--max-length", str(self.max_length)]
+        args += ["--device", str(device), "--paths", ",".join(paths)]
+        args += ["--repeats", str(self.repeats), "--warmup", str(self.warmup)]
+        args += ["--threads", str(self.threads)] if self.threads else []
+        args += ["--clock", self.clock] if self.clock != "wall" else []
+        args += ["--activation-checkpointing"] if self.activation_checkpointing else []
+        args += ["--compile", self.compile_mode] if self.compile_mode else []
+        args += ["--pad-to-multiple-of", str(multiple)] if multiple != 1 else []
+        args += ["--dtype", self.dtype] if self.dtype != "float32" else []
+        args += ["--quantize", str(self.quantize)] if self.quantize else []
+        args += ["--synthetic"] if self.synthetic else []
+        args += ["--plan"] if self.plan else []
+        data_dir = os.environ.get("HEFT_DATA_DIR")
+        return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -452,153 +486,137 @@ def planned_peak_mb(
 
 
 # ------------------------------------------------------------------------------------------ main
-def run_bench(
-    model: str = "smollm2-135m",
-    batches: int = 12,
-    batch_size: int = 8,
-    max_length: int = 256,
-    device: str | None = None,
-    paths: Sequence[str] = PATHS,
-    repeats: int = 10,
-    warmup: int = 1,
-    seed: int = 42,
-    threads: int | None = None,
-    clock: str = "wall",
-    activation_checkpointing: bool = False,
-    compile_mode: str | None = None,
-    pad_to_multiple_of: int | str | None = "auto",
-    dtype: str = "float32",
-    quantize: int | None = None,
-    synthetic: bool = False,
-    plan: bool = False,
-) -> dict:
-    """Measure the GEMM peaks, then every path in `paths` on the same BoolQ batches; returns the JSON record.
-    `dtype`: the base's weights (bfloat16 for a model whose float32 copy would not fit); `quantize`: a 4- or
-    8-bit bitsandbytes base for every path (the peft reference is then QLoRA); `synthetic`: random token ids
-    of full length instead of BoolQ, for a randomly initialised model saved without a tokenizer (the training
-    paths only); `plan`: `heft plan`'s peak for each of heft's training paths beside the measured one.
-    `threads`: torch's CPU threads (None: torch's default); `clock`: see CLOCKS; `activation_checkpointing`:
-    the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
-    heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation;
-    with the CPU clock only what this process spends on it, not its compiler processes);
-    `pad_to_multiple_of`: batch widths rounded up as training rounds them (`auto`: 64 on CUDA, none on the CPU).
+def run_bench(model: str = "smollm2-135m", **options: object) -> dict:
+    """Measure the GEMM peaks, then every path on the same BoolQ batches; returns the JSON record.
+    `options`: the fields of BenchSettings."""
+    return Bench(BenchSettings(model, **options)).run()  # type: ignore[arg-type]
 
-    On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
-    pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first
-    (on one H200, heft's LoRA path, measured first, read 0.36× the peft path measured right after it)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if clock not in CLOCKS or (clock == "cpu" and dev.type != "cpu"):
-        raise ValueError(f"--clock {clock!r}: choose wall, or cpu on a CPU device")
-    if threads is not None:
-        if threads < 1:
-            raise ValueError("--threads must be ≥ 1")
-        torch.set_num_threads(threads)
-    timer = CLOCKS[clock]
-    paths = parse_paths(",".join(paths))
-    if compile_mode is not None and compile_mode not in COMPILE_MODES:
-        raise ValueError(f"--compile {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    multiple = pad_multiple(pad_to_multiple_of, dev)
-    if min(batches, batch_size, max_length, repeats, multiple) < 1 or warmup < 0:
-        raise ValueError(
-            "--batches, --batch-size, --max-length, --repeats and --pad-to-multiple-of must be ≥ 1, --warmup ≥ 0"
+
+class Bench:
+    """One `heft bench` run: the batches and GEMM peaks it shares across paths, then each path's
+    measurement, and the JSON record of all of it."""
+
+    def __init__(self, settings: BenchSettings) -> None:
+        self.settings = settings
+        self.device, self.paths, self.multiple = settings.checked()
+        self.timer = CLOCKS[settings.clock]
+        self.base = Base(settings.model, settings.dtype, settings.quantize, tokenizer=not settings.synthetic)
+        self.path_warmup = settings.warmup
+
+    def run(self) -> dict:
+        if self.settings.threads is not None:
+            torch.set_num_threads(self.settings.threads)
+        self._load_batches()
+        self.gemm = {
+            name: gemm_peak(self.shapes, self.m, dtype, self.device, self.settings.repeats, self.timer)
+            for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
+        }
+        # On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
+        # pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first
+        # (on one H200, heft's LoRA path, measured first, read 0.36× the peft path measured right after it).
+        if self.device.type == "cuda":
+            self.path_warmup = max(self.settings.warmup, len(self.collated))
+        results = {path: self._measure(path) for path in self.paths}
+        return self.record(results)
+
+    def _load_batches(self) -> None:
+        s = self.settings
+        data = _synthetic_data if s.synthetic else _boolq_data
+        self.shapes, self.examples, self.source, pad_id = data(s.model, s.batches, s.batch_size, s.max_length, s.seed)
+        self.n_linear = sum(count * n_in * n_out for (n_in, n_out), count in self.shapes.items())
+        self.collated = [
+            {k: v.to(self.device) for k, v in collate(ex, pad_id, pad_to_multiple_of=self.multiple).items()}
+            for ex in self.examples
+        ]
+        self.m = round(statistics.mean(b["input_ids"].numel() for b in self.collated))
+        log.info(
+            "bench: %d batches of %d on %s; GEMM peaks at M = %d", len(self.collated), s.batch_size, self.device, self.m
         )
-    if quantize not in (None, 4, 8):
-        raise ValueError(f"--quantize {quantize}: a quantized base has 4 or 8 bits")
-    if synthetic and ("scoring" in paths or max_length <= SYNTHETIC_TARGETS):
-        raise ValueError(f"--synthetic times the training paths, at --max-length > {SYNTHETIC_TARGETS}; drop scoring")
-    base = Base(model, dtype, quantize, tokenizer=not synthetic)
-    shapes, examples, source, pad_id = (
-        _synthetic_data(model, batches, batch_size, max_length, seed)
-        if synthetic
-        else _boolq_data(model, batches, batch_size, max_length, seed)
-    )
-    n_linear = sum(count * n_in * n_out for (n_in, n_out), count in shapes.items())
-    collated = [{k: v.to(dev) for k, v in collate(ex, pad_id, pad_to_multiple_of=multiple).items()} for ex in examples]
-    m = round(statistics.mean(b["input_ids"].numel() for b in collated))
-    log.info("bench: %d batches of %d on %s; GEMM peaks at M = %d", len(collated), batch_size, dev, m)
-    gemm = {
-        name: gemm_peak(shapes, m, dtype, dev, repeats, timer)
-        for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
-    }
-    results = {}
-    path_warmup = max(warmup, len(collated)) if dev.type == "cuda" else warmup
-    for path in paths:
+
+    def _measure(self, path: str) -> dict:
+        """One path on a fresh model, released before the next path loads its own."""
+        s = self.settings
         log.info("bench: %s", path)
-        torch.manual_seed(seed)
-        work = _workload(path, base, examples, collated, dev, n_linear, seed, activation_checkpointing, compile_mode)
-        results[path] = measure(work, len(collated), path_warmup, dev, gemm["bfloat16"]["gflops"], timer)
-        if plan and path not in ("scoring", "peft-lora"):
-            results[path]["plan_peak_mb"] = planned_peak_mb(
-                base, path, batch_size, max_length, synthetic, dev, activation_checkpointing
+        torch.manual_seed(s.seed)
+        work = _workload(
+            path,
+            self.base,
+            self.examples,
+            self.collated,
+            self.device,
+            self.n_linear,
+            s.seed,
+            s.activation_checkpointing,
+            s.compile_mode,
+        )
+        result = measure(
+            work, len(self.collated), self.path_warmup, self.device, self.gemm["bfloat16"]["gflops"], self.timer
+        )
+        if s.plan and path not in ("scoring", "peft-lora"):
+            result["plan_peak_mb"] = planned_peak_mb(
+                self.base, path, s.batch_size, s.max_length, s.synthetic, self.device, s.activation_checkpointing
             )
         work.close()
         del work
         gc.collect()
-        if dev.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
-    ratio = (
-        round(results["lora"]["tok_s"] / results["peft-lora"]["tok_s"], 3)
-        if {"lora", "peft-lora"} <= results.keys()
-        else None
-    )
-    return {
-        "command": command_line(
-            model,
-            batches,
-            batch_size,
-            max_length,
-            str(dev),
-            paths,
-            repeats,
-            warmup,
-            threads,
-            clock,
-            activation_checkpointing,
-            compile_mode,
-            multiple,
-            base,
-            synthetic,
-            plan,
-        ),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(dev),
-        "versions": code_versions(),
-        "model": {
-            "id": model,
-            "linear_params": n_linear,
-            "linear_shapes": [[i, o, c] for (i, o), c in sorted(shapes.items())],
-        },
-        "data": {
-            "source": source,
-            "batches": len(collated),
-            "batch_size": batch_size,
-            "max_length": max_length,
-            "tokens": sum(int(b["attention_mask"].sum()) for b in collated),
-            "padded_tokens": sum(b["input_ids"].numel() for b in collated),
-        },
-        "settings": {
+        return result
+
+    def record(self, results: dict[str, dict]) -> dict:
+        """The JSON record: the command that reruns it, machine, versions, data, settings and results."""
+        s = self.settings
+        ratio = (
+            round(results["lora"]["tok_s"] / results["peft-lora"]["tok_s"], 3)
+            if {"lora", "peft-lora"} <= results.keys()
+            else None
+        )
+        return {
+            "command": s.command_line(self.device, self.paths, self.multiple),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(self.device),
+            "versions": code_versions(),
+            "model": {
+                "id": s.model,
+                "linear_params": self.n_linear,
+                "linear_shapes": [[i, o, c] for (i, o), c in sorted(self.shapes.items())],
+            },
+            "data": {
+                "source": self.source,
+                "batches": len(self.collated),
+                "batch_size": s.batch_size,
+                "max_length": s.max_length,
+                "tokens": sum(int(b["attention_mask"].sum()) for b in self.collated),
+                "padded_tokens": sum(b["input_ids"].numel() for b in self.collated),
+            },
+            "settings": self._settings_record(),
+            "flops_convention": FLOPS_CONVENTION,
+            "memory_measure": "CUDA max allocated (weights included)"
+            if self.device.type == "cuda"
+            else "peak RSS above the RSS when the path's model was ready",
+            **({"plan_measure": PLAN_MEASURE} if s.plan else {}),
+            "gemm": {"m": self.m, **self.gemm},
+            "paths": results,
+            "heft_lora_vs_peft_lora": ratio,
+        }
+
+    def _settings_record(self) -> dict:
+        s = self.settings
+        return {
             "bf16_autocast": True,
-            "weights_dtype": dtype,
-            "quantize": None if quantize is None else {"bits": quantize, "backend": "bitsandbytes"},
+            "weights_dtype": s.dtype,
+            "quantize": None if s.quantize is None else {"bits": s.quantize, "backend": "bitsandbytes"},
+            "synthetic": s.synthetic,
             "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)",
-            "warmup_steps": warmup,
-            "warmup_steps_run": path_warmup,
-            "activation_checkpointing": activation_checkpointing,
-            "compile": compile_mode,
-            "pad_to_multiple_of": multiple,
-            "gemm_repeats": repeats,
-            "clock": clock,
-            "stages": {p: asdict(stage_config(p)) for p in paths if p != "scoring"},
-        },
-        "flops_convention": FLOPS_CONVENTION,
-        "memory_measure": "CUDA max allocated (weights included)"
-        if dev.type == "cuda"
-        else "peak RSS above the RSS when the path's model was ready",
-        **({"plan_measure": PLAN_MEASURE} if plan else {}),
-        "gemm": {"m": m, **gemm},
-        "paths": results,
-        "heft_lora_vs_peft_lora": ratio,
-    }
+            "warmup_steps": s.warmup,
+            "warmup_steps_run": self.path_warmup,
+            "activation_checkpointing": s.activation_checkpointing,
+            "compile": s.compile_mode,
+            "pad_to_multiple_of": self.multiple,
+            "gemm_repeats": s.repeats,
+            "clock": s.clock,
+            "stages": {p: asdict(stage_config(p)) for p in self.paths if p != "scoring"},
+        }
 
 
 def tables(record: dict) -> list[Table]:

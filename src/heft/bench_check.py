@@ -42,6 +42,9 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
             "pad_to_multiple_of": settings.get("pad_to_multiple_of", 1),  # records before buckets: none
             "clock": settings.get("clock", "wall"),
             "threads": record["machine"].get("torch_threads"),
+            "dtype": settings.get("weights_dtype", "float32"),
+            "quantize": (settings.get("quantize") or {}).get("bits"),
+            "synthetic": settings.get("synthetic", str(data.get("source", "")).startswith("synthetic")),
         }
     except (KeyError, TypeError) as err:
         raise ValueError(f"{name} is not a JSON record written by `heft bench` (no {err})") from None

@@ -315,24 +315,13 @@ def _base_text(base: dict) -> str:
     return f"{base['dtype']}, 8-bit LLM.int8() by {q['backend']}"
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from heft.io import read_manifest
+def _stages_table(manifest: dict, lines: list) -> Table:
+    """Each stage's state, and its loss and accuracy at the start and end, from the metrics lines."""
+    from heft.metrics import boundary_summary
 
-    run_dir = Path(args.run_dir)
-    manifest = read_manifest(run_dir)
-    base = manifest["base_model"]
-    console.print(
-        f"[bold]{run_dir}[/]  base model {base['id']} ({_base_text(base)}, sha256 {base['sha256'][:12]}…)  "
-        f"seed {manifest['seed']}"
-    )
-    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
-    from heft.metrics import boundary_summary, read_metrics
-
-    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     table = Table(title="stages (loss on fixed training batches, eval accuracy: where each stage starts → ends)")
     for column in ("stage", "epochs", "lr", "params", "state", "loss", "accuracy"):
         table.add_column(column)
-    lines = read_metrics(run_dir / "metrics.jsonl")
     previous_end: float | None = None
     for stage in manifest["stages"]:
         cfg, index = stage["config"], stage["index"]
@@ -366,6 +355,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         previous_end = end if not stage.get("rolled_back") else previous_end
         if bounds["rollback_reason"]:
             table.add_row("", "", "", "", "", f"rolled back: {bounds['rollback_reason']}", "")
+    return table
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from heft.io import read_manifest
+
+    run_dir = Path(args.run_dir)
+    manifest = read_manifest(run_dir)
+    base = manifest["base_model"]
+    console.print(
+        f"[bold]{run_dir}[/]  base model {base['id']} ({_base_text(base)}, sha256 {base['sha256'][:12]}…)  "
+        f"seed {manifest['seed']}"
+    )
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    from heft.metrics import read_metrics
+
+    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    table = _stages_table(manifest, read_metrics(run_dir / "metrics.jsonl"))
     console.print(table)
     if results:
         console.print(
@@ -412,13 +419,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_check(args)
     record = run_bench(
         args.model,
-        args.batches,
-        args.batch_size,
-        args.max_length,
-        args.device,
-        args.paths.split(","),
-        args.repeats,
-        args.warmup,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        device=args.device,
+        paths=args.paths.split(","),
+        repeats=args.repeats,
+        warmup=args.warmup,
         threads=args.threads,
         clock=args.clock,
         activation_checkpointing=args.activation_checkpointing,
@@ -522,19 +529,7 @@ def heft_version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT)."
-    )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="also show other libraries' logs and warnings, and a traceback for user errors",
-    )
-    parser.add_argument("--version", action="version", version=f"heft {heft_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the stages of a YAML config into a run folder")
     p.add_argument("config", help="YAML config, e.g. configs/boolq_heft.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=3 max_train_examples=500")
@@ -542,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a saved run")
     p.add_argument("run_dir")
     p.add_argument("--split", help="split to evaluate (default: the run's eval split)")
@@ -571,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     _base_model_option(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="answer questions with a saved run")
     p.add_argument("run_dir")
     p.add_argument("--prompt", help="a prompt to respond to (completion tasks)")
@@ -589,16 +588,22 @@ def build_parser() -> argparse.ArgumentParser:
     _base_model_option(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the base model with LoRA merged, plus the ReFT stages")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     _base_model_option(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_info_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show what a run folder holds")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_info)
 
+
+def _add_reproduce_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run the paper's comparison (several arms) and write a report")
     p.add_argument("config", help="e.g. configs/reproduce_boolq.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. preset=smoke seeds=[1,2]")
@@ -623,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="tokens/s, MFU and peak memory of each path against this machine's GEMM peak",
@@ -642,6 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per GEMM shape (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed batches")
+    _bench_model_options(p)
+    _bench_clock_and_record_options(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def _bench_model_options(p: argparse.ArgumentParser) -> None:
+    """How `heft bench` builds and trains the model: the same knobs as a run config's."""
     p.add_argument(
         "--activation-checkpointing",
         action="store_true",
@@ -678,6 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(training paths only)",
     )
     p.add_argument("--plan", action="store_true", help="heft plan's peak memory beside each of heft's training paths")
+
+
+def _bench_clock_and_record_options(p: argparse.ArgumentParser) -> None:
+    """How `heft bench` measures, where it writes, and the comparison with a committed record."""
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.add_argument(
         "--clock",
@@ -699,8 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="with --check: run and compare even on another machine (exit 3)"
     )
-    p.set_defaults(func=cmd_bench)
 
+
+def _add_plan_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
         help="the memory each stage of a config needs, and what fits, from the model's config alone",
@@ -721,6 +740,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss tokens per example (default: 1 for first-token tasks such as BoolQ, 32 for phrase answers)",
     )
     p.set_defaults(func=cmd_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heft", description="Hierarchical parameter-efficient fine-tuning (LoRA → ReFT)."
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' logs and warnings, and a traceback for user errors",
+    )
+    parser.add_argument("--version", action="version", version=f"heft {heft_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(sub)
+    _add_eval_command(sub)
+    _add_predict_command(sub)
+    _add_export_command(sub)
+    _add_info_command(sub)
+    _add_reproduce_command(sub)
+    _add_bench_command(sub)
+    _add_plan_command(sub)
     return parser
 
 

@@ -115,23 +115,9 @@ def hide_library_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_model(
-    name_or_path: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = "float32",
-    quantize: QuantizeConfig | None = None,
-    tokenizer: bool = True,
-) -> LoadedModel:
-    """Load a causal LM and its tokenizer from an alias, a local HF folder or a hub id.
-
-    Aliases backed by GGUF are converted once to a safetensors folder under `cache_root()`, so
-    only the first load pays for de-quantisation. With `quantize` the linear layers of the decoder
-    load quantized onto the device heft runs on (a quantized model is not moved afterwards); the
-    fingerprint stays that of the full-precision files. `tokenizer=False` loads none (`heft bench
-    --synthetic` feeds token ids to a randomly initialised model saved without one).
-    """
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = resolve_dtype(dtype)
+def _model_source(name_or_path: str) -> tuple[Path | None, str, str]:
+    """The local folder (None for a hub id), what transformers loads from, and where that is in words
+    for error messages; ModelNotFoundError when the name is none of an alias, a folder or a hub id."""
     folder: Path | None
     if name_or_path in ALIASES:
         folder = _gguf_cache_folder(name_or_path)
@@ -150,6 +136,27 @@ def load_model(
 
     if folder is not None and not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"could not load model {name_or_path!r}: {where} has no config.json")
+    return folder, source, where
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    quantize: QuantizeConfig | None = None,
+    tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an alias, a local HF folder or a hub id.
+
+    Aliases backed by GGUF are converted once to a safetensors folder under `cache_root()`, so
+    only the first load pays for de-quantisation. With `quantize` the linear layers of the decoder
+    load quantized onto the device heft runs on (a quantized model is not moved afterwards); the
+    fingerprint stays that of the full-precision files. `tokenizer=False` loads none (`heft bench
+    --synthetic` feeds token ids to a randomly initialised model saved without one).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    folder, source, where = _model_source(name_or_path)
     quantized = {}
     if quantize is not None:
         check_runnable(quantize, "the quantize settings")

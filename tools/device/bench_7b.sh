@@ -22,16 +22,12 @@ python3 -c "import bitsandbytes" 2>/dev/null || tar xzf .gpu7b/bnb.tgz -C /tmp/s
 echo "== random model ($(( $(date +%s) - T0 )) s)"
 python3 tools/device/random_model.py $CONFIG /tmp/llama7b bfloat16 $DEVICE > $OUT/random_model.txt 2>&1 \
   || { tail -5 $OUT/random_model.txt; exit 2; }
+source "$(dirname "$0")/deadline.sh"
 bench() {  # NAME LIMIT_S ARGS...: one `heft bench` run, its table and JSON in $OUT
   local name=$1 limit=$2; shift 2
-  local left=$(( DEADLINE - ($(date +%s) - T0) ))
-  [ $left -gt 30 ] || { echo "skipped $name: deadline"; return; }
-  [ $limit -lt $left ] || limit=$left
-  echo "== $name (limit $limit s, at $(( $(date +%s) - T0 )) s)"
-  timeout $limit python3 -m heft bench --model /tmp/llama7b --device $DEVICE --synthetic --plan --dtype bfloat16 \
-    $SHAPE --paths lora,peft-lora,loreft,joint --repeats 5 --json $OUT/bench7b-$name.json "$@" 2>&1 | grep -v '^Loading\|^Writing' > $OUT/bench7b-$name.txt
-  echo "exit ${PIPESTATUS[0]}" >> $OUT/bench7b-$name.txt
-  tail -16 $OUT/bench7b-$name.txt
+  run_before_deadline $name $limit $OUT/bench7b-$name.txt python3 -m heft bench --model /tmp/llama7b --device $DEVICE \
+    --synthetic --plan --dtype bfloat16 $SHAPE --paths lora,peft-lora,loreft,joint --repeats 5 \
+    --json $OUT/bench7b-$name.json "$@"
 }
 bench bf16 200
 bench 4bit 240 --quantize 4

@@ -14,15 +14,11 @@ export PYTHONPATH=/tmp/site:$PWD/src HEFT_DATA_DIR=/tmp/gpu/data PYTHONUNBUFFERE
   python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)";
   python3 -c "import triton; print('triton', triton.__version__)"; } 2>&1 | tee $OUT/machine.txt
 python3 .gpu1/random_model.py .gpu1/meta /tmp/gpu/randmodel > /dev/null 2>&1 || exit 2
+source "$(dirname "$0")/deadline.sh"
 bench() {  # NAME LIMIT_S ARGS...: one `heft bench` run, its table and JSON in $OUT
   local name=$1 limit=$2; shift 2
-  local left=$(( DEADLINE - ($(date +%s) - T0) ))
-  [ $left -gt 20 ] || { echo "skipped $name: deadline"; return; }
-  [ $limit -lt $left ] || limit=$left
-  echo "== $name (limit $limit s, at $(( $(date +%s) - T0 )) s)"
-  timeout $limit python3 -m heft bench --model /tmp/gpu/randmodel --device cuda --batches 6 --json $OUT/bench-$name.json "$@" \
-    2>&1 | grep -v '^Loading\|^Writing' > $OUT/bench-$name.txt; echo "exit ${PIPESTATUS[0]}" >> $OUT/bench-$name.txt
-  tail -14 $OUT/bench-$name.txt
+  run_before_deadline $name $limit $OUT/bench-$name.txt python3 -m heft bench --model /tmp/gpu/randmodel --device cuda \
+    --batches 6 --json $OUT/bench-$name.json "$@"
 }
 bench 64x512 90 --batch-size 64 --max-length 512
 bench 16x64 60 --batch-size 16 --max-length 64 --paths lora,peft-lora,loreft,joint

@@ -28,7 +28,7 @@ bench() {  # NAME LIMIT_S ARGS...: `heft bench` on the random model at 64 × 512
 }
 case $PHASE in
 bench)
-  mkdir -p .gpu1 && cp tools/device/random_model.py tools/device/bench_call.sh .gpu1/
+  mkdir -p .gpu1 && cp tools/device/random_model.py tools/device/bench_call.sh tools/device/deadline.sh .gpu1/
   bash .gpu1/bench_call.sh 0 || exit $?  # deadline 0: the set-up only, no bench variant
   export PYTHONPATH=/tmp/site:$PWD/src HEFT_DATA_DIR=/tmp/gpu/data PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   # eager and unbucketed, as the committed H200 records it is compared with
