@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import WORDS
 from heft.bench import FLOPS_CONVENTION, PATHS, parse_paths
 from heft.cli import main
+from heft.sysinfo import proc_status_mb, reset_peak_memory
 
 
 def write_boolq(folder, n: int = 16) -> None:
@@ -169,3 +172,18 @@ def test_synthetic_data_is_for_training_paths_and_a_base_has_4_or_8_bits(tiny_mo
         run_bench(str(tiny_model_dir), device="cpu", synthetic=True)  # the default paths include scoring
     with pytest.raises(ValueError, match="--quantize 3"):
         run_bench(str(tiny_model_dir), device="cpu", quantize=3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak is Linux's VmHWM")
+def test_a_cpu_peak_counts_memory_that_an_earlier_path_freed():
+    """Paths run one after another in one process: the second must not read ~0 MB because it reuses
+    the blocks the first freed (the C allocator keeps them unless handed back)."""
+
+    def allocate() -> int:
+        chunks = [torch.ones(25_000) for _ in range(3_000)]  # 100 kB each: heap blocks, not mmap; 300 MB
+        return len(chunks)
+
+    allocate()
+    baseline = reset_peak_memory(torch.device("cpu"))
+    allocate()
+    assert proc_status_mb("VmHWM") - baseline > 250

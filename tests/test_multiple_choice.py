@@ -208,6 +208,8 @@ def test_heft_data_dir_columns_and_csv(tmp_path: Path, monkeypatch: pytest.Monke
         ({"choices": ["a", 7], "label": 0}, "choices", "choice 1 is int"),
         ({"choices": ["a", " "], "label": 0}, "choices", "choice 1 is empty"),
         ({"question": 12, "choices": ["a", "b"], "label": 0}, "question", "expected text, got int"),
+        ({"choices": {"text": ["a", "b"], "label": ["A", "B"]}, "label": "E"}, "label", "none of the choice labels"),
+        ({"choices": {"text": ["a", "b"], "label": ["A"]}, "label": "A"}, "choices", "of equal lengths"),
     ],
 )
 def test_bad_rows_name_file_row_and_field(tmp_path: Path, row: dict, field: str, words: str) -> None:
@@ -218,6 +220,49 @@ def test_bad_rows_name_file_row_and_field(tmp_path: Path, row: dict, field: str,
         get_task("openbookqa").load_split(DataConfig(source=str(path)), "test")
     message = str(info.value)
     assert message.startswith(f"{path}: line 3: field '{field}'") and words in message, message
+
+
+HUB_ARC = [  # allenai/ai2_arc's layout: choices {text, label}, the answer a key (letters or digits)
+    {"question": "Which is a liquid?", "choices": {"text": ["ice", "water", "steam"], "label": ["A", "B", "C"]}},
+    {"question": "Legs of a spider?", "choices": {"text": ["6", "8", "10", "4"], "label": ["1", "2", "3", "4"]}},
+]
+HUB_ANSWERS = ["B", "2"]
+
+
+def test_presets_read_their_hub_originals_without_the_shared_folder(tmp_path: Path, monkeypatch) -> None:
+    """Where ../shared/data is absent (a user's machine), arc_* and openbookqa read allenai's hub datasets,
+    whose choices are {text, label} and whose answer is a key; data.columns still override."""
+    import datasets
+
+    calls = []
+
+    def fake_load(source: str, name: str | None, split: str) -> datasets.Dataset:
+        calls.append((source, name, split))
+        rows = [{**row, "answerKey": key} for row, key in zip(HUB_ARC, HUB_ANSWERS)]
+        if source == "allenai/openbookqa":
+            rows = [{"question_stem": row.pop("question"), **row} for row in rows]
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.delenv("HEFT_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
+    expected = [
+        ("Question: Which is a liquid?\nAnswer:", [" ice", " water", " steam"], 1),
+        ("Question: Legs of a spider?\nAnswer:", [" 6", " 8", " 10", " 4"], 1),
+    ]
+    for name, hub in [
+        ("arc_challenge", ("allenai/ai2_arc", "ARC-Challenge")),
+        ("openbookqa", ("allenai/openbookqa", "main")),
+    ]:
+        task, calls[:] = get_task(name), []
+        assert task.eval_split(DataConfig()) == "test"
+        got = task.load_split(DataConfig(), "test")
+        assert calls == [(*hub, "test")] and [(e.prompt, e.choices, e.label) for e in got] == expected
+        assert task.describe_source(DataConfig()) == f"hub:{hub[0]}/{hub[1]}"
+    with pytest.raises(DataError, match=r"allenai/ai2_arc/ARC-Easy \[test\].*'stem'"):
+        get_task("arc_easy").load_split(DataConfig(columns={"question": "stem"}), "test")
+    monkeypatch.chdir(REPO)  # the shared copy, where it exists
+    assert get_task("arc_easy").describe_source(DataConfig()) == str(SHARED / "arc_easy")
 
 
 def test_wrong_parquet_column_type(tmp_path: Path) -> None:

@@ -282,7 +282,8 @@ def test_hub_source(task: Task, frame: pd.DataFrame, monkeypatch: pytest.MonkeyP
 
     calls = []
 
-    def fake_load(source: str, split: str) -> datasets.Dataset:
+    def fake_load(source: str, name: str | None, split: str) -> datasets.Dataset:
+        assert name is None
         calls.append((source, split))
         return datasets.Dataset.from_pandas(frame.rename(columns=MAPPED).assign(extra=1))
 

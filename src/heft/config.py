@@ -84,6 +84,9 @@ class DataConfig:
     source: str | None = None
     """Hub dataset id (e.g. google/boolq) or a local folder/file. None: the task's default,
     or `$HEFT_DATA_DIR/<task>` when that variable is set."""
+    subset: str | None = None
+    """The hub dataset's configuration, e.g. ARC-Easy of allenai/ai2_arc (`load_dataset(source, subset)`);
+    None: its default one. Local data has none."""
     train_split: str = "train"
     """Split (or file stem inside a local folder) used for training."""
     eval_split: str | None = None

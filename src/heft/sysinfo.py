@@ -3,6 +3,9 @@ for the run folders (`results.json`), the reproduce summary and `heft bench`."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
 import resource
@@ -53,14 +56,29 @@ def proc_status_mb(key: str) -> float | None:
     return int(line.split()[1]) / 1024
 
 
+def release_freed_memory() -> None:
+    """Hand the memory this process has freed back to the OS (glibc's `malloc_trim`; nothing elsewhere).
+
+    The C allocator keeps freed blocks for reuse, so after one measured path has freed its
+    activations the next one reuses them without its RSS growing: its peak above the current RSS
+    would read near zero (what `heft bench` printed for the paths it ran last)."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def reset_peak_memory(device: torch.device | None = None) -> float | None:
     """Start a new peak-memory window. Returns the baseline a CPU peak is measured from (the
-    current RSS; 0 on CUDA), or None where the OS cannot reset its peak."""
+    current RSS, after freed memory went back to the OS; 0 on CUDA), or None where the OS cannot
+    reset its peak."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return 0.0
+    release_freed_memory()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM) to the current RSS
     except OSError:

@@ -18,6 +18,8 @@ from heft.config_loader import OptionError
 from heft.tasks.data import (
     DataError,
     FieldError,
+    HubDefault,
+    describe_source,
     parse_rows,
     pick_eval_split,
     read_rows,
@@ -151,6 +153,8 @@ class Task:
     """Field shortened (from its end) when an example is longer than `max_length`; None: too long is an error."""
     default_source: str | None = None
     """Hub dataset id (or local path) used when no data is configured; None: `data.source` must say."""
+    hub_default: HubDefault | None = None
+    """A local `default_source`'s copy on the hub, read when that folder is absent."""
     default_eval_split: str = "validation"
     """Split evaluated when the config leaves `data.eval_split` unset and the data has it."""
     scoring: Literal["first_token", "continuation"] = "first_token"
@@ -163,7 +167,11 @@ class Task:
     metric = staticmethod(accuracy)
 
     def __init__(
-        self, options: Any = None, default_source: str | None = None, default_eval_split: str | None = None
+        self,
+        options: Any = None,
+        default_source: str | None = None,
+        default_eval_split: str | None = None,
+        hub_default: HubDefault | None = None,
     ) -> None:
         """Settings from `options` (default: the kind's defaults); a preset also names its data."""
         if self.Options is not None:
@@ -174,6 +182,8 @@ class Task:
             self.default_source = default_source
         if default_eval_split is not None:
             self.default_eval_split = default_eval_split
+        if hub_default is not None:
+            self.hub_default = hub_default
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -192,8 +202,8 @@ class Task:
             self.check_template(data_cfg.template)
         except OptionError as e:
             raise ValueError(f"data.template: {e}") from None
-        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
-        rows = read_rows(source, split, self.fields, data_cfg.columns, self._named_by(data_cfg))
+        data = self.data_source(data_cfg)
+        rows = read_rows(data.source, split, self.fields, data.columns, self._named_by(data_cfg), data.subset)
         examples = parse_rows(rows, lambda row: self.to_example(row, data_cfg.template))
         if max_examples is not None:
             examples = subsample(examples, max_examples, seed)
@@ -201,11 +211,20 @@ class Task:
             raise DataError(f"{rows[0].file}: split {split!r} is empty after max_examples={max_examples}")
         return examples
 
-    def describe_source(self, data_cfg: DataConfig) -> str:
-        """Where `load_split` reads from (absolute local path, or `hub:<id>`), for run records."""
+    def data_source(self, data_cfg: DataConfig) -> DataConfig:
+        """`data_cfg` with the source `load_split` reads (`resolve_source`): where the task's local default
+        folder is absent and the task has a `hub_default`, that hub copy, with its subset and columns."""
         source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
-        path = Path(source).expanduser()
-        return str(path.resolve()) if path.exists() else f"hub:{source}"
+        hub = self.hub_default
+        if hub is None or source != self.default_source or Path(source).expanduser().exists():
+            return dataclasses.replace(data_cfg, source=source)
+        columns = {**hub.columns, **data_cfg.columns}
+        return dataclasses.replace(data_cfg, source=hub.dataset, subset=hub.subset, columns=columns)
+
+    def describe_source(self, data_cfg: DataConfig) -> str:
+        """Where `load_split` reads from (absolute local path, or `hub:<id>[/<subset>]`), for run records."""
+        data = self.data_source(data_cfg)
+        return describe_source(data.source, data.subset)
 
     def eval_split(self, data_cfg: DataConfig) -> str:
         """The split evaluated: `data.eval_split`; else the task's default, or the first of validation and
@@ -213,7 +232,7 @@ class Task:
         A single file or a hub dataset takes the task's default."""
         if data_cfg.eval_split is not None:
             return data_cfg.eval_split
-        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
+        source = self.data_source(data_cfg).source
         return pick_eval_split(source, (self.default_eval_split, *EVAL_SPLITS), data_cfg.train_split)
 
     def _named_by(self, data_cfg: DataConfig) -> dict[str, str]:

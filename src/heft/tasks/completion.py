@@ -18,7 +18,6 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from heft.config import DataConfig
@@ -29,6 +28,7 @@ from heft.tasks.data import (
     FieldError,
     MissingColumn,
     Row,
+    describe_source,
     parse_rows,
     read_rows,
     resolve_source,
@@ -154,7 +154,7 @@ class CompletionTask(Task):
         self, data_cfg: DataConfig, split: str, max_examples: int | None = None, seed: int = 0
     ) -> list[Example]:
         """Read a split in whichever shape its file has; every row is checked before any is returned."""
-        shape, rows = read_shape(self._source(data_cfg), split, data_cfg.columns)
+        shape, rows = read_shape(self._source(data_cfg), split, data_cfg.columns, data_cfg.subset)
         template = checked_template(data_cfg.template, shape)
         examples = parse_rows(rows, lambda values: self._conversation(values, shape, template, query=False))
         for example, row in zip(examples, rows):
@@ -162,9 +162,7 @@ class CompletionTask(Task):
         return subsample(examples, max_examples, seed) if max_examples is not None else examples
 
     def describe_source(self, data_cfg: DataConfig) -> str:
-        source = self._source(data_cfg)
-        path = Path(source).expanduser()
-        return str(path.resolve()) if path.exists() else f"hub:{source}"
+        return describe_source(self._source(data_cfg), data_cfg.subset)
 
     def to_example(self, row: dict[str, Any], template: str | None = None) -> Example:
         """A training or evaluation row, in the shape its keys say; bad values raise `FieldError`."""
@@ -300,8 +298,11 @@ def shape_of(row: Mapping[str, Any]) -> RowShape:
     return MESSAGES if "messages" in row else ALPACA if "instruction" in row else PROMPT
 
 
-def read_shape(source: str, split: str, columns: Mapping[str, str]) -> tuple[RowShape, list[Row]]:
-    """The rows of `split` in the first shape whose columns its file has (`columns` renaming them)."""
+def read_shape(
+    source: str, split: str, columns: Mapping[str, str], subset: str | None = None
+) -> tuple[RowShape, list[Row]]:
+    """The rows of `split` in the first shape whose columns its file has (`columns` renaming them;
+    `subset`: a hub dataset's configuration)."""
     known = {f for shape in SHAPES for f in shape.fields}
     unknown = sorted(set(columns) - known)
     if unknown:
@@ -314,7 +315,7 @@ def read_shape(source: str, split: str, columns: Mapping[str, str]) -> tuple[Row
         if not set(columns) <= set(shape.fields):  # a mapping names the shape the user means
             continue
         try:
-            return shape, read_rows(source, split, shape.fields, columns)
+            return shape, read_rows(source, split, shape.fields, columns, subset=subset)
         except MissingColumn as e:
             misses.append(f"{shape.name}: {e}")
     raise DataError(

@@ -7,6 +7,7 @@ everything is checked before anything is returned, so a run never trains on a ha
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -71,6 +72,27 @@ class Row:
     values: dict[str, Any]
 
 
+def hub_name(dataset: str, subset: str | None) -> str:
+    """How messages and run records name a hub dataset: `id`, or `id/subset` with a configuration."""
+    return dataset if subset is None else f"{dataset}/{subset}"
+
+
+def describe_source(source: str, subset: str | None = None) -> str:
+    """A source as run records name it: the absolute path of local data, else `hub:<id>[/<subset>]`."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else f"hub:{hub_name(source, subset)}"
+
+
+@dataclass(frozen=True)
+class HubDefault:
+    """Where a preset's data is on the hub when its local default folder is absent: the dataset, its
+    configuration, and the columns that hold the task's fields there (`data.columns` entries)."""
+
+    dataset: str
+    subset: str | None = None
+    columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
 def resolve_source(
     task_name: str, data_cfg: DataConfig, default_source: str | None, default_eval_split: str = "validation"
 ) -> str:
@@ -123,14 +145,16 @@ def read_rows(
     fields: Sequence[str],
     columns: Mapping[str, str] | None = None,
     named_by: Mapping[str, str] | None = None,
+    subset: str | None = None,
 ) -> list[Row]:
     """Read every row of `split` from `source`, keeping only the task's `fields`.
 
     `source` is a folder holding `<split>.<ext>` (or hub-style shards `<split>-00000-of-00002.<ext>`,
     also inside a `data/` subfolder), a single file (used for *every* split: point train and eval
-    at different files or folders yourself), or a hub dataset id. `columns` maps task fields to the
-    file's column names; `named_by` the config key (a template) that asks for a field, for the message
-    when a column is missing. Raises `DataError` on missing columns, empty files and undecodable text.
+    at different files or folders yourself), or a hub dataset id (its configuration `subset`). `columns`
+    maps task fields to the file's column names; `named_by` the config key (a template) that asks for a
+    field, for the message when a column is missing. Raises `DataError` on missing columns, empty files
+    and undecodable text.
     """
     columns = dict(columns or {})
     unknown = sorted(set(columns) - set(fields))
@@ -140,14 +164,14 @@ def read_rows(
             hint="data.columns maps the task's field names (keys) to the file's column names (values)",
         )
     try:
-        return _read_split(source, split, {f: columns.get(f, f) for f in fields})
+        return _read_split(source, split, {f: columns.get(f, f) for f in fields}, subset)
     except MissingColumn as e:
         if e.field not in (named_by or {}):
             raise
         raise MissingColumn(*e.details, named_by=named_by[e.field]) from None
 
 
-def _read_split(source: str, split: str, wanted: dict[str, str]) -> list[Row]:
+def _read_split(source: str, split: str, wanted: dict[str, str], subset: str | None) -> list[Row]:
     path = Path(source).expanduser()
     if path.is_dir():
         files = _split_files(path, split)
@@ -156,7 +180,7 @@ def _read_split(source: str, split: str, wanted: dict[str, str]) -> list[Row]:
     elif path.is_absolute() or source.startswith((".", "~")) or path.suffix.lstrip(".") in EXTENSIONS:
         raise DataError(f"data source {source!r} does not exist")
     else:
-        return _read_hub(source, split, wanted)
+        return _read_hub(source, split, wanted, subset)
     return [row for file in files for row in _read_file(file, wanted)]
 
 
@@ -420,21 +444,21 @@ def _raise_undecodable(
         ) from None
 
 
-def _read_hub(source: str, split: str, wanted: dict[str, str]) -> list[Row]:
+def _read_hub(source: str, split: str, wanted: dict[str, str], subset: str | None = None) -> list[Row]:
     """Load a split from the hub; any failure becomes a `DataError` that says how to go local."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, name=subset, split=split)
     except Exception as e:  # network, auth, missing repo or split: all end the same way for the user
         env = os.environ.get("HEFT_DATA_DIR")
         env_note = f"HEFT_DATA_DIR={env!r} holds no matching files" if env else "HEFT_DATA_DIR is unset"
         raise DataError(
-            f"could not load split {split!r} of hub dataset {source!r} ({type(e).__name__}: {e}). "
+            f"could not load split {split!r} of hub dataset {hub_name(source, subset)!r} ({type(e).__name__}: {e}). "
             "If the hub is unreachable, set data.source to a local folder or file, or HEFT_DATA_DIR to a "
             f"folder holding <task>/<split>.parquet|.jsonl|.json|.csv ({env_note})."
         ) from e
-    label = f"{source} [{split}]"
+    label = f"{hub_name(source, subset)} [{split}]"
     _check_columns(label, "schema", ds.column_names, wanted)
     data = ds.select_columns(list(dict.fromkeys(wanted.values()))).to_dict()
     rows = [Row(label, f"row {i + 1}", {f: data[c][i] for f, c in wanted.items()}) for i in range(len(ds))]

@@ -2,7 +2,9 @@
 choices, scored as lm-evaluation-harness scores ARC and OpenBookQA: the log-likelihood of the whole
 continuation `" {choice}"` after the prompt (`acc`), and that divided by the choice's length in
 characters (`acc_norm`). A new dataset of this shape needs no code: `task: multiple_choice`, with
-`data.columns` for other column names."""
+`data.columns` for other column names. Rows in the hub's usual layout (ai2_arc, openbookqa,
+commonsense_qa: choices as `{text: [...], label: [keys]}`, the answer one of the keys) are read as
+they are."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from heft.config_loader import OptionError
-from heft.tasks.base import Task, template_fields
+from heft.tasks.base import Example, Task, template_fields
 from heft.tasks.data import FieldError
 
 LABEL_FIELD, CHOICES_FIELD = "label", "choices"
@@ -52,6 +54,28 @@ class MultipleChoiceTask(Task):
     choices_field = CHOICES_FIELD
     default_eval_split = "test"
     scoring = "continuation"
+
+    def to_example(self, row: dict[str, Any], template: str | None = None) -> Example:
+        return super().to_example(self._indexed(row), template)
+
+    def _indexed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row in the hub's layout (choices `{text: [...], label: [keys]}`, the answer a key such as
+        "A" or "1") with its choices as a list and its answer as their 0-based index; other rows as they are.
+        An answer that is no key stays as it is (an index, or 0 for a row to predict)."""
+        value = row[self.choices_field]
+        if not isinstance(value, dict):
+            return row
+        texts, keys = value.get("text"), value.get("label")
+        if not isinstance(texts, (list, tuple)) or not isinstance(keys, (list, tuple)) or len(texts) != len(keys):
+            raise FieldError(
+                self.choices_field, f"expected a list, or {{text: [...], label: [...]}} of equal lengths, got {value!r}"
+            )
+        keys = [str(key) for key in keys]
+        answer = row[self.label_field]
+        label = keys.index(str(answer)) if str(answer) in keys else answer
+        if isinstance(answer, str) and label is answer and not answer.strip().isdecimal():
+            raise FieldError(self.label_field, f"answer {answer!r} is none of the choice labels {keys}")
+        return {**row, self.choices_field: list(texts), self.label_field: label}
 
     def row_choices(self, row: dict[str, Any]) -> list[str]:
         """The row's choices as continuations (`choice_delimiter` + choice); bad values raise `FieldError`."""

@@ -4,17 +4,22 @@ their data is. `task: boolq` is exactly `task: {kind: yes_no, name: boolq}` read
 from __future__ import annotations
 
 from heft.tasks.base import Task
+from heft.tasks.data import HubDefault
 from heft.tasks.multiple_choice import MultipleChoiceOptions, MultipleChoiceTask
 from heft.tasks.yes_no import YesNoOptions, YesNoTask
 
 SHARED_DATA = "../shared/data"
 """Where every developer and CI run has the multiple-choice datasets, relative to the working
-directory (the project root under `make` and CI; elsewhere set HEFT_DATA_DIR or data.source). No hub
-copy has the same rows: they are the LLM-Adapters/ReFT benchmark copies."""
+directory (the project root under `make` and CI; elsewhere set HEFT_DATA_DIR or data.source): the
+LLM-Adapters/ReFT benchmark copies. Without that folder a preset reads its hub original, whose
+splits have the same number of questions, in the hub's layout."""
+
+HUB_ANSWER = {"label": "answerKey"}
+"""Where the hub's multiple-choice datasets keep the answer (choices are `{text, label}`)."""
 
 
-def _multiple_choice(name: str) -> MultipleChoiceTask:
-    return MultipleChoiceTask(MultipleChoiceOptions(name=name), default_source=f"{SHARED_DATA}/{name}")
+def _multiple_choice(name: str, hub: HubDefault) -> MultipleChoiceTask:
+    return MultipleChoiceTask(MultipleChoiceOptions(name=name), default_source=f"{SHARED_DATA}/{name}", hub_default=hub)
 
 
 PRESETS: tuple[Task, ...] = (
@@ -22,10 +27,12 @@ PRESETS: tuple[Task, ...] = (
     # long passages are shortened, never the question.
     YesNoTask(YesNoOptions(name="boolq"), default_source="google/boolq"),
     # ARC-Easy (Clark et al., 2018): grade-school science questions that retrieval answers.
-    _multiple_choice("arc_easy"),
+    _multiple_choice("arc_easy", HubDefault("allenai/ai2_arc", "ARC-Easy", HUB_ANSWER)),
     # ARC-Challenge: the ARC questions that retrieval and co-occurrence baselines get wrong.
-    _multiple_choice("arc_challenge"),
+    _multiple_choice("arc_challenge", HubDefault("allenai/ai2_arc", "ARC-Challenge", HUB_ANSWER)),
     # OpenBookQA (Mihaylov et al., 2018): science questions needing a fact plus common knowledge.
     # lm-eval prompts it with the bare question; here it shares ARC's "Question: …\nAnswer:" template.
-    _multiple_choice("openbookqa"),
+    _multiple_choice(
+        "openbookqa", HubDefault("allenai/openbookqa", "main", {**HUB_ANSWER, "question": "question_stem"})
+    ),
 )
