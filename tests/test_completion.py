@@ -401,3 +401,22 @@ def test_shipped_completion_config_learns_the_answer_style(tmp_path):
     answer = json.loads(heft("predict", str(run), "--prompt", "Name the animal in this sentence: A goat ate grass."))
     assert answer["prediction"].startswith("Answer: ") and answer["prediction"].endswith("."), answer
     assert load_run(run).tokenizer.chat_template, "the converted GGUF model keeps its chat template"
+
+
+def test_a_hub_dataset_with_a_subset(monkeypatch) -> None:
+    """`data.subset` reaches `datasets.load_dataset` for completion data too."""
+    import datasets
+
+    calls = []
+
+    def load(source: str, name: str | None, split: str) -> datasets.Dataset:
+        calls.append((source, name, split))
+        return datasets.Dataset.from_list(
+            [{"prompt": "2 + 2 =", "response": " 4"}, {"prompt": "3 + 3 =", "response": " 6"}]
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    task = get_task("completion")
+    got = task.load_split(DataConfig(source="me/sums", subset="easy"), "train")
+    assert set(calls) == {("me/sums", "easy", "train")} and len(got) == 2  # a call per row shape tried
+    assert task.describe_source(DataConfig(source="me/sums", subset="easy")) == "hub:me/sums (easy)"

@@ -229,21 +229,27 @@ HUB_ARC = [  # allenai/ai2_arc's layout: choices {text, label}, the answer a key
 HUB_ANSWERS = ["B", "2"]
 
 
-def test_presets_read_their_hub_originals_without_the_shared_folder(tmp_path: Path, monkeypatch) -> None:
-    """Where ../shared/data is absent (a user's machine), arc_* and openbookqa read allenai's hub datasets,
-    whose choices are {text, label} and whose answer is a key; data.columns still override."""
+def fake_hub(calls: list) -> object:
+    """`datasets.load_dataset` serving HUB_ARC in allenai's layouts (openbookqa: `question_stem`)."""
     import datasets
 
-    calls = []
-
-    def fake_load(source: str, name: str | None, split: str) -> datasets.Dataset:
+    def load(source: str, name: str | None, split: str) -> datasets.Dataset:
         calls.append((source, name, split))
         rows = [{**row, "answerKey": key} for row, key in zip(HUB_ARC, HUB_ANSWERS)]
         if source == "allenai/openbookqa":
             rows = [{"question_stem": row.pop("question"), **row} for row in rows]
         return datasets.Dataset.from_list(rows)
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    return load
+
+
+def test_presets_read_their_hub_originals_without_the_shared_folder(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Where ../shared/data is absent (a user's machine), arc_* and openbookqa read allenai's hub datasets,
+    whose choices are {text, label} and whose answer is a key; data.subset and data.columns still override."""
+    import datasets
+
+    calls: list = []
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub(calls))
     monkeypatch.delenv("HEFT_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here
     expected = [
@@ -256,13 +262,42 @@ def test_presets_read_their_hub_originals_without_the_shared_folder(tmp_path: Pa
     ]:
         task, calls[:] = get_task(name), []
         assert task.eval_split(DataConfig()) == "test"
-        got = task.load_split(DataConfig(), "test")
+        with caplog.at_level("WARNING", logger="heft"):
+            got = task.load_split(DataConfig(), "test")
         assert calls == [(*hub, "test")] and [(e.prompt, e.choices, e.label) for e in got] == expected
-        assert task.describe_source(DataConfig()) == f"hub:{hub[0]}/{hub[1]}"
-    with pytest.raises(DataError, match=r"allenai/ai2_arc/ARC-Easy \[test\].*'stem'"):
+        assert task.describe_source(DataConfig()) == f"hub:{hub[0]} ({hub[1]})"
+        assert f"no ../shared/data/{name} from here" in caplog.text
+    calls[:] = []
+    get_task("arc_easy").load_split(DataConfig(subset="ARC-Challenge"), "train")
+    assert calls == [("allenai/ai2_arc", "ARC-Challenge", "train")]
+    with pytest.raises(
+        DataError, match=r"shared/data/arc_easy does not exist .*allenai/ai2_arc \(ARC-Easy\) \[test\].*'stem'"
+    ):
         get_task("arc_easy").load_split(DataConfig(columns={"question": "stem"}), "test")
-    monkeypatch.chdir(REPO)  # the shared copy, where it exists
-    assert get_task("arc_easy").describe_source(DataConfig()) == str(SHARED / "arc_easy")
+    with pytest.raises(DataError, match="does not exist"):  # a source written out is read, or refused
+        get_task("arc_easy").load_split(DataConfig(source="../shared/data/arc_easy"), "test")
+    if SHARED.is_dir():
+        monkeypatch.chdir(REPO)  # the shared copy, where it exists
+        assert get_task("arc_easy").describe_source(DataConfig()) == str(SHARED / "arc_easy")
+
+
+def test_hub_layout_with_a_subset_and_numbers_as_indices(tmp_path: Path, monkeypatch) -> None:
+    """The guide's example (`task: multiple_choice` on allenai/ai2_arc); in that layout an answer given as
+    a number is an index, as in the list layout, and a row to predict may lack it. A subset needs a hub id."""
+    import datasets
+
+    calls: list = []
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub(calls))
+    data = DataConfig(source="allenai/ai2_arc", subset="ARC-Challenge", columns={"label": "answerKey"})
+    got = get_task("multiple_choice").load_split(data, "test")
+    assert calls == [("allenai/ai2_arc", "ARC-Challenge", "test")] and [e.label for e in got] == [1, 1]
+    task = get_task("arc_easy")
+    indexed = task.to_example({**HUB_ARC[1], "label": 3})
+    assert indexed.label == 3 and indexed.target == " 4"  # the index 3, not key "3"
+    assert task.to_query(HUB_ARC[1]).label == -1
+    (tmp_path / "test.jsonl").write_text(json.dumps({**HUB_ARC[0], "label": "B"}) + "\n")
+    with pytest.raises(DataError, match="is a configuration of a hub dataset|names a configuration"):
+        task.load_split(DataConfig(source=str(tmp_path), subset="ARC-Easy"), "test")
 
 
 def test_wrong_parquet_column_type(tmp_path: Path) -> None:

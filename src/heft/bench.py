@@ -593,7 +593,7 @@ class Bench:
             "flops_convention": FLOPS_CONVENTION,
             "memory_measure": "CUDA max allocated (weights included)"
             if self.device.type == "cuda"
-            else "peak RSS above the RSS when the path's model was ready",
+            else "peak RSS above the RSS when the path's model was ready, freed memory first handed back to the OS",
             **({"plan_measure": PLAN_MEASURE} if s.plan else {}),
             "gemm": {"m": self.m, **self.gemm},
             "paths": results,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,18 @@ from heft.tasks.data import (
     DataError,
     FieldError,
     HubDefault,
-    describe_source,
     parse_rows,
     pick_eval_split,
     read_rows,
     resolve_source,
+    source_label,
     subsample,
 )
+
+log = logging.getLogger("heft")
+
+_ANNOUNCED_HUB_COPIES: set[str] = set()
+"""Tasks whose reading of a hub copy instead of their absent local folder was logged (once per process)."""
 
 EVAL_SPLITS = ("validation", "test")
 """Splits a local folder is evaluated on, in this order, when it lacks the task's default one."""
@@ -203,7 +209,22 @@ class Task:
         except OptionError as e:
             raise ValueError(f"data.template: {e}") from None
         data = self.data_source(data_cfg)
-        rows = read_rows(data.source, split, self.fields, data.columns, self._named_by(data_cfg), data.subset)
+        hub_copy = self._reads_hub_copy(data_cfg)
+        if hub_copy and self.name not in _ANNOUNCED_HUB_COPIES:
+            _ANNOUNCED_HUB_COPIES.add(self.name)
+            log.warning(
+                "%s: no %s from here (%s); reading its hub original %s instead",
+                self.name,
+                self.default_source,
+                Path.cwd(),
+                source_label(data.source, data.subset),
+            )
+        try:
+            rows = read_rows(data.source, split, self.fields, data.columns, self._named_by(data_cfg), data.subset)
+        except DataError as e:
+            if not hub_copy:
+                raise
+            raise DataError(f"{self.default_source} does not exist (from {Path.cwd()}), and {e}", e.hint) from e
         examples = parse_rows(rows, lambda row: self.to_example(row, data_cfg.template))
         if max_examples is not None:
             examples = subsample(examples, max_examples, seed)
@@ -211,20 +232,32 @@ class Task:
             raise DataError(f"{rows[0].file}: split {split!r} is empty after max_examples={max_examples}")
         return examples
 
-    def data_source(self, data_cfg: DataConfig) -> DataConfig:
-        """`data_cfg` with the source `load_split` reads (`resolve_source`): where the task's local default
-        folder is absent and the task has a `hub_default`, that hub copy, with its subset and columns."""
+    def _reads_hub_copy(self, data_cfg: DataConfig) -> bool:
+        """Whether `data_cfg` leads to the task's local default folder (no `data.source`, no match under
+        `$HEFT_DATA_DIR`), that folder is absent, and the task has a hub copy of it (`hub_default`)."""
+        if self.hub_default is None or data_cfg.source:
+            return False
         source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
-        hub = self.hub_default
-        if hub is None or source != self.default_source or Path(source).expanduser().exists():
+        return source == self.default_source and not Path(source).expanduser().exists()
+
+    def data_source(self, data_cfg: DataConfig) -> DataConfig:
+        """`data_cfg` with the source `load_split` reads (`resolve_source`), or the task's hub copy with its
+        subset and columns (`data.subset` and `data.columns` still override) where `_reads_hub_copy`."""
+        if not self._reads_hub_copy(data_cfg):
+            source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
             return dataclasses.replace(data_cfg, source=source)
-        columns = {**hub.columns, **data_cfg.columns}
-        return dataclasses.replace(data_cfg, source=hub.dataset, subset=hub.subset, columns=columns)
+        hub = self.hub_default
+        return dataclasses.replace(
+            data_cfg,
+            source=hub.dataset,
+            subset=data_cfg.subset or hub.subset,
+            columns={**hub.columns, **data_cfg.columns},
+        )
 
     def describe_source(self, data_cfg: DataConfig) -> str:
-        """Where `load_split` reads from (absolute local path, or `hub:<id>[/<subset>]`), for run records."""
+        """Where `load_split` reads from (absolute local path, or `hub:<id> (<subset>)`), for run records."""
         data = self.data_source(data_cfg)
-        return describe_source(data.source, data.subset)
+        return source_label(data.source, data.subset)
 
     def eval_split(self, data_cfg: DataConfig) -> str:
         """The split evaluated: `data.eval_split`; else the task's default, or the first of validation and

@@ -28,10 +28,10 @@ from heft.tasks.data import (
     FieldError,
     MissingColumn,
     Row,
-    describe_source,
     parse_rows,
     read_rows,
     resolve_source,
+    source_label,
     subsample,
 )
 
@@ -162,7 +162,7 @@ class CompletionTask(Task):
         return subsample(examples, max_examples, seed) if max_examples is not None else examples
 
     def describe_source(self, data_cfg: DataConfig) -> str:
-        return describe_source(self._source(data_cfg), data_cfg.subset)
+        return source_label(self._source(data_cfg), data_cfg.subset)
 
     def to_example(self, row: dict[str, Any], template: str | None = None) -> Example:
         """A training or evaluation row, in the shape its keys say; bad values raise `FieldError`."""

@@ -73,12 +73,12 @@ class Row:
 
 
 def hub_name(dataset: str, subset: str | None) -> str:
-    """How messages and run records name a hub dataset: `id`, or `id/subset` with a configuration."""
-    return dataset if subset is None else f"{dataset}/{subset}"
+    """How messages and run records name a hub dataset: `id`, or `id (subset)` with a configuration."""
+    return dataset if subset is None else f"{dataset} ({subset})"
 
 
-def describe_source(source: str, subset: str | None = None) -> str:
-    """A source as run records name it: the absolute path of local data, else `hub:<id>[/<subset>]`."""
+def source_label(source: str, subset: str | None = None) -> str:
+    """A source as run records name it: the absolute path of local data, else `hub:<id> (<subset>)`."""
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else f"hub:{hub_name(source, subset)}"
 
@@ -173,6 +173,11 @@ def read_rows(
 
 def _read_split(source: str, split: str, wanted: dict[str, str], subset: str | None) -> list[Row]:
     path = Path(source).expanduser()
+    if subset is not None and path.exists():
+        raise DataError(
+            f"data.subset {subset!r} names a configuration of a hub dataset, but {source} is local data",
+            hint="remove data.subset, or set data.source to the hub dataset's id",
+        )
     if path.is_dir():
         files = _split_files(path, split)
     elif path.is_file():

@@ -59,9 +59,9 @@ class MultipleChoiceTask(Task):
         return super().to_example(self._indexed(row), template)
 
     def _indexed(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A row in the hub's layout (choices `{text: [...], label: [keys]}`, the answer a key such as
-        "A" or "1") with its choices as a list and its answer as their 0-based index; other rows as they are.
-        An answer that is no key stays as it is (an index, or 0 for a row to predict)."""
+        """A row in the hub's layout (choices `{text: [...], label: [keys]}`, the answer a key such as "A"
+        or "1", as text) with its choices as a list and its answer as their 0-based index. An answer given
+        as a number stays an index (as in the list layout, and the 0 of a row to predict)."""
         value = row[self.choices_field]
         if not isinstance(value, dict):
             return row
@@ -70,11 +70,12 @@ class MultipleChoiceTask(Task):
             raise FieldError(
                 self.choices_field, f"expected a list, or {{text: [...], label: [...]}} of equal lengths, got {value!r}"
             )
-        keys = [str(key) for key in keys]
-        answer = row[self.label_field]
-        label = keys.index(str(answer)) if str(answer) in keys else answer
-        if isinstance(answer, str) and label is answer and not answer.strip().isdecimal():
-            raise FieldError(self.label_field, f"answer {answer!r} is none of the choice labels {keys}")
+        label = row[self.label_field]
+        if isinstance(label, str):
+            keys = [str(key) for key in keys]
+            if label not in keys:
+                raise FieldError(self.label_field, f"answer {label!r} is none of the choice labels {keys}")
+            label = keys.index(label)
         return {**row, self.choices_field: list(texts), self.label_field: label}
 
     def row_choices(self, row: dict[str, Any]) -> list[str]:
