@@ -127,6 +127,32 @@ def test_cpu_clock_for_a_shared_machine_is_recorded_and_checked(tmp_path, tiny_m
         run_bench(str(tiny_model_dir), device="cpu", clock="gpu")
 
 
+def test_fast_dropout_reaches_heft_s_lora_stage_only_and_is_rerun_by_check(tmp_path, tiny_model_dir, monkeypatch):
+    from heft.bench import run_bench
+    from heft.bench_check import baseline_settings
+    from heft.pipeline import HeftModel
+
+    write_boolq(tmp_path / "data" / "boolq")
+    monkeypatch.setenv("HEFT_DATA_DIR", str(tmp_path / "data"))
+    added = []
+    add_stage = HeftModel.add_stage
+
+    def spy(self, config, seed=None):
+        added.append(config.lora.fast_dropout)
+        return add_stage(self, config, seed)
+
+    monkeypatch.setattr(HeftModel, "add_stage", spy)
+    record = run_bench(
+        str(tiny_model_dir), batches=1, batch_size=4, max_length=24, device="cpu", paths=["lora", "peft-lora"],
+        repeats=1, fast_dropout=True,
+    )  # fmt: skip
+    assert added == [True], "heft's LoRA path trains with lora.fast_dropout"
+    stages = record["settings"]["stages"]
+    assert stages["lora"]["lora"]["fast_dropout"] and not stages["peft-lora"]["lora"]["fast_dropout"]
+    assert record["settings"]["lora_fast_dropout"] and record["command"].endswith("--fast-dropout")
+    assert baseline_settings(record)["fast_dropout"] is True
+
+
 def test_a_random_model_without_tokenizer_benches_on_a_4bit_base_beside_its_plan(tmp_path):
     """The 7B GPU bench's path (tools/device/bench_7b.sh) on a tiny random Llama saved without a tokenizer:
     synthetic token ids, a 4-bit bitsandbytes base for heft's paths and the QLoRA reference alike, and

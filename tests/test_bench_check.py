@@ -108,6 +108,7 @@ def test_settings_come_from_the_baseline_and_the_committed_json_has_them():
         "dtype": "float32",
         "quantize": None,
         "synthetic": False,
+        "fast_dropout": False,
     }
     quantized = {**BASE, "settings": {**BASE["settings"], "weights_dtype": "bfloat16", "quantize": {"bits": 4}}}
     assert baseline_settings(quantized) == {**baseline_settings(BASE), "dtype": "bfloat16", "quantize": 4}, (

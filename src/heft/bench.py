@@ -59,9 +59,10 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 """The CPU features that decide bf16 GEMM speed, recorded because they explain a machine's peak."""
 
 
-def stage_config(path: str) -> StageConfig:
-    """The stage a path trains: the hyperparameters of configs/boolq_heft.yaml (joint: both)."""
-    lora = LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="all-linear")
+def stage_config(path: str, fast_dropout: bool = False) -> StageConfig:
+    """The stage a path trains: the hyperparameters of configs/boolq_heft.yaml (joint: both), with
+    `lora.fast_dropout` for heft's LoRA when asked (the peft reference keeps peft's dropout)."""
+    lora = LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="all-linear", fast_dropout=fast_dropout)
     reft = ReftConfig(kind="loreft", rank=4, layers="all", positions="f5+l5", dropout=0.05)
     method = {"lora": "lora", "peft-lora": "lora", "loreft": "loreft", "joint": "joint"}[path]
     return StageConfig(method=method, lora=lora, reft=reft)
@@ -254,9 +255,11 @@ def _workload(
     seed: int,
     activation_checkpointing: bool = False,
     compile_mode: str | None = None,
+    fast_dropout: bool = False,
 ) -> Workload:
     """A fresh model per path, so that no path inherits another's adapters, optimizer or memory.
-    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager)."""
+    `compile_mode` compiles heft's training paths as `heft train` does (the peft reference stays eager);
+    `fast_dropout` is their `lora.fast_dropout`."""
     train_tokens = [int(b["attention_mask"].sum()) for b in batches]
     if path == "peft-lora":
         return _peft_workload(base, batches, train_tokens, device, n_linear, activation_checkpointing)
@@ -275,7 +278,7 @@ def _workload(
             0,
             held.close,
         )
-    stage = heft_model.add_stage(stage_config(path), seed=seed)
+    stage = heft_model.add_stage(stage_config(path, fast_dropout), seed=seed)
     if activation_checkpointing:
         heft_model.enable_activation_checkpointing()
     heft_model.train()
@@ -357,7 +360,8 @@ class BenchSettings:
     the training paths recompute each layer in the backward pass (memory against time); `compile_mode`:
     heft's training paths run compiled decoder layers (`warmup_seconds` then includes the compilation;
     with the CPU clock only what this process spends on it, not its compiler processes);
-    `pad_to_multiple_of`: batch widths rounded up as training rounds them (`auto`: 64 on CUDA, none on the CPU).
+    `pad_to_multiple_of`: batch widths rounded up as training rounds them (`auto`: 64 on CUDA, none on the CPU);
+    `fast_dropout`: heft's LoRA stages draw dropout masks with `lora.fast_dropout` (other masks than peft's).
     """
 
     model: str = "smollm2-135m"
@@ -377,6 +381,7 @@ class BenchSettings:
     dtype: str = "float32"
     quantize: int | None = None
     synthetic: bool = False
+    fast_dropout: bool = False
     plan: bool = False
 
     def checked(self) -> tuple[torch.device, list[str], int]:
@@ -417,6 +422,7 @@ class BenchSettings:
         args += ["--dtype", self.dtype] if self.dtype != "float32" else []
         args += ["--quantize", str(self.quantize)] if self.quantize else []
         args += ["--synthetic"] if self.synthetic else []
+        args += ["--fast-dropout"] if self.fast_dropout else []
         args += ["--plan"] if self.plan else []
         data_dir = os.environ.get("HEFT_DATA_DIR")
         return (f"HEFT_DATA_DIR={shlex.quote(data_dir)} " if data_dir else "") + shlex.join(args)
@@ -548,6 +554,7 @@ class Bench:
             s.seed,
             s.activation_checkpointing,
             s.compile_mode,
+            s.fast_dropout,
         )
         result = measure(
             work, len(self.collated), self.path_warmup, self.device, self.gemm["bfloat16"]["gflops"], self.timer
@@ -607,6 +614,7 @@ class Bench:
             "weights_dtype": s.dtype,
             "quantize": None if s.quantize is None else {"bits": s.quantize, "backend": "bitsandbytes"},
             "synthetic": s.synthetic,
+            "lora_fast_dropout": s.fast_dropout,
             "heft_frozen_weights": "bf16 copies held for the path (HeftModel.frozen_weights_bf16)",
             "warmup_steps": s.warmup,
             "warmup_steps_run": self.path_warmup,
@@ -615,7 +623,9 @@ class Bench:
             "pad_to_multiple_of": self.multiple,
             "gemm_repeats": s.repeats,
             "clock": s.clock,
-            "stages": {p: asdict(stage_config(p)) for p in self.paths if p != "scoring"},
+            "stages": {
+                p: asdict(stage_config(p, s.fast_dropout and p != "peft-lora")) for p in self.paths if p != "scoring"
+            },
         }
 
 

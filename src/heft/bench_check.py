@@ -45,6 +45,7 @@ def baseline_settings(record: dict, name: str = "the baseline") -> dict:
             "dtype": settings.get("weights_dtype", "float32"),
             "quantize": (settings.get("quantize") or {}).get("bits"),
             "synthetic": settings.get("synthetic", str(data.get("source", "")).startswith("synthetic")),
+            "fast_dropout": settings.get("lora_fast_dropout", False),
         }
     except (KeyError, TypeError) as err:
         raise ValueError(f"{name} is not a JSON record written by `heft bench` (no {err})") from None

@@ -434,6 +434,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         synthetic=args.synthetic,
+        fast_dropout=args.fast_dropout,
         plan=args.plan,
     )
     for table in tables(record):
@@ -690,6 +691,11 @@ def _bench_model_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="random token ids of full length instead of BoolQ: a random model saved without a tokenizer "
         "(training paths only)",
+    )
+    p.add_argument(
+        "--fast-dropout",
+        action="store_true",
+        help="heft's LoRA and joint paths with lora.fast_dropout (cheaper masks than peft's; peft-lora unchanged)",
     )
     p.add_argument("--plan", action="store_true", help="heft plan's peak memory beside each of heft's training paths")
 
