@@ -62,6 +62,7 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 def stage_config(path: str, fast_dropout: bool = False) -> StageConfig:
     """The stage a path trains: the hyperparameters of configs/boolq_heft.yaml (joint: both), with
     `lora.fast_dropout` for heft's LoRA when asked (the peft reference keeps peft's dropout)."""
+    fast_dropout = fast_dropout and path != "peft-lora"
     lora = LoraConfig(r=8, alpha=16, dropout=0.05, target_modules="all-linear", fast_dropout=fast_dropout)
     reft = ReftConfig(kind="loreft", rank=4, layers="all", positions="f5+l5", dropout=0.05)
     method = {"lora": "lora", "peft-lora": "lora", "loreft": "loreft", "joint": "joint"}[path]
@@ -507,7 +508,6 @@ class Bench:
         self.device, self.paths, self.multiple = settings.checked()
         self.timer = CLOCKS[settings.clock]
         self.base = Base(settings.model, settings.dtype, settings.quantize, tokenizer=not settings.synthetic)
-        self.path_warmup = settings.warmup
 
     def run(self) -> dict:
         if self.settings.threads is not None:
@@ -517,13 +517,18 @@ class Bench:
             name: gemm_peak(self.shapes, self.m, dtype, self.device, self.settings.repeats, self.timer)
             for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
         }
-        # On CUDA every batch runs once untimed before the timed pass: the first use of a shape in a process
-        # pays cuBLAS and allocator set-up, which otherwise lands on whichever path meets that shape first
-        # (on one H200, heft's LoRA path, measured first, read 0.36× the peft path measured right after it).
-        if self.device.type == "cuda":
-            self.path_warmup = max(self.settings.warmup, len(self.collated))
         results = {path: self._measure(path) for path in self.paths}
         return self.record(results)
+
+    @property
+    def path_warmup(self) -> int:
+        """Untimed steps per path. On CUDA every batch runs once untimed before the timed pass: the first
+        use of a shape in a process pays cuBLAS and allocator set-up, which otherwise lands on whichever
+        path meets that shape first (on one H200, heft's LoRA path, measured first, read 0.36× the peft
+        path measured right after it)."""
+        if self.device.type == "cuda":
+            return max(self.settings.warmup, len(self.collated))
+        return self.settings.warmup
 
     def _load_batches(self) -> None:
         s = self.settings
@@ -623,9 +628,7 @@ class Bench:
             "pad_to_multiple_of": self.multiple,
             "gemm_repeats": s.repeats,
             "clock": s.clock,
-            "stages": {
-                p: asdict(stage_config(p, s.fast_dropout and p != "peft-lora")) for p in self.paths if p != "scoring"
-            },
+            "stages": {p: asdict(stage_config(p, s.fast_dropout)) for p in self.paths if p != "scoring"},
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import platform
@@ -56,6 +57,13 @@ def proc_status_mb(key: str) -> float | None:
     return int(line.split()[1]) / 1024
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (`find_library` runs a subprocess on Linux)."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
 def release_freed_memory() -> None:
     """Hand the memory this process has freed back to the OS (glibc's `malloc_trim`; nothing elsewhere).
 
@@ -63,8 +71,7 @@ def release_freed_memory() -> None:
     activations the next one reuses them without its RSS growing: its peak above the current RSS
     would read near zero (what `heft bench` printed for the paths it ran last)."""
     gc.collect()
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 

@@ -208,17 +208,9 @@ class Task:
             self.check_template(data_cfg.template)
         except OptionError as e:
             raise ValueError(f"data.template: {e}") from None
-        data = self.data_source(data_cfg)
-        hub_copy = self._reads_hub_copy(data_cfg)
-        if hub_copy and self.name not in _ANNOUNCED_HUB_COPIES:
-            _ANNOUNCED_HUB_COPIES.add(self.name)
-            log.warning(
-                "%s: no %s from here (%s); reading its hub original %s instead",
-                self.name,
-                self.default_source,
-                Path.cwd(),
-                source_label(data.source, data.subset),
-            )
+        data, hub_copy = self._resolved(data_cfg)
+        if hub_copy:
+            self._announce_hub_copy(data)
         try:
             rows = read_rows(data.source, split, self.fields, data.columns, self._named_by(data_cfg), data.subset)
         except DataError as e:
@@ -232,26 +224,38 @@ class Task:
             raise DataError(f"{rows[0].file}: split {split!r} is empty after max_examples={max_examples}")
         return examples
 
-    def _reads_hub_copy(self, data_cfg: DataConfig) -> bool:
-        """Whether `data_cfg` leads to the task's local default folder (no `data.source`, no match under
-        `$HEFT_DATA_DIR`), that folder is absent, and the task has a hub copy of it (`hub_default`)."""
-        if self.hub_default is None or data_cfg.source:
-            return False
-        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
-        return source == self.default_source and not Path(source).expanduser().exists()
-
     def data_source(self, data_cfg: DataConfig) -> DataConfig:
-        """`data_cfg` with the source `load_split` reads (`resolve_source`), or the task's hub copy with its
-        subset and columns (`data.subset` and `data.columns` still override) where `_reads_hub_copy`."""
-        if not self._reads_hub_copy(data_cfg):
-            source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
-            return dataclasses.replace(data_cfg, source=source)
+        """`data_cfg` with the source `load_split` reads (see `_resolved`)."""
+        return self._resolved(data_cfg)[0]
+
+    def _resolved(self, data_cfg: DataConfig) -> tuple[DataConfig, bool]:
+        """(`data_cfg` with its source resolved, whether that is the task's hub copy). The hub copy, with
+        its subset and columns (`data.subset` and `data.columns` still override), replaces the task's local
+        default folder where the config leads there (no `data.source`, no match under `$HEFT_DATA_DIR`)
+        and that folder is absent."""
+        source = resolve_source(self.name, data_cfg, self.default_source, self.default_eval_split)
         hub = self.hub_default
-        return dataclasses.replace(
+        if hub is None or data_cfg.source or source != self.default_source or Path(source).expanduser().exists():
+            return dataclasses.replace(data_cfg, source=source), False
+        copy = dataclasses.replace(
             data_cfg,
             source=hub.dataset,
             subset=data_cfg.subset or hub.subset,
             columns={**hub.columns, **data_cfg.columns},
+        )
+        return copy, True
+
+    def _announce_hub_copy(self, data: DataConfig) -> None:
+        """Warn, once per task and process, that its hub copy stands in for its absent local folder."""
+        if self.name in _ANNOUNCED_HUB_COPIES:
+            return
+        _ANNOUNCED_HUB_COPIES.add(self.name)
+        log.warning(
+            "%s: no %s from here (%s); reading its hub original %s instead",
+            self.name,
+            self.default_source,
+            Path.cwd(),
+            source_label(data.source, data.subset),
         )
 
     def describe_source(self, data_cfg: DataConfig) -> str:
